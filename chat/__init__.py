@@ -1,0 +1,26 @@
+"""The chat core: clips, conversations, exact prompts and model backends. It never imports gradio."""
+
+from chat.backend import DEFAULT_MODEL, Backend, GenerationSettings, Response, Stats, load_backend
+from chat.clip import Clip
+from chat.conversation import Conversation, Message
+from chat.errors import (
+    BackendError,
+    ChatError,
+    ClipError,
+    ConversationError,
+    PromptTooLongError,
+    SettingsError,
+    StoreError,
+    ToolError,
+)
+from chat.prompts import Prompt, PromptRenderer, QwenAudioChatRenderer, Qwen2AudioRenderer, get_renderer
+from chat.saving import load, save
+
+__all__ = [
+    "DEFAULT_MODEL", "Backend", "GenerationSettings", "Response", "Stats", "load_backend",
+    "Clip", "Conversation", "Message",
+    "ChatError", "BackendError", "ClipError", "ConversationError", "PromptTooLongError", "SettingsError",
+    "StoreError", "ToolError",
+    "Prompt", "PromptRenderer", "Qwen2AudioRenderer", "QwenAudioChatRenderer", "get_renderer",
+    "load", "save",
+]

@@ -1,0 +1,165 @@
+"""The backend interface: a conversation in, a streamed, cancellable, measured reply out."""
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from chat.conversation import DONE, FAILED, STOPPED, Conversation, Message
+from chat.audio import SAMPLE_RATE
+from chat.errors import ChatError, ConversationError, SettingsError
+from chat.prompts import Prompt, get_renderer
+
+STOPPED_NOTE = "Stopped by the user."
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a reply is sampled; checked once here, changed with dataclasses.replace."""
+
+    # length
+    max_new_tokens: int = 512
+    # sampling: temperature 0 means greedy decoding
+    temperature: float = 0.7
+    top_p: float = 0.5  # the Qwen-Audio family's published default
+    top_k: int = 0  # 0 turns top-k off
+    repetition_penalty: float = 1.1
+    seed: int | None = None  # fixed seed makes sampling repeatable
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.max_new_tokens <= 8192, "max_new_tokens must be between 1 and 8192"),
+            (0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
+            (0.0 < self.top_p <= 1.0, "top_p must be above 0 and at most 1"),
+            (0 <= self.top_k <= 1000, "top_k must be between 0 (off) and 1000"),
+            (1.0 <= self.repetition_penalty <= 2.0, "repetition_penalty must be between 1 and 2"),
+            (self.seed is None or 0 <= self.seed < 2**32, "seed must be empty or between 0 and 2**32 - 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(f"{message}.")
+
+
+@dataclass
+class Stats:
+    """What a reply cost; filled in while it streams."""
+
+    time_to_first_token_s: float | None = None
+    duration_s: float | None = None
+    n_tokens: int = 0
+    n_prompt_tokens: int = 0
+    audio_s: float = 0.0
+    peak_gpu_memory_mb: float | None = None  # None where there is no GPU
+    n_dropped_turns: int = 0
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed after the first token."""
+        if self.n_tokens < 2 or self.duration_s is None or self.time_to_first_token_s is None:
+            return None
+        decode_s = self.duration_s - self.time_to_first_token_s
+        return (self.n_tokens - 1) / decode_s if decode_s > 0 else None
+
+
+class Backend:
+    """A model behind one generator method; Response owns timing, recording and cancellation."""
+
+    family = "qwen2-audio"  # which PromptRenderer formats its prompts
+    context_tokens = 8192
+    supports_tools = True
+
+    def execute(self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event) -> Iterator[str]:
+        """Yield text chunks of the reply; stop within one token step once cancel is set.
+
+        Set stats.n_tokens and stats.n_prompt_tokens as they become known. Clean-up (threads,
+        connections) belongs in a finally block, since callers may close the generator at any yield.
+        """
+        raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int | None:
+        """Exact prompt token count of text, or None to let the renderer estimate."""
+        return None
+
+    def close(self) -> None:
+        """Release the model or connection."""
+
+
+class Response:
+    """An iterator of text chunks that records the reply on the conversation when it ends.
+
+    However the reply ends, it is recorded: in full (done), cut short by cancel() or by closing
+    the iterator (stopped), or with the error's message as its note (failed, and the error is
+    re-raised for the caller to show).
+    """
+
+    def __init__(self, backend: Backend, conversation: Conversation, settings: GenerationSettings | None = None):
+        if not conversation.awaiting_reply():
+            raise ConversationError("There is nothing to reply to: send a message or a clip first.")
+        self.backend, self.conversation = backend, conversation
+        self.settings = settings or GenerationSettings()
+        max_prompt_tokens = backend.context_tokens - self.settings.max_new_tokens
+        exact = backend.count_tokens("") is not None
+        self.prompt = get_renderer(backend.family).render(conversation, max_prompt_tokens, backend.count_tokens if exact else None)
+        self.stats = Stats(
+            audio_s=sum(len(p.samples) for p in self.prompt.audio_parts) / SAMPLE_RATE,
+            n_dropped_turns=self.prompt.n_dropped_turns,
+        )
+        self.chunks: list[str] = []
+        self.message: Message | None = None
+        self._cancel = threading.Event()
+        self._iterating = False
+
+    @property
+    def text(self) -> str:
+        """The reply so far."""
+        return "".join(self.chunks)
+
+    def cancel(self) -> None:
+        """Stop the reply at the next token step; safe to call from any thread."""
+        self._cancel.set()
+
+    def __iter__(self) -> Iterator[str]:
+        if self.message is not None:
+            yield from self.chunks
+            return
+        if self._iterating:
+            raise RuntimeError("A Response can be iterated only once at a time.")
+        self._iterating = True
+        start = time.monotonic()
+        status, note = STOPPED, STOPPED_NOTE
+        chunks = self.backend.execute(self.prompt, self.settings, self.stats, self._cancel)
+        try:
+            for chunk in chunks:
+                if self.stats.time_to_first_token_s is None:
+                    self.stats.time_to_first_token_s = time.monotonic() - start
+                self.chunks.append(chunk)
+                yield chunk
+                if self._cancel.is_set():
+                    break
+            else:
+                status, note = (STOPPED, STOPPED_NOTE) if self._cancel.is_set() else (DONE, "")
+        except Exception as e:
+            status, note = FAILED, str(e) if isinstance(e, ChatError) else f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            chunks.close()
+            self.stats.duration_s = time.monotonic() - start
+            self.message = self.conversation.add_assistant(self.text, status=status, note=note)
+
+
+DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
+
+
+def load_backend(model: str = DEFAULT_MODEL, api_base: str | None = None, **options) -> Backend:
+    """The OpenAI-compatible remote backend when api_base is given, else the local transformers one.
+
+    model is a hub id or a local folder for the local backend, and the served model name for
+    the remote one. Imports are deferred so a remote-only install never loads torch.
+    """
+    if api_base:
+        from chat.remote import RemoteBackend
+
+        return RemoteBackend(model, api_base, **options)
+    from chat.local import LocalBackend
+
+    return LocalBackend(model, **options)

@@ -1,0 +1,145 @@
+"""Conversations: ordered messages whose clips are numbered Audio 1, Audio 2, ... for good."""
+
+import uuid
+from dataclasses import dataclass, field, replace
+
+from chat.clip import Clip
+from chat.errors import ConversationError
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+USER, ASSISTANT, TOOL = "user", "assistant", "tool"
+ROLES = (USER, ASSISTANT, TOOL)
+DONE, STOPPED, FAILED = "done", "stopped", "failed"  # how an assistant reply ended
+STATUSES = (DONE, STOPPED, FAILED)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message. Clips come before the text when the model reads a user turn."""
+
+    role: str
+    text: str = ""
+    clips: tuple[Clip, ...] = ()
+    status: str = DONE
+    note: str = ""  # why a reply is partial, or the tool that produced a tool message
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, not {self.status!r}")
+
+
+@dataclass
+class Conversation:
+    """The source of truth for one chat.
+
+    Invariant: clip numbers follow the order in which clips entered the conversation, across
+    all turns, and adding messages never renumbers a clip. Every failed operation leaves the
+    conversation exactly as it was.
+    """
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    messages: list[Message] = field(default_factory=list)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def clips(self) -> list[Clip]:
+        """Every clip in numbering order: clips()[n - 1] is Audio n."""
+        return [clip for message in self.messages for clip in message.clips]
+
+    def clip(self, number: int) -> Clip:
+        """The clip labelled Audio `number`."""
+        clips = self.clips()
+        if not 1 <= number <= len(clips):
+            valid = f"Audio 1 to Audio {len(clips)}" if clips else "none yet"
+            raise ConversationError(f"There is no Audio {number} in this conversation (clips: {valid}).")
+        return clips[number - 1]
+
+    def number(self, clip: Clip) -> int:
+        """The N of the label Audio N of a clip in this conversation."""
+        for n, known in enumerate(self.clips(), start=1):
+            if known.id == clip.id:
+                return n
+        raise ConversationError(f"{clip.name} is not part of this conversation.")
+
+    def add_user(self, text: str = "", clips: tuple[Clip, ...] | list[Clip] = ()) -> Message:
+        """Add text and clips to the open user turn, or start one; returns the turn."""
+        text, clips = text.strip(), tuple(clips)
+        if not text and not clips:
+            raise ConversationError("Type a message or add a clip first.")
+        self._check_new_clips(clips)
+        last = self.messages[-1] if self.messages else None
+        if last is not None and last.role == USER:
+            merged = replace(last, text="\n".join(t for t in (last.text, text) if t), clips=last.clips + clips)
+            self.messages[-1] = merged
+            return merged
+        message = Message(USER, text, clips)
+        self.messages.append(message)
+        return message
+
+    def add_assistant(self, text: str, status: str = DONE, note: str = "") -> Message:
+        """Record a reply (or the part of it that was generated before a stop or a failure)."""
+        if not self.messages:
+            raise ConversationError("A reply needs a question: the conversation is empty.")
+        message = Message(ASSISTANT, text, status=status, note=note)
+        self.messages.append(message)
+        return message
+
+    def add_tool(self, tool_name: str, text: str, clips: tuple[Clip, ...] = ()) -> Message:
+        """Record a tool's result; a clip it made gets the next Audio number."""
+        if not self.messages or self.messages[-1].role != ASSISTANT:
+            raise ConversationError("A tool result must follow the reply that called the tool.")
+        self._check_new_clips(tuple(clips))
+        message = Message(TOOL, text, tuple(clips), note=tool_name)
+        self.messages.append(message)
+        return message
+
+    def awaiting_reply(self) -> bool:
+        """True when the last message is a user turn or a tool result the model has not answered."""
+        return bool(self.messages) and self.messages[-1].role in (USER, TOOL)
+
+    def drop_reply(self) -> Message:
+        """Remove everything after the last user turn (to regenerate it); returns that turn."""
+        index = self._last_user_index()
+        del self.messages[index + 1:]
+        return self.messages[index]
+
+    def undo(self) -> list[Message]:
+        """Remove the last exchange (the last user turn and all after it); returns what was removed."""
+        index = self._last_user_index()
+        removed = self.messages[index:]
+        del self.messages[index:]
+        return removed
+
+    def clear(self) -> None:
+        """Remove every message; the system prompt stays."""
+        self.messages.clear()
+
+    def turns(self) -> list[list[Message]]:
+        """Messages grouped into exchanges, each starting at a user turn."""
+        turns: list[list[Message]] = []
+        for message in self.messages:
+            if message.role == USER or not turns:
+                turns.append([])
+            turns[-1].append(message)
+        return turns
+
+    def _last_user_index(self) -> int:
+        for index in range(len(self.messages) - 1, -1, -1):
+            if self.messages[index].role == USER:
+                return index
+        raise ConversationError("Nothing to undo: the conversation has no messages yet.")
+
+    def _check_new_clips(self, clips: tuple[Clip, ...]) -> None:
+        known = {clip.id: n for n, clip in enumerate(self.clips(), start=1)}
+        seen: set[str] = set()
+        for clip in clips:
+            if not isinstance(clip, Clip):
+                raise ConversationError(f"Expected a Clip, got {type(clip).__name__}.")
+            if clip.id in known:
+                raise ConversationError(
+                    f"{clip.name} is already in this conversation as Audio {known[clip.id]}: refer to it by that name."
+                )
+            if clip.id in seen:
+                raise ConversationError(f"{clip.name} was added twice in one turn.")
+            seen.add(clip.id)

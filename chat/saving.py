@@ -1,0 +1,109 @@
+"""Save a conversation with its clips to a folder, and load it back identical."""
+
+import json
+from pathlib import Path
+from typing import TypedDict
+
+import soundfile
+
+from chat.audio import SAMPLE_RATE
+from chat.clip import Clip
+from chat.conversation import Conversation, Message
+from chat.errors import StoreError
+
+FORMAT_VERSION = 1
+CONVERSATION_FILE = "conversation.json"
+CLIPS_FOLDER = "clips"
+
+
+class ClipDict(TypedDict):
+    id: str
+    name: str
+    source: str
+    note: str
+
+
+class MessageDict(TypedDict):
+    role: str
+    text: str
+    clips: list[ClipDict]
+    status: str
+    note: str
+
+
+class ConversationDict(TypedDict):
+    version: int
+    id: str
+    system_prompt: str
+    messages: list[MessageDict]
+
+
+def to_dict(conversation: Conversation) -> ConversationDict:
+    """The JSON-ready description of a conversation; clip audio is stored beside it by id."""
+    return {
+        "version": FORMAT_VERSION,
+        "id": conversation.id,
+        "system_prompt": conversation.system_prompt,
+        "messages": [
+            {
+                "role": m.role,
+                "text": m.text,
+                "clips": [{"id": c.id, "name": c.name, "source": c.source, "note": c.note} for c in m.clips],
+                "status": m.status,
+                "note": m.note,
+            }
+            for m in conversation.messages
+        ],
+    }
+
+
+def from_dict(data: ConversationDict, load_samples) -> Conversation:
+    """Rebuild a conversation; load_samples(clip_id) returns that clip's float32 samples."""
+    if data.get("version") != FORMAT_VERSION:
+        raise StoreError(
+            f"This conversation was saved in format version {data.get('version')!r}; "
+            f"this app reads version {FORMAT_VERSION}. Update the app to open it."
+        )
+    messages = []
+    for m in data["messages"]:
+        clips = tuple(_clip(c, load_samples(c["id"])) for c in m["clips"])
+        messages.append(Message(m["role"], m["text"], clips, m["status"], m["note"]))
+    return Conversation(system_prompt=data["system_prompt"], messages=messages, id=data["id"])
+
+
+def save(conversation: Conversation, folder: str | Path) -> Path:
+    """Write conversation.json and one float32 wav per clip into folder; returns the folder."""
+    folder = Path(folder)
+    (folder / CLIPS_FOLDER).mkdir(parents=True, exist_ok=True)
+    for clip in conversation.clips():
+        path = folder / CLIPS_FOLDER / f"{clip.id}.wav"
+        if not path.exists():
+            soundfile.write(path, clip.samples, SAMPLE_RATE, subtype="FLOAT")
+    (folder / CONVERSATION_FILE).write_text(json.dumps(to_dict(conversation), indent=1, ensure_ascii=False))
+    return folder
+
+
+def load(folder: str | Path) -> Conversation:
+    """Read a folder written by save(); raises StoreError with what is missing or damaged."""
+    folder = Path(folder)
+    try:
+        data = json.loads((folder / CONVERSATION_FILE).read_text())
+        return from_dict(data, lambda clip_id: _read_clip(folder / CLIPS_FOLDER / f"{clip_id}.wav"))
+    except FileNotFoundError as e:
+        raise StoreError(f"{Path(e.filename).name} is missing from {folder}: this is not a saved conversation.") from e
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, soundfile.LibsndfileError) as e:
+        raise StoreError(f"{folder / CONVERSATION_FILE} is damaged ({e}); it cannot be loaded.") from e
+
+
+def _read_clip(path: Path):
+    samples, rate = soundfile.read(path, dtype="float32")
+    if rate != SAMPLE_RATE:
+        raise StoreError(f"{path.name} is stored at {rate} Hz, not {SAMPLE_RATE} Hz: the save is damaged.")
+    return samples
+
+
+def _clip(data: ClipDict, samples) -> Clip:
+    clip = Clip(samples, name=data["name"], source=data["source"], note=data["note"])
+    if clip.id != data["id"]:
+        raise StoreError(f"The audio of {data['name']} does not match its id: the save is damaged.")
+    return clip

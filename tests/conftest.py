@@ -1,0 +1,64 @@
+"""Shared fixtures: real audio files in every format, and tiny real-architecture checkpoints."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from chat.audio import SAMPLE_RATE  # noqa: E402
+from tests.tiny_models import build_tiny_qwen2_audio, build_tiny_whisper  # noqa: E402
+
+FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "webm")
+
+
+def tone(seconds: float, frequency_hz: float = 440.0, sample_rate: int = SAMPLE_RATE, amplitude: float = 0.5) -> np.ndarray:
+    """A float32 sine wave."""
+    t = np.arange(int(round(seconds * sample_rate))) / sample_rate
+    return (amplitude * np.sin(2 * np.pi * frequency_hz * t)).astype(np.float32)
+
+
+def write_audio(path: Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> Path:
+    """Encode float samples to whatever format path's suffix names, with ffmpeg."""
+    data = np.repeat(samples[:, None], channels, axis=1) if channels > 1 else samples
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "f32le", "-ar", str(sample_rate), "-ac", str(channels),
+         "-i", "-", str(path)],
+        input=np.ascontiguousarray(data, dtype=np.float32).tobytes(), check=True,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def audio_files(tmp_path_factory) -> dict[str, Path]:
+    """A 2-s 440 Hz tone at 44.1 kHz stereo in every supported format."""
+    folder = tmp_path_factory.mktemp("audio")
+    samples = tone(2.0, sample_rate=44100)
+    return {fmt: write_audio(folder / f"tone.{fmt}", samples, 44100, channels=2) for fmt in FORMATS}
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory) -> Path:
+    """Real synthetic speech from espeak-ng (22.05 kHz mono 16-bit)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: run ./test.sh, which installs it.")
+    path = tmp_path_factory.mktemp("speech") / "question.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "What is said in this recording?"], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_audio(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen2-Audio checkpoint folder with the real 30-s audio window."""
+    return build_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny-qwen2-audio"))
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory) -> Path:
+    """A tiny random-weight Whisper checkpoint folder."""
+    return build_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"))

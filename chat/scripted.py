@@ -1,0 +1,31 @@
+"""A backend that replays fixed chunks at a fixed rate: for UI plumbing tests, demos and benchmarks."""
+
+import threading
+import time
+from collections.abc import Iterator
+
+from chat.backend import Backend, GenerationSettings, Stats
+from chat.prompts import Prompt
+
+
+class ScriptedBackend(Backend):
+    """Replies with the next enqueued list of chunks, one every `interval_s`."""
+
+    def __init__(self, interval_s: float = 0.0) -> None:
+        self.interval_s = interval_s
+        self.replies: list[list[str]] = []
+        self.prompts: list[Prompt] = []
+
+    def enqueue(self, chunks: list[str]) -> None:
+        """Queue the chunks of one future reply."""
+        self.replies.append(list(chunks))
+
+    def execute(self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event) -> Iterator[str]:
+        """Yield the next queued reply chunk by chunk; an empty queue replies with a fixed sentence."""
+        self.prompts.append(prompt)
+        chunks = self.replies.pop(0) if self.replies else ["This ", "is ", "a ", "scripted ", "reply."]
+        for chunk in chunks:
+            if cancel.wait(self.interval_s):
+                return
+            stats.n_tokens += 1
+            yield chunk

@@ -86,17 +86,23 @@ def save(conversation: Conversation, folder: str | Path) -> Path:
 def load(folder: str | Path) -> Conversation:
     """Read a folder written by save(); raises StoreError with what is missing or damaged."""
     folder = Path(folder)
+    path = folder / CONVERSATION_FILE
+    if not path.is_file():
+        raise StoreError(f"{CONVERSATION_FILE} is missing from {folder}: this is not a saved conversation.")
     try:
-        data = json.loads((folder / CONVERSATION_FILE).read_text())
+        data = json.loads(path.read_text())
         return from_dict(data, lambda clip_id: _read_clip(folder / CLIPS_FOLDER / f"{clip_id}.wav"))
-    except FileNotFoundError as e:
-        raise StoreError(f"{Path(e.filename).name} is missing from {folder}: this is not a saved conversation.") from e
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, soundfile.LibsndfileError) as e:
-        raise StoreError(f"{folder / CONVERSATION_FILE} is damaged ({e}); it cannot be loaded.") from e
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"{path} is damaged ({e}); it cannot be loaded.") from e
 
 
 def _read_clip(path: Path):
-    samples, rate = soundfile.read(path, dtype="float32")
+    if not path.is_file():
+        raise StoreError(f"{CLIPS_FOLDER}/{path.name} is missing from {path.parent.parent}: the save is incomplete.")
+    try:
+        samples, rate = soundfile.read(path, dtype="float32")
+    except soundfile.LibsndfileError as e:
+        raise StoreError(f"{CLIPS_FOLDER}/{path.name} is damaged ({e}); the save cannot be loaded.") from e
     if rate != SAMPLE_RATE:
         raise StoreError(f"{path.name} is stored at {rate} Hz, not {SAMPLE_RATE} Hz: the save is damaged.")
     return samples

@@ -1,0 +1,82 @@
+"""Save and load: a conversation with all its clips comes back identical, numbering included."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chat import Clip, Conversation, StoreError, load, save
+from chat.audio import SAMPLE_RATE
+from chat.clip import EDITED
+from tests.conftest import tone
+
+
+def clip(k: int) -> Clip:
+    return Clip.from_array(tone(0.3, 150 + 11 * k) * (0.2 + 0.01 * k), SAMPLE_RATE, name=f"c{k}.wav")
+
+
+def assert_identical(a: Conversation, b: Conversation) -> None:
+    assert (a.id, a.system_prompt, a.messages) == (b.id, b.system_prompt, b.messages)
+    for x, y in zip(a.clips(), b.clips(), strict=True):
+        np.testing.assert_array_equal(x.samples, y.samples)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    system=st.text(max_size=30),
+    turns=st.lists(st.tuples(st.text(max_size=30), st.integers(0, 2), st.sampled_from(["done", "stopped", "failed"])),
+                   min_size=1, max_size=4),
+)
+def test_round_trip_is_identical(tmp_path_factory, system, turns):
+    c, k = Conversation(system_prompt=system), 0
+    for text, n_clips, status in turns:
+        if not text.strip() and not n_clips:
+            text = "hello"
+        c.add_user(text, [clip(k + i) for i in range(n_clips)])
+        k += n_clips
+        c.add_assistant("reply", status=status, note="" if status == "done" else "why")
+    c.add_tool("reverse", "made Audio", (Clip(clip(99).samples[::-1], "edit", EDITED, note="Audio 1 reversed"),))
+    folder = save(c, tmp_path_factory.mktemp("saved"))
+    assert_identical(load(folder), c)
+
+
+def test_saved_file_is_versioned_json_and_clips_are_stored_once(tmp_path):
+    c = Conversation()
+    c.add_user("q", [clip(1), clip(2)])
+    save(c, tmp_path)
+    data = json.loads((tmp_path / "conversation.json").read_text())
+    assert data["version"] == 1 and data["messages"][0]["clips"][1]["name"] == "c2.wav"
+    assert sorted(p.stem for p in (tmp_path / "clips").iterdir()) == sorted(x.id for x in c.clips())
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "conversation.json").unlink(), "conversation.json is missing"),
+        (lambda f: (f / "conversation.json").write_text("{not json"), "damaged"),
+        (lambda f: (f / "conversation.json").write_text('{"version": 99}'), "format version 99"),
+        (lambda f: next((f / "clips").iterdir()).unlink(), r"\.wav is missing"),
+        (lambda f: next((f / "clips").iterdir()).write_bytes(b"RIFF....garbage"), "damaged"),
+    ],
+    ids=["no-json", "bad-json", "future-version", "missing-clip", "bad-clip"],
+)
+def test_damaged_saves_are_refused_clearly(tmp_path, damage, message):
+    c = Conversation()
+    c.add_user("q", [clip(1)])
+    save(c, tmp_path)
+    damage(tmp_path)
+    with pytest.raises(StoreError, match=message):
+        load(tmp_path)
+
+
+def test_a_clip_whose_audio_was_swapped_is_detected(tmp_path):
+    c = Conversation()
+    c.add_user("q", [clip(1)])
+    save(c, tmp_path)
+    import soundfile
+
+    soundfile.write(next((tmp_path / "clips").iterdir()), clip(2).samples, SAMPLE_RATE, subtype="FLOAT")
+    with pytest.raises(StoreError, match="does not match its id"):
+        load(tmp_path)

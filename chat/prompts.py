@@ -27,8 +27,10 @@ class AudioPart:
 
     @property
     def n_audio_tokens(self) -> int:
-        """Audio tokens this part expands to in the model's input."""
-        return min(MAX_AUDIO_TOKENS_PER_PART, math.ceil(len(self.samples) / SAMPLE_RATE / AUDIO_TOKEN_S))
+        """Audio tokens this part expands to in the model's input (exactly the processor's count)."""
+        # 10-ms mel frames, halved by a stride-2 convolution (rounding up), then by a pool of 2 (rounding down)
+        n_half_tokens = -(-len(self.samples) // round(SAMPLE_RATE * AUDIO_TOKEN_S / 2))
+        return min(MAX_AUDIO_TOKENS_PER_PART, n_half_tokens // 2)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,263 @@
+"""The local backend: Qwen2-Audio through transformers, quantized to fit a consumer GPU, streamed from a thread."""
+
+import gc
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    Qwen2AudioForConditionalGeneration,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from chat.audio import SAMPLE_RATE
+from chat.backend import DEFAULT_MODEL, Backend, GenerationSettings, Stats
+from chat.errors import BackendError, SettingsError
+from chat.prompts import AudioPart, Prompt, get_renderer
+
+QUANTIZATIONS = ("4bit", "8bit", "none")
+MODEL_TYPE = "qwen2_audio"
+# Left in bf16 when the language model is quantized. The Whisper-large audio encoder (0.6B weights,
+# 1.3 GB) is what hears: quantization noise there reaches every audio token of every clip, for a small
+# saving. The projector is one small layer that maps audio into the LLM's embedding space. lm_head turns
+# each hidden state into logits, where rounding errors change the sampled token directly (transformers
+# keeps it unquantized by default too). Names are full module paths: transformers 5 matches a skip
+# pattern from the start of the name or as a suffix, so a bare "audio_tower" would match nothing.
+UNQUANTIZED_MODULES = ["model.audio_tower", "model.multi_modal_projector", "lm_head"]
+MAX_CACHED_PARTS = 128  # mel features of one part: 128 bins x 3000 frames x fp32 = 1.5 MB, so about 200 MB
+GENERATION_THREAD = "local-backend-generate"
+BYTES_PER_MB = 2**20
+MEMORY_HINT = "Try --quantization 4bit, fewer or shorter clips, or a lower max_new_tokens."
+
+# bitsandbytes warns on every 8-bit matmul that it casts bf16/fp32 activations to fp16, which it must.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+class LocalBackend(Backend):
+    """Qwen2-Audio-Instruct loaded with from_pretrained from a hub id or a checkpoint folder."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        quantization: str | None = None,  # "4bit" (the default on a GPU), "8bit" or "none" (the default on a CPU)
+        device: str | None = None,  # e.g. "cuda:1"; None spreads over the GPUs as needed
+        cpu_only: bool = False,
+    ) -> None:
+        on_gpu = torch.cuda.is_available() and not cpu_only and not (device or "").startswith("cpu")
+        quantization = quantization or ("4bit" if on_gpu else "none")
+        if quantization not in QUANTIZATIONS:
+            raise SettingsError(f"Unknown quantization {quantization!r}; choose one of: {', '.join(QUANTIZATIONS)}.")
+        self.quantization = quantization
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+        if cpu_only or not (device or on_gpu):
+            device_map = "cpu"
+        else:
+            # "sequential" fills the first GPU before the next; "auto" would spread a model that fits on
+            # one GPU across all of them, which users found slows single-user decoding
+            device_map = device or "sequential"
+        folder = Path(model).expanduser()
+        model = str(folder) if folder.exists() else model
+        config = _load_config(model)
+        try:
+            self.model = Qwen2AudioForConditionalGeneration.from_pretrained(
+                model, dtype=dtype, device_map=device_map, quantization_config=_quantization_config(quantization)
+            ).eval()
+            self.processor = AutoProcessor.from_pretrained(model)
+        except torch.cuda.OutOfMemoryError as e:
+            raise BackendError(
+                f"The GPU has too little free memory for {model} with --quantization {quantization}. Use "
+                "--quantization 4bit (about 7 GB), close other programs that use the GPU, or run with --cpu-only."
+            ) from e
+        except (OSError, ValueError, RuntimeError) as e:
+            raise BackendError(f"Could not load {model}: {e}") from e
+        self.tokenizer = self.processor.tokenizer
+        self.context_tokens = config.text_config.max_position_embeddings
+        stop_strings = get_renderer(self.family).stop_strings
+        eos = self.model.generation_config.eos_token_id  # None, an id or a list of ids
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.stop_ids = sorted({*self.tokenizer.convert_tokens_to_ids(list(stop_strings)), *eos})
+        self._features_cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    def count_tokens(self, text: str) -> int:
+        """Exact token count of text, as the model's tokenizer splits it."""
+        return len(self.tokenizer(text)["input_ids"])
+
+    def prepare(self, prompt: Prompt) -> dict[str, torch.Tensor]:
+        """The model's inputs: token ids with each <|AUDIO|> expanded, and the mel features of every audio part.
+
+        Equal to processor(text=prompt.text, audio=[part samples], ...), but each part's features are
+        computed once and cached, so a turn costs the same however many clips the history holds.
+        """
+        ids = torch.tensor(self.tokenizer(prompt.text)["input_ids"])  # (n_text_tokens,)
+        is_audio = ids == self.model.config.audio_token_id
+        if int(is_audio.sum()) != len(prompt.audio_parts):
+            raise BackendError(
+                f"The prompt has {int(is_audio.sum())} <|AUDIO|> placeholders for {len(prompt.audio_parts)} audio "
+                "parts; remove the text <|AUDIO|> from your message."
+            )
+        inputs = {}
+        repeats = torch.ones_like(ids)
+        if prompt.audio_parts:
+            features, masks = zip(*(self._features(part) for part in prompt.audio_parts))
+            inputs["input_features"] = torch.stack(features)  # (n_parts, n_mels, n_frames)
+            inputs["feature_attention_mask"] = torch.stack(masks)  # (n_parts, n_frames)
+            # the encoder's own length rule, so audio tokens and encoder outputs always agree
+            encoder = self.model.model.audio_tower
+            _, n_audio_tokens = encoder._get_feat_extract_output_lengths(inputs["feature_attention_mask"].sum(-1))
+            repeats[is_audio] = n_audio_tokens.to(repeats.dtype)
+        inputs["input_ids"] = ids.repeat_interleave(repeats)[None]  # (1, n_tokens)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        return {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
+
+    def execute(
+        self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event
+    ) -> Iterator[str]:
+        """Stream the reply from a worker thread that stops within one token of cancel or of the caller leaving."""
+        inputs = self.prepare(prompt)
+        n_prompt = stats.n_prompt_tokens = inputs["input_ids"].shape[1]
+        finished = threading.Event()  # set when the caller stops listening, however it leaves
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[Exception] = []
+
+        class CountOrStop(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+                stats.n_tokens = input_ids.shape[1] - n_prompt
+                stop = cancel.is_set() or finished.is_set()
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+        def generate() -> None:
+            try:
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
+                self.model.generate(
+                    **inputs, **generate_kwargs(settings, self.stop_ids),
+                    streamer=streamer, stopping_criteria=StoppingCriteriaList([CountOrStop()]),
+                )
+            except Exception as e:
+                errors.append(e)
+                streamer.end()  # wake the consumer, which then raises the error
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()  # give the next, perhaps shorter, turn its chance
+
+        on_cuda = self.model.device.type == "cuda"
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(self.model.device)
+        thread = threading.Thread(target=generate, name=GENERATION_THREAD, daemon=True)
+        thread.start()
+        try:
+            for text in streamer:
+                if text:
+                    yield text
+            thread.join()
+            if errors:
+                raise reply_error(errors[0]) from errors[0]
+        finally:
+            # The streamer's queue is unbounded, so the worker never blocks on it: once it sees
+            # `finished` at its next token step it returns, and joining it is enough.
+            finished.set()
+            thread.join()
+            if on_cuda:
+                stats.peak_gpu_memory_mb = torch.cuda.max_memory_allocated(self.model.device) / BYTES_PER_MB
+
+    def close(self) -> None:
+        """Free the model's memory (GPU memory included)."""
+        self.model = None
+        self._features_cache.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _features(self, part: AudioPart) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mel features (n_mels, n_frames) and frame mask (n_frames,) of one part, computed once per clip part."""
+        key = (part.clip.id, part.index)
+        with self._cache_lock:
+            if key in self._features_cache:
+                self._features_cache.move_to_end(key)
+                return self._features_cache[key]
+        out = self.processor.feature_extractor(
+            part.samples, sampling_rate=SAMPLE_RATE, padding="max_length", return_attention_mask=True,
+            return_tensors="pt",
+        )
+        value = (out["input_features"][0], out["attention_mask"][0])
+        with self._cache_lock:
+            self._features_cache[key] = value
+            while len(self._features_cache) > MAX_CACHED_PARTS:
+                self._features_cache.popitem(last=False)
+        return value
+
+
+def generate_kwargs(settings: GenerationSettings, stop_ids: list[int]) -> dict:
+    """transformers generate() arguments for the sampling settings; temperature 0 means greedy."""
+    kwargs = {"max_new_tokens": settings.max_new_tokens, "repetition_penalty": settings.repetition_penalty,
+              "eos_token_id": stop_ids}
+    if settings.temperature == 0:
+        # None clears sampling values a checkpoint's generation_config may set, which greedy ignores
+        return kwargs | {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return kwargs | {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
+                     "top_k": settings.top_k}  # top_k 0 turns the filter off in transformers too
+
+
+def reply_error(error: Exception) -> BackendError:
+    """A failure inside generate() as a message a person can act on."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return BackendError(f"The GPU ran out of memory while replying ({str(error).splitlines()[0]}). {MEMORY_HINT}")
+    if "CUDA" in str(error):
+        return BackendError(f"The GPU failed while replying ({error}). Try again; if it repeats, restart the app.")
+    return BackendError(f"The model failed while replying: {type(error).__name__}: {error}")
+
+
+def _load_config(model: str) -> AutoConfig:
+    """The checkpoint's config, checked to be Qwen2-Audio; raises BackendError naming what to do."""
+    exists = Path(model).exists()
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        if not exists and not model.startswith((".", "/", "~")) and model.count("/") == 1:  # a hub id
+            raise BackendError(
+                f"Cannot find the model {model}: it is not a folder here and could not be loaded from the Hugging Face "
+                f"hub or its local cache ({str(e).splitlines()[0]}). Download it on a machine with internet "
+                f"(`hf download {model}`) or point -c/--checkpoint-path at a folder that holds it."
+            ) from e
+        if not exists:
+            raise BackendError(
+                f"There is no model folder {model}. Point -c/--checkpoint-path at a folder with the checkpoint "
+                f"(config.json, weights, processor files), or give a hub id such as {DEFAULT_MODEL}."
+            ) from e
+        raise BackendError(f"{model} does not hold a usable checkpoint: {str(e).splitlines()[0]}") from e
+    if config.model_type != MODEL_TYPE:
+        raise BackendError(
+            f"{model} is a {config.model_type!r} model, but this backend runs Qwen2-Audio "
+            f"(model_type {MODEL_TYPE!r}), such as {DEFAULT_MODEL}."
+        )
+    return config
+
+
+def _quantization_config(quantization: str) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for "4bit" (NF4, double quantization, bf16 compute) or "8bit"; None for "none"."""
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers.integrations.bitsandbytes import validate_bnb_backend_availability
+
+        validate_bnb_backend_availability(raise_exception=True)
+    except (ImportError, RuntimeError) as e:
+        raise BackendError(
+            f"{quantization} quantization needs bitsandbytes, which cannot run here ({str(e).splitlines()[0]}). "
+            "Install it (`pip install -U bitsandbytes`) or start with --quantization none."
+        ) from e
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=UNQUANTIZED_MODULES,
+    )

@@ -1,8 +1,9 @@
 """Prompt renderers: the exact ChatML text each model family was trained on."""
 
 import math
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -14,6 +15,8 @@ from chat.errors import PromptTooLongError
 AUDIO_TOKEN_S = 0.04  # the Whisper-style encoders emit one audio token per 40 ms
 MAX_AUDIO_TOKENS_PER_PART = 750  # a full 30-s window
 CHARS_PER_TOKEN_ESTIMATE = 3  # used only when no tokenizer is given; errs on the long side
+CONTROL_TOKEN = re.compile(r"<\|(im_start|im_end|endoftext|AUDIO|audio_bos|audio_eos)\|>")
+ZERO_WIDTH_SPACE = "\u200b"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class PromptRenderer:
         )
 
     def _prompt(self, system: str, messages: tuple[Message, ...], numbers: dict[str, int], n_dropped: int) -> Prompt:
+        system, messages = defuse(system), tuple(replace(m, text=defuse(m.text)) for m in messages)
         parts = tuple(
             AudioPart(clip, numbers[clip.id], index, samples)
             for message in messages
@@ -85,6 +89,15 @@ class PromptRenderer:
     def render_text(self, system: str, messages: tuple[Message, ...], numbers: dict[str, int]) -> str:
         """The prompt text, ending where the assistant's reply begins."""
         raise NotImplementedError
+
+
+def defuse(text: str) -> str:
+    """Text with any control token a person typed (`<|im_end|>`, `<|AUDIO|>`, ...) broken up, so it stays text.
+
+    Otherwise the tokenizer would read it as the real token: a typed `<|im_end|>` would end the turn
+    and a typed `<|AUDIO|>` would claim a clip that is not there.
+    """
+    return CONTROL_TOKEN.sub(lambda match: f"<{ZERO_WIDTH_SPACE}|{match.group(1)}|>", text)
 
 
 def audio_label(clip: Clip, number: int, index: int) -> str:

@@ -3,7 +3,7 @@
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from chat.conversation import DONE, FAILED, STOPPED, Conversation, Message
 from chat.audio import SAMPLE_RATE
@@ -92,14 +92,22 @@ class Response:
     re-raised for the caller to show).
     """
 
-    def __init__(self, backend: Backend, conversation: Conversation, settings: GenerationSettings | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        conversation: Conversation,
+        settings: GenerationSettings | None = None,
+        system_prompt: str | None = None,
+    ):
+        """system_prompt, when given, replaces the conversation's for this reply only (Turn adds the tools to it)."""
         if not conversation.awaiting_reply():
             raise ConversationError("There is nothing to reply to: send a message or a clip first.")
         self.backend, self.conversation = backend, conversation
         self.settings = settings or GenerationSettings()
         max_prompt_tokens = backend.context_tokens - self.settings.max_new_tokens
         exact = backend.count_tokens("") is not None
-        self.prompt = get_renderer(backend.family).render(conversation, max_prompt_tokens, backend.count_tokens if exact else None)
+        shown = conversation if system_prompt is None else replace(conversation, system_prompt=system_prompt)
+        self.prompt = get_renderer(backend.family).render(shown, max_prompt_tokens, backend.count_tokens if exact else None)
         self.stats = Stats(
             audio_s=sum(len(p.samples) for p in self.prompt.audio_parts) / SAMPLE_RATE,
             n_dropped_turns=self.prompt.n_dropped_turns,
@@ -108,6 +116,7 @@ class Response:
         self.message: Message | None = None
         self._cancel = threading.Event()
         self._iterating = False
+        self._end_at: int | None = None  # set by end_at()
 
     @property
     def text(self) -> str:
@@ -116,6 +125,11 @@ class Response:
 
     def cancel(self) -> None:
         """Stop the reply at the next token step; safe to call from any thread."""
+        self._cancel.set()
+
+    def end_at(self, n_chars: int) -> None:
+        """End the reply as complete after its first n_chars characters, dropping the rest (a tool call ended it)."""
+        self._end_at = n_chars
         self._cancel.set()
 
     def __iter__(self) -> Iterator[str]:
@@ -143,6 +157,8 @@ class Response:
             raise
         finally:
             chunks.close()
+            if self._end_at is not None and status == STOPPED:
+                self.chunks, status, note = [self.text[: self._end_at]], DONE, ""
             self.stats.duration_s = time.monotonic() - start
             self.message = self.conversation.add_assistant(self.text, status=status, note=note)
 

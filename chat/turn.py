@@ -1,11 +1,17 @@
 """A turn: the model's reply to the open user turn as a stream of events, tool calls included."""
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 from chat.backend import Backend, GenerationSettings, Response
-from chat.conversation import Conversation, Message
+from chat.conversation import DONE, Conversation, Message
+from chat.errors import ToolError
+from chat.toolcalls import ToolCall, get_parser, style_for, timestamp_spans
+from chat.tools import ToolBox, ToolResult, run_tool_call, span_clips, tool_system_prompt
+
+DEFAULT_MAX_TOOL_CALLS = 4  # per turn, like llm's chain_limit: a looping model cannot edit forever
+SPANS_TOOL = "timestamp_spans"  # the tool name recorded for clips cut at a reply's <|t|> timestamps
 
 
 @dataclass(frozen=True)
@@ -28,17 +34,38 @@ class ToolCallFinished:
     """A tool ran (or was refused); its tool message is already on the conversation."""
 
     message: Message
+    error: str = ""  # why the call was refused or failed; empty when it worked
 
 
 Event = TextChunk | ToolCallStarted | ToolCallFinished
 
 
 class Turn:
-    """Drives one or more Responses until the reply is complete; every step lands on the conversation."""
+    """Drives one or more Responses until the reply is complete; every step lands on the conversation.
 
-    def __init__(self, backend: Backend, conversation: Conversation, settings: GenerationSettings | None = None):
+    With tools, each Response is read through the family's tool-call parser and only text meant for
+    the user is yielded. A completed call ends its Response (whose message keeps the text up to and
+    including the call), runs, and is recorded as a tool message; then a new Response continues the
+    reply. A call past max_tool_calls is refused with a message the model answers; a second one ends the turn.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        conversation: Conversation,
+        settings: GenerationSettings | None = None,
+        tools: ToolBox | None = None,
+        max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS,
+    ):
+        if tools is not None and not backend.supports_tools:
+            raise ToolError(f"{type(backend).__name__} does not support tool calls; turn speech editing off.")
         self.backend, self.conversation, self.settings = backend, conversation, settings
-        self.responses: list[Response] = [Response(backend, conversation, settings)]
+        self.tools, self.max_tool_calls = tools, max_tool_calls
+        self.style = style_for(backend.family)
+        self.system_prompt = None  # the conversation's own, unless tools are on
+        if tools is not None:
+            self.system_prompt = tool_system_prompt(tools, self.style, conversation.system_prompt)
+        self.responses: list[Response] = [self._new_response()]
         self._cancel = threading.Event()
 
     @property
@@ -52,5 +79,64 @@ class Turn:
         self.response.cancel()
 
     def __iter__(self) -> Iterator[Event]:
-        for chunk in self.response:
-            yield TextChunk(chunk)
+        if self.tools is None:
+            yield from (TextChunk(chunk) for chunk in self.response)
+            return
+        n_calls = 0
+        while True:
+            call = yield from self._stream()
+            if self._cancel.is_set():
+                return
+            if call is None:
+                yield from self._cut_spans()
+                return
+            n_calls += 1
+            yield from self._run(call, allowed=n_calls <= self.max_tool_calls)
+            if n_calls > self.max_tool_calls + 1 or self._cancel.is_set():
+                return  # the model ignored a refusal: stop asking it
+            self.responses.append(self._new_response())
+
+    def _new_response(self) -> Response:
+        return Response(self.backend, self.conversation, self.settings, system_prompt=self.system_prompt)
+
+    def _stream(self) -> Generator[Event, None, ToolCall | None]:
+        """Yield the current response's text for the user; return the first tool call it made, if any."""
+        parser, call = get_parser(self.style), None
+        for chunk in self.response:  # never left early: the Response records itself when it ends
+            text, calls = parser.feed(chunk)
+            if text:
+                yield TextChunk(text)
+            if calls and call is None:
+                call = calls[0]
+                self.response.end_at(call.end)
+        if call is None:
+            text, calls = parser.finish()
+            if text:
+                yield TextChunk(text)
+            call = calls[0] if calls and self.response.message.status == DONE else None
+        return call
+
+    def _run(self, call: ToolCall, allowed: bool) -> Iterator[Event]:
+        """Run (or refuse) a call and record its result as a tool message."""
+        name = call.name or "unknown"  # a call too garbled to name its tool
+        yield ToolCallStarted(name, call.arguments)
+        if call.error:
+            result = ToolResult.failure(call.error)
+        elif not allowed:
+            limit = self.max_tool_calls
+            result = ToolResult.failure(f"Refused: this turn already ran {limit} tool calls, the limit. Answer now.")
+        else:
+            result = run_tool_call(self.conversation, call.name, call.arguments, self.tools)
+        clips = (result.clip,) if result.clip else ()
+        message = self.conversation.add_tool(name, result.text, clips)
+        yield ToolCallFinished(message, result.error or "")
+
+    def _cut_spans(self) -> Iterator[Event]:
+        """The first generation's speech editing: clips of the `<|t1|> ... <|t2|>` spans a finished reply names."""
+        spans = timestamp_spans(self.response.text)
+        if not spans or self.response.message.status != DONE:
+            return
+        text, clips = span_clips(self.conversation, spans)
+        if clips:
+            yield ToolCallStarted(SPANS_TOOL, {"spans": [list(span) for span in spans]})
+            yield ToolCallFinished(self.conversation.add_tool(SPANS_TOOL, text, clips))

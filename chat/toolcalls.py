@@ -1,0 +1,247 @@
+"""Tool calls in a streamed reply: Hermes `<tool_call>` JSON, ReAct `Action:` lines, and timestamp spans.
+
+A parser is fed the reply chunk by chunk and returns the text that is safe to show plus the calls
+completed so far. Text that might be the start of a call is held back until it is clearly not one,
+so a call split anywhere across chunks, even inside its tag, is never shown half-written.
+"""
+
+import json
+import re
+import reprlib
+from dataclasses import dataclass, replace
+
+TIMESTAMP_TOKEN = re.compile(r"<\|(\d{1,3}\.\d{1,2})\|>")  # the first generation's <|3.04|> tokens
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model wrote; error says why it could not be read (then name/arguments may be empty)."""
+
+    name: str
+    arguments: dict
+    error: str = ""
+    end: int = 0  # characters of the reply up to and including the call (set by the parser)
+
+
+class ToolCallParser:
+    """Base of one call format: finds `marker`, then `_read` decides where the call ends."""
+
+    style = ""
+    marker = ""
+
+    def __init__(self) -> None:
+        self.buffer = ""  # received text not yet shown or parsed
+        self.n_consumed = 0  # characters of the reply before the buffer
+
+    def feed(self, chunk: str) -> tuple[str, list[ToolCall]]:
+        """Add a chunk; returns (text to show now, the call this chunk completed, if any).
+
+        Reading stops at a completed call, so the text returned always comes before it; what follows
+        the call stays buffered for the next feed() or finish().
+        """
+        self.buffer += chunk
+        return self._scan(final=False)
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """The reply ended: release held-back text, and read a call left open as far as possible."""
+        return self._scan(final=True)
+
+    def _scan(self, final: bool) -> tuple[str, list[ToolCall]]:
+        """Release text up to the next call or possible call; read that call if it is complete."""
+        shown = []
+        while True:
+            start = self.buffer.find(self.marker)
+            if start < 0:
+                n_held = 0 if final else _partial_marker(self.buffer, self.marker)
+                shown.append(self._take(len(self.buffer) - n_held))
+                return "".join(shown), []
+            shown.append(self._take(start))
+            read = self._read(self.buffer, final)
+            if read is None:  # the call is still arriving
+                return "".join(shown), []
+            n_chars, call = read
+            text = self._take(n_chars)
+            if call is not None:
+                return "".join(shown), [replace(call, end=self.n_consumed)]
+            shown.append(text)  # the marker began something that is not a call after all
+
+    def _take(self, n_chars: int) -> str:
+        text, self.buffer = self.buffer[:n_chars], self.buffer[n_chars:]
+        self.n_consumed += n_chars
+        return text
+
+    def _read(self, held: str, final: bool) -> tuple[int, ToolCall | None] | None:
+        """For text starting with the marker: (its length, the call or None if not a call), or None to wait."""
+        raise NotImplementedError
+
+    @classmethod
+    def instructions(cls, intro: str, specs: list[dict], example: tuple[str, dict, str] | None) -> str:
+        """System-prompt text: intro, the tools (OpenAI function specs) and how to call them in this format.
+
+        example is (tool name, arguments, what the call does), shown as the one sample call.
+        """
+        raise NotImplementedError
+
+
+class HermesParser(ToolCallParser):
+    """Qwen2.5 / Hermes: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`."""
+
+    style = "hermes"
+    marker = "<tool_call>"
+    closer = "</tool_call>"
+
+    def _read(self, held: str, final: bool) -> tuple[int, ToolCall | None] | None:
+        close = held.find(self.closer)
+        if close < 0 and not final:
+            return None
+        body = held[len(self.marker): close if close >= 0 else len(held)]
+        n_chars = close + len(self.closer) if close >= 0 else len(held)
+        call = _call_from_json(body.strip())
+        if close < 0 and call.error:
+            call = ToolCall("", {}, f"The tool call was cut off before {self.closer}. {call.error}")
+        return n_chars, call
+
+    @classmethod
+    def instructions(cls, intro: str, specs: list[dict], example: tuple[str, dict, str] | None) -> str:
+        """Qwen2.5's own tool prompt (from its chat template), plus the one example."""
+        declarations = "\n".join(json.dumps(spec, ensure_ascii=False) for spec in specs)
+        text = (
+            f"# Tools\n\n{intro}\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n"
+            f"<tools>\n{declarations}\n</tools>\n\n"
+            "For each function call, return a json object with function name and arguments within "
+            "<tool_call></tool_call> XML tags:\n"
+            '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n\n'
+            "The result comes back inside <tool_response></tool_response>; then answer the user."
+        )
+        if example:
+            name, arguments, purpose = example
+            call = json.dumps({"name": name, "arguments": arguments})
+            text += f"\n\nExample, to {purpose}:\n<tool_call>\n{call}\n</tool_call>"
+        return text
+
+
+class ReActParser(ToolCallParser):
+    """Qwen-7B-Chat ReAct: `Action: name` then `Action Input: {json}` on the next line."""
+
+    style = "react"
+    marker = "Action:"
+    input_marker = "Action Input:"
+
+    def _read(self, held: str, final: bool) -> tuple[int, ToolCall | None] | None:
+        name_end = held.find("\n")
+        if name_end < 0:
+            return (len(held), None) if final else None
+        name = held[len(self.marker):name_end].strip()
+        rest = held[name_end + 1:]
+        if not rest.startswith(self.input_marker):
+            waiting = self.input_marker.startswith(rest) and not final
+            return None if waiting else (name_end + 1, None)
+        input_start = name_end + 1 + len(self.input_marker)
+        raw = held[input_start:].lstrip()
+        input_start = len(held) - len(raw)
+        if raw.startswith("{"):
+            try:
+                arguments, n_json = json.JSONDecoder().raw_decode(raw)
+                return input_start + n_json, _checked_call(name, arguments)
+            except (ValueError, RecursionError):
+                pass  # incomplete so far, or broken: wait for the line to end
+        line_end = raw.find("\n") if not raw.startswith("{") else raw.find("\nObservation:")
+        if line_end < 0 and not final:
+            return None
+        n_input = len(raw) if line_end < 0 else line_end
+        error = f"Action Input must be one JSON object such as {{\"audio\": 1}}, got {raw[:n_input].strip()[:80]!r}."
+        return input_start + n_input, ToolCall(name, {}, error)
+
+    @classmethod
+    def instructions(cls, intro: str, specs: list[dict], example: tuple[str, dict, str] | None) -> str:
+        """Qwen-7B-Chat's ReAct prompt (tool lines, then the Thought/Action/Observation format), plus the example."""
+        functions = [spec["function"] for spec in specs]
+        tools = "\n\n".join(
+            f"{f['name']}: {f['description']} Parameters: {json.dumps(f['parameters'], ensure_ascii=False)} "
+            "Format the arguments as a JSON object."
+            for f in functions
+        )
+        text = (
+            f"{intro} You have access to the following tools:\n\n{tools}\n\n"
+            "Use the following format:\n\n"
+            "Thought: you should always think about what to do\n"
+            f"Action: the action to take, should be one of [{', '.join(f['name'] for f in functions)}]\n"
+            "Action Input: the input to the action\nObservation: the result of the action\n"
+            "... (this Thought/Action/Action Input/Observation can be repeated zero or more times)\n"
+            "Thought: I now know the final answer\nFinal Answer: the final answer to the original input question"
+        )
+        if example:
+            name, arguments, purpose = example
+            text += f"\n\nExample, to {purpose}:\nAction: {name}\nAction Input: {json.dumps(arguments)}"
+        return text
+
+
+def _partial_marker(text: str, marker: str) -> int:
+    """Length of the longest end of text that is the start of marker (held back until it resolves)."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def _call_from_json(body: str) -> ToolCall:
+    """A Hermes call body {"name": ..., "arguments": {...}} as a ToolCall (error set if malformed)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        error = f'The tool call is not valid JSON ({e}). Write {{"name": ..., "arguments": {{...}}}}.'
+        return ToolCall("", {}, error)
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return ToolCall("", {}, 'A tool call needs a JSON object with a "name" string and an "arguments" object.')
+    arguments = data.get("arguments", {})
+    if isinstance(arguments, str):  # OpenAI-style clients send arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError):
+            pass
+    return _checked_call(data["name"], arguments)
+
+
+def _checked_call(name: str, arguments: object) -> ToolCall:
+    if not isinstance(arguments, dict):
+        return ToolCall(name, {}, f'"arguments" must be a JSON object, got {reprlib.repr(arguments)}.')
+    return ToolCall(name, arguments)
+
+
+PARSERS: dict[str, type[ToolCallParser]] = {HermesParser.style: HermesParser, ReActParser.style: ReActParser}
+FAMILY_STYLES = {"qwen2-audio": "hermes", "qwen-audio-chat": "react"}  # the format each family knows best
+
+
+def get_parser(style: str) -> ToolCallParser:
+    """A fresh parser for a call style; the error lists the valid names."""
+    if style not in PARSERS:
+        raise ValueError(f"Unknown tool-call style {style!r}; choose one of: {', '.join(PARSERS)}.")
+    return PARSERS[style]()
+
+
+def style_for(family: str) -> str:
+    """The tool-call style a model family knows best (Hermes for families not listed)."""
+    return FAMILY_STYLES.get(family, HermesParser.style)
+
+
+def visible_text(text: str, style: str) -> str:
+    """A whole reply with its tool calls taken out: what the user is shown."""
+    parser = get_parser(style)
+    pieces = [parser.feed(text)[0]]
+    while True:  # finish() stops at each call left in the buffer
+        shown, calls = parser.finish()
+        pieces.append(shown)
+        if not calls:
+            return "".join(pieces)
+
+
+def timestamp_spans(text: str) -> list[tuple[float, float]]:
+    """(start_s, end_s) pairs from `<|3.04|> ... <|3.23|>` tokens, as the first generation's demo cut them.
+
+    Like that demo, only an even number of tokens counts; pairs that do not run forward are skipped.
+    """
+    times = [float(t) for t in TIMESTAMP_TOKEN.findall(text)]
+    if len(times) % 2:
+        return []
+    return [(start, end) for start, end in zip(times[::2], times[1::2]) if end > start]

@@ -1,0 +1,173 @@
+"""Tool-call parsers on whole replies and on every way a stream can split them, and timestamp spans."""
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chat.toolcalls import (
+    HermesParser,
+    ReActParser,
+    get_parser,
+    style_for,
+    timestamp_spans,
+    visible_text,
+)
+
+ARGUMENTS = {"audio": 2, "ranges": [[3.04, 3.23]]}
+HERMES_CALL = f'<tool_call>\n{{"name": "delete_ranges", "arguments": {json.dumps(ARGUMENTS)}}}\n</tool_call>'
+REACT_CALL = f"Action: delete_ranges\nAction Input: {json.dumps(ARGUMENTS)}"
+CALLS = {"hermes": HERMES_CALL, "react": REACT_CALL}
+BEFORE, AFTER = "I'll remove it. ", "\nDone."
+
+
+def stream(style: str, chunks: list[str]) -> tuple[list[str], list]:
+    """Feed chunks then finish; returns every piece of text shown and every call, in order."""
+    parser = get_parser(style)
+    shown, calls = [], []
+    for chunk in chunks:
+        text, new = parser.feed(chunk)
+        shown.append(text)
+        calls += new
+    text, new = parser.finish()
+    return shown + [text], calls + new
+
+
+def splits(text: str, n_pieces: int):
+    """Every way to cut text into n_pieces consecutive (possibly empty) chunks."""
+    for cuts in itertools.combinations_with_replacement(range(len(text) + 1), n_pieces - 1):
+        bounds = (0, *cuts, len(text))
+        yield [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def check_one_call(style: str, chunks: list[str], before: str = BEFORE, after: str = AFTER) -> None:
+    shown, calls = stream(style, chunks)
+    assert "".join(shown) == before + after
+    assert [(c.name, c.arguments, c.error) for c in calls] == [("delete_ranges", ARGUMENTS, "")]
+    assert calls[0].end == len(before + CALLS[style])  # where the recorded reply is cut
+    assert not any(marker in piece for piece in shown for marker in ("<tool", "_call>", "Action"))
+
+
+@pytest.mark.parametrize("style", CALLS)
+def test_a_whole_reply_gives_its_text_and_call(style):
+    check_one_call(style, [BEFORE + CALLS[style] + AFTER])
+
+
+@pytest.mark.parametrize("style", CALLS)
+@pytest.mark.parametrize("n_pieces", [2, 3])
+def test_every_2_and_3_way_split_finds_the_call_and_never_shows_it(style, n_pieces):
+    reply = BEFORE + CALLS[style] + AFTER
+    for chunks in splits(reply, n_pieces):
+        check_one_call(style, chunks)
+
+
+@given(
+    style=st.sampled_from(sorted(CALLS)),
+    before=st.text(alphabet="abc <>|{}:\n", max_size=20),
+    cut_points=st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+)
+def test_any_chunking_of_any_surrounding_text(style, before, cut_points):
+    reply = before + CALLS[style] + AFTER
+    bounds = sorted({0, len(reply), *(p % (len(reply) + 1) for p in cut_points)})
+    check_one_call(style, [reply[a:b] for a, b in zip(bounds, bounds[1:])], before=before)
+
+
+def test_a_partial_tag_is_held_back_then_released_when_it_is_not_a_call():
+    parser = HermesParser()
+    assert parser.feed("Hello <tool") == ("Hello ", [])
+    assert parser.feed("box> here") == ("<toolbox> here", [])
+    assert parser.feed(" <") == (" ", [])
+    assert parser.finish() == ("<", [])
+
+
+def test_text_after_a_call_in_the_same_chunk_waits_for_the_next_feed():
+    parser = HermesParser()
+    text, calls = parser.feed("A" + HERMES_CALL + "B" + HERMES_CALL + "C")
+    assert (text, len(calls)) == ("A", 1)
+    text, calls = parser.feed("")
+    assert (text, len(calls), calls[0].end) == ("B", 1, 2 + 2 * len(HERMES_CALL))
+    assert parser.finish() == ("C", [])
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ('{"name": "reverse", "arguments": {"audio": 1,}}', "not valid JSON"),
+        ('{"arguments": {"audio": 1}}', 'a "name" string'),
+        ('["reverse", 1]', 'a "name" string'),
+        ('{"name": "reverse", "arguments": [1]}', '"arguments" must be a JSON object'),
+        ("[" * 100_000, "not valid JSON"),  # deep nesting must not crash the parser
+    ],
+)
+def test_a_malformed_hermes_call_is_reported_not_raised(body, error):
+    shown, calls = stream("hermes", [f"<tool_call>{body}</tool_call>after"])
+    assert len(calls) == 1 and error in calls[0].error
+    assert "".join(shown) == "after"
+
+
+def test_arguments_sent_as_a_json_string_are_accepted():
+    call = '<tool_call>{"name": "reverse", "arguments": "{\\"audio\\": 1}"}</tool_call>'
+    _, calls = stream("hermes", [call])
+    assert (calls[0].name, calls[0].arguments, calls[0].error) == ("reverse", {"audio": 1}, "")
+
+
+def test_a_hermes_call_left_open_at_the_end_of_the_reply():
+    _, calls = stream("hermes", ['<tool_call>\n{"name": "reverse", "arguments": {"audio": 1}}\n'])
+    assert (calls[0].name, calls[0].arguments, calls[0].error) == ("reverse", {"audio": 1}, "")
+    _, calls = stream("hermes", ['<tool_call>\n{"name": "reverse", "argu'])
+    assert "cut off before </tool_call>" in calls[0].error
+
+
+def test_react_reads_multi_line_json_and_stops_before_the_observation():
+    reply = 'Thought: reverse it\nAction: reverse\nAction Input: {\n  "audio": 1\n}\nObservation: made up'
+    shown, calls = stream("react", list(reply))
+    assert (calls[0].name, calls[0].arguments) == ("reverse", {"audio": 1})
+    assert reply[: calls[0].end].endswith("}")
+    assert "".join(shown) == "Thought: reverse it\n\nObservation: made up"
+
+
+def test_react_input_that_is_not_an_object_is_an_error_call():
+    _, calls = stream("react", ["Action: reverse\nAction Input: 2\nmore"])
+    assert calls[0].name == "reverse" and "must be one JSON object" in calls[0].error
+
+
+def test_react_action_without_input_is_plain_text():
+    reply = "Action: none needed\nThe clip is fine."
+    shown, calls = stream("react", list(reply))
+    assert calls == [] and "".join(shown) == reply
+
+
+def test_visible_text_takes_every_call_out():
+    reply = f"a{HERMES_CALL}b{HERMES_CALL}c"
+    assert visible_text(reply, "hermes") == "abc"
+
+
+def test_styles_and_their_registry():
+    assert style_for("qwen2-audio") == "hermes" and style_for("qwen-audio-chat") == "react"
+    assert isinstance(get_parser("react"), ReActParser)
+    with pytest.raises(ValueError, match="choose one of: hermes, react"):
+        get_parser("xml")
+
+
+@pytest.mark.parametrize("style", CALLS)
+def test_the_prompt_example_parses_in_its_own_format(style):
+    example = ("delete_ranges", ARGUMENTS, "remove 3.04 to 3.23 s from Audio 2")
+    text = get_parser(style).instructions("Edit clips.", [], example)
+    _, calls = stream(style, [text.split("Example, to remove 3.04 to 3.23 s from Audio 2:\n")[1]])
+    assert (calls[0].name, calls[0].arguments, calls[0].error) == ("delete_ranges", ARGUMENTS, "")
+
+
+@pytest.mark.parametrize(
+    ("text", "spans"),
+    [
+        ('The word "what" starts at <|3.04|> and ends at <|3.23|>.', [(3.04, 3.23)]),
+        ("<|0.00|><|1.50|> then <|2.00|><|2.75|>", [(0.0, 1.5), (2.0, 2.75)]),
+        ("<|1.00|> alone", []),  # odd count: the first generation's demo ignores them too
+        ("<|3.00|><|2.00|>", []),  # runs backwards
+        ("no timestamps here", []),
+    ],
+)
+def test_timestamp_spans(text, spans):
+    assert timestamp_spans(text) == spans

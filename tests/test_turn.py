@@ -1,0 +1,165 @@
+"""A turn's event stream and the tool loop: calls split across chunks, bounded calls, bad calls, end to end."""
+
+import numpy as np
+import pytest
+
+from chat.audio import SAMPLE_RATE
+from chat.clip import Clip
+from chat.conversation import ASSISTANT, DONE, STOPPED, TOOL, USER, Conversation
+from chat.errors import ToolError
+from chat.remote import RemoteBackend
+from chat.scripted import ScriptedBackend
+from chat.tools import ToolBox
+from chat.turn import SPANS_TOOL, TextChunk, ToolCallFinished, ToolCallStarted, Turn
+from tests.conftest import tone
+from tests.openai_server import OpenAIServer, decoded_audio
+
+CALL = '<tool_call>\n{"name": "delete_ranges", "arguments": {"audio": 2, "ranges": [[1.0, 1.5]]}}\n</tool_call>'
+SPLIT_CALL = ["I'll cut it. <tool", '_call>\n{"name": "delete_ranges", "argu',
+              'ments": {"audio": 2, "ranges": [[1.0, 1.5]]}}\n</tool_', "call> (made-up result)"]
+NOTE = "Audio 3 = Audio 2 with 1–1.5 s removed"
+
+
+@pytest.fixture
+def conversation() -> Conversation:
+    conversation = Conversation()
+    conversation.add_user("Cut 1 to 1.5 s out of Audio 2.", [Clip(tone(2.0, 440.0), name="a.wav"),
+                                                             Clip(tone(3.0, 220.0), name="b.wav")])
+    return conversation
+
+
+def shape(conversation: Conversation) -> list[tuple[str, str]]:
+    return [(m.role, m.text) for m in conversation.messages]
+
+
+def kinds(events) -> list[str]:
+    return [type(e).__name__ for e in events]
+
+
+def test_without_tools_a_turn_is_its_response_text(conversation):
+    backend = ScriptedBackend()
+    backend.enqueue(["Hello", " there", " <tool_call>"])
+    events = list(Turn(backend, conversation))
+    assert events == [TextChunk("Hello"), TextChunk(" there"), TextChunk(" <tool_call>")]
+    assert "# Tools" not in backend.prompts[0].text
+
+
+def test_a_call_split_across_chunks_runs_and_the_model_continues(conversation):
+    backend = ScriptedBackend()
+    backend.enqueue(SPLIT_CALL)
+    backend.enqueue(["Audio 3 ", "is the cut clip."])
+    events = list(Turn(backend, conversation, tools=ToolBox()))
+
+    assert kinds(events) == ["TextChunk", "ToolCallStarted", "ToolCallFinished", "TextChunk", "TextChunk"]
+    assert "".join(e.text for e in events if isinstance(e, TextChunk)) == "I'll cut it. Audio 3 is the cut clip."
+    assert events[1] == ToolCallStarted("delete_ranges", {"audio": 2, "ranges": [[1.0, 1.5]]})
+    assert events[2].error == "" and events[2].message is conversation.messages[2]
+    assert shape(conversation)[1:] == [
+        (ASSISTANT, "I'll cut it. " + CALL),  # cut right after the call: the made-up result is dropped
+        (TOOL, f"{NOTE} (2.50 s)."),
+        (ASSISTANT, "Audio 3 is the cut clip."),
+    ]
+    assert [m.status for m in conversation.messages[1:]] == [DONE, DONE, DONE]
+    edited = conversation.clip(3)
+    assert (edited.note, edited.duration_s) == (NOTE, 2.5)
+    assert np.array_equal(conversation.clip(2).samples, tone(3.0, 220.0))  # the original is untouched
+    # the model saw the tools both times, and the result with its clip the second time
+    assert all("<tools>" in prompt.text for prompt in backend.prompts)
+    assert f"<tool_response>\nAudio 3: <|audio_bos|><|AUDIO|><|audio_eos|>\n{NOTE}" in backend.prompts[1].text
+    assert backend.prompts[1].audio_parts[-1].clip is edited
+
+
+def test_a_bad_call_returns_an_error_and_the_model_continues(conversation):
+    backend = ScriptedBackend()
+    backend.enqueue(['<tool_call>{"name": "reverse", "arguments": {"audio": 9}}</tool_call>'])
+    backend.enqueue(["Sorry, there is no Audio 9."])
+    events = list(Turn(backend, conversation, tools=ToolBox()))
+    assert kinds(events) == ["ToolCallStarted", "ToolCallFinished", "TextChunk"]
+    assert "There is no Audio 9" in events[1].error
+    assert shape(conversation)[2] == (TOOL, "Error: " + events[1].error)
+    assert conversation.messages[2].clips == () and len(conversation.clips()) == 2
+    assert shape(conversation)[3] == (ASSISTANT, "Sorry, there is no Audio 9.")
+
+
+def test_unreadable_call_json_is_an_error_for_the_model(conversation):
+    backend = ScriptedBackend()
+    backend.enqueue(['<tool_call>{"name": "reverse", "arguments": {"audio": 1</tool_call>'])
+    backend.enqueue(["Let me try again."])
+    events = list(Turn(backend, conversation, tools=ToolBox()))
+    assert "not valid JSON" in events[1].error and conversation.messages[-1].text == "Let me try again."
+
+
+def test_calls_past_the_limit_are_refused_and_the_turn_ends(conversation):
+    backend = ScriptedBackend()
+    for number in range(1, 6):
+        backend.enqueue([f'<tool_call>{{"name": "reverse", "arguments": {{"audio": {number}}}}}</tool_call>'])
+    events = list(Turn(backend, conversation, tools=ToolBox(), max_tool_calls=2))
+    finished = [e for e in events if isinstance(e, ToolCallFinished)]
+    assert [bool(e.error) for e in finished] == [False, False, True, True]
+    assert "this turn already ran 2 tool calls, the limit" in finished[2].error
+    assert len(backend.prompts) == 4 and len(backend.replies) == 1  # the model answered one refusal, then stopped
+    assert [m.role for m in conversation.messages[1:]] == [ASSISTANT, TOOL] * 4
+    notes = [clip.note for clip in conversation.clips()[2:]]
+    assert notes == ["Audio 3 = Audio 1 reversed", "Audio 4 = Audio 2 reversed"]
+
+
+def test_react_style_for_the_first_generation(conversation):
+    backend = ScriptedBackend()
+    backend.family = "qwen-audio-chat"
+    backend.enqueue(["Thought: cut it\nAction: delete", "_ranges\nAction Input: {\"audio\": 2, ",
+                     '"ranges": [[1.0, 1.5]]}\nObservation: made up'])
+    backend.enqueue(["Final Answer: done."])
+    events = list(Turn(backend, conversation, tools=ToolBox()))
+    assert "".join(e.text for e in events if isinstance(e, TextChunk)) == "Thought: cut it\nFinal Answer: done."
+    assert conversation.clip(3).note == NOTE
+    assert "Action: the action to take" in backend.prompts[0].text
+    assert backend.prompts[1].text.endswith(f"\nObservation: {NOTE} (2.50 s).\n")
+
+
+def test_timestamps_in_a_reply_become_clips_of_the_last_user_clip(conversation):
+    backend = ScriptedBackend()
+    backend.enqueue(['The word "what" starts at <|1.00|> and ends at <|1.50|>.'])
+    events = list(Turn(backend, conversation, tools=ToolBox()))
+    assert kinds(events) == ["TextChunk", "ToolCallStarted", "ToolCallFinished"]
+    assert events[1] == ToolCallStarted(SPANS_TOOL, {"spans": [[1.0, 1.5]]})
+    assert conversation.clip(3).note == "Audio 3 = Audio 2 cut to 1–1.5 s"
+    assert np.array_equal(conversation.clip(3).samples, tone(3.0, 220.0)[SAMPLE_RATE:SAMPLE_RATE * 3 // 2])
+
+
+def test_cancel_stops_before_any_tool_runs(conversation):
+    backend = ScriptedBackend()
+    backend.enqueue(["Cutting. ", CALL])
+    turn = Turn(backend, conversation, tools=ToolBox())
+    events = []
+    for event in turn:
+        events.append(event)
+        turn.cancel()
+    assert events == [TextChunk("Cutting. ")]
+    assert [(m.role, m.status) for m in conversation.messages] == [(USER, DONE), (ASSISTANT, STOPPED)]
+
+
+def test_a_backend_without_tool_support_is_refused_up_front(conversation):
+    backend = ScriptedBackend()
+    backend.supports_tools = False
+    with pytest.raises(ToolError, match="does not support tool calls; turn speech editing off"):
+        Turn(backend, conversation, tools=ToolBox())
+    assert len(conversation.messages) == 1
+
+
+def test_end_to_end_through_the_openai_compatible_server(conversation):
+    with OpenAIServer() as server:
+        server.enqueue(SPLIT_CALL, delay_s=0.01)
+        server.enqueue(["Here is ", "Audio 3."])
+        backend = RemoteBackend(server.model, server.url)
+        try:
+            events = list(Turn(backend, conversation, tools=ToolBox()))
+        finally:
+            backend.close()
+        first, second = server.requests
+    assert kinds(events) == ["TextChunk", "ToolCallStarted", "ToolCallFinished", "TextChunk", "TextChunk"]
+    assert conversation.clip(3).note == NOTE and conversation.messages[-1].text == "Here is Audio 3."
+    assert "<tools>" in first["messages"][0]["content"]
+    assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "user"]
+    assert second["messages"][2]["content"] == "I'll cut it. " + CALL
+    sent = decoded_audio(second)
+    assert len(sent) == 3 and len(sent[2]) == len(conversation.clip(3).samples)

@@ -15,6 +15,8 @@ from chat.errors import (
 )
 from chat.prompts import Prompt, PromptRenderer, QwenAudioChatRenderer, Qwen2AudioRenderer, get_renderer
 from chat.saving import load, save
+from chat.tools import ToolBox, run_tool_call
+from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn
 
 __all__ = [
     "DEFAULT_MODEL", "Backend", "GenerationSettings", "Response", "Stats", "load_backend",
@@ -23,4 +25,5 @@ __all__ = [
     "StoreError", "ToolError",
     "Prompt", "PromptRenderer", "Qwen2AudioRenderer", "QwenAudioChatRenderer", "get_renderer",
     "load", "save",
+    "ToolBox", "run_tool_call", "Turn", "TextChunk", "ToolCallStarted", "ToolCallFinished",
 ]

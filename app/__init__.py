@@ -1,0 +1,1 @@
+"""The user interfaces: the Gradio app and the terminal client."""

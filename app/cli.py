@@ -1,0 +1,365 @@
+"""The terminal client: type, attach files or talk into the microphone; replies stream as they are generated."""
+
+import argparse
+import contextlib
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import soundfile
+
+from app.cli_text import (
+    BANNER, EXPORT_SUFFIXES, HELP, added, describe_clip, duration, parse_number, plural, split_args, summary, tool_call,
+    tool_result,
+)
+from app.recorder import Recorder, SoundDeviceRecorder, play
+from chat import saving
+from chat.audio import SAMPLE_RATE
+from chat.backend import DEFAULT_MODEL, Backend, GenerationSettings, load_backend
+from chat.clip import Clip
+from chat.conversation import STOPPED, USER, Conversation
+from chat.errors import ChatError, ClipError, StoreError
+from chat.tools import ToolBox
+from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn
+
+try:
+    import readline  # noqa: F401  (importing it gives input() line editing and history)
+except ImportError:  # Windows
+    pass
+
+PROMPT = "> "
+RECORDING_PROMPT = "recording (Enter stops, Ctrl-C discards) "
+EXIT_INTERRUPTED = 130  # the shell's code for "ended by Ctrl-C"
+POLL_S = 0.05  # how often the main thread checks that a reply's worker thread is still running
+
+
+class Leave(Exception):
+    """Ends the chat with an exit code."""
+
+    def __init__(self, code: int = 0) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass
+class Terminal:
+    """One chat: reads lines, runs commands and streams replies; the conversation holds all chat state."""
+
+    backend: Backend
+    settings: GenerationSettings
+    conversation: Conversation
+    tools: ToolBox | None  # the speech-editing tools offered to the model, or None
+    recorder: Recorder | None
+    player: Callable[[Clip], None]
+    stdin: TextIO
+    stdout: TextIO
+    at_line_start: bool = True  # whether the cursor is at the start of a line
+
+    def __post_init__(self) -> None:
+        self.commands: dict[str, Callable[[str], None]] = {
+            "/add": self.add, "/rec": self.record, "/send": self.send, "/clips": self.list_clips,
+            "/play": self.play, "/export": self.export, "/save": self.save, "/load": self.load,
+            "/undo": self.undo, "/clear": self.clear, "/system": self.system, "/help": self.help, "/quit": self.quit,
+        }
+
+    def run(self) -> int:
+        """Chat until the user leaves; returns the exit code."""
+        self.say(BANNER)
+        while True:
+            try:
+                line = self.read(self.prompt())
+            except (EOFError, KeyboardInterrupt):
+                self.end_line()
+                return 0
+            try:
+                self.handle(line.strip())
+            except Leave as e:
+                return e.code
+            except ChatError as e:
+                self.say(f"error: {e}")
+            except KeyboardInterrupt:
+                self.say("[interrupted]")
+
+    def handle(self, line: str) -> None:
+        """Run one line: a command, a message, or an empty line (send the waiting turn, else record)."""
+        if not line and self.conversation.awaiting_reply():
+            self.send("")
+        elif not line:
+            self.record("")
+        elif line.startswith("/"):
+            name, _, args = line.partition(" ")
+            if name not in self.commands:
+                raise ChatError(f"Unknown command {name}: /help lists the commands.")
+            self.commands[name](args.strip())
+        else:
+            self.send(line)
+
+    def prompt(self) -> str:
+        """The input prompt, naming the clips that wait in the open user turn."""
+        last = self.conversation.messages[-1] if self.conversation.messages else None
+        if last is None or last.role != USER or not last.clips:
+            return PROMPT
+        waiting = ", ".join(f"Audio {self.conversation.number(clip)}" for clip in last.clips)
+        return f"[{waiting}] {PROMPT}"
+
+    # replies
+
+    def send(self, text: str) -> None:
+        """Add text to the open user turn and stream the reply; a refused turn leaves the conversation as it was."""
+        before = list(self.conversation.messages)
+        try:
+            if text:
+                self.conversation.add_user(text)
+            turn = Turn(self.backend, self.conversation, self.settings, tools=self.tools)
+        except ChatError:
+            self.conversation.messages[:] = before
+            raise
+        self.stream(turn)
+
+    def stream(self, turn: Turn) -> None:
+        """Print the turn's events as they come; Ctrl-C stops the reply, a second Ctrl-C leaves."""
+        events: queue.Queue = queue.Queue()
+        worker = threading.Thread(target=_pump, args=(turn, events), daemon=True)
+        try:
+            worker.start()
+            self.show(worker, events)
+        except KeyboardInterrupt:
+            turn.cancel()
+            try:
+                self.show(worker, events)  # what was generated before the model noticed
+            except KeyboardInterrupt:
+                self.say("[left before the reply had stopped]")
+                raise Leave(EXIT_INTERRUPTED) from None
+        if turn.response.message is not None and turn.response.message.status == STOPPED:
+            self.write("[stopped]" if self.at_line_start or turn.response.text[-1:].isspace() else " [stopped]")
+        self.end_line()
+
+    def show(self, worker: threading.Thread, events: queue.Queue) -> None:
+        """Print the worker's events until it ends; raise the error the turn ended with, if any."""
+        while worker.is_alive() or not events.empty():
+            try:
+                event = events.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if isinstance(event, Exception):
+                raise event
+            if isinstance(event, TextChunk):
+                self.write(event.text)
+            elif isinstance(event, ToolCallStarted):
+                self.end_line()
+                self.write(tool_call(event))
+            elif isinstance(event, ToolCallFinished):
+                self.write(tool_result(event.message, self.conversation) + "\n")
+
+    # clips
+
+    def record(self, args: str) -> None:
+        """Record until Enter; the recording joins the open user turn as the next Audio N."""
+        if self.recorder is None:
+            raise ClipError("Recording is off in this session: attach audio files with /add PATH.")
+        self.recorder.start()
+        try:
+            self.read(RECORDING_PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            with contextlib.suppress(ChatError):
+                self.recorder.stop()
+            self.say("Recording discarded.")
+            return
+        samples, sample_rate = self.recorder.stop()
+        self.attach(Clip.from_array(samples, sample_rate, name="recording"))
+
+    def add(self, args: str) -> None:
+        """Attach files to the open user turn; a file that cannot be read is reported and skipped."""
+        for path in split_args(args, "/add PATH [PATH...]", n_args=None):
+            try:
+                self.attach(Clip.from_file(Path(path).expanduser()))
+            except ChatError as e:
+                self.say(f"error: {e}")
+
+    def attach(self, clip: Clip) -> None:
+        """Put a clip in the open user turn and announce its Audio N."""
+        self.conversation.add_user("", [clip])
+        for line in added(self.conversation.number(clip), clip):
+            self.say(line)
+
+    def list_clips(self, args: str) -> None:
+        """Print every clip of the conversation."""
+        clips = self.conversation.clips()
+        if not clips:
+            self.say("No clips yet: /add a file, or press Enter on an empty line to record.")
+        for n, clip in enumerate(clips, start=1):
+            self.say(describe_clip(n, clip))
+
+    def play(self, args: str) -> None:
+        """Play Audio N; Ctrl-C stops the playback, not the chat."""
+        (number,) = split_args(args, "/play N", n_args=1)
+        n = parse_number(number, "/play N")
+        clip = self.conversation.clip(n)
+        self.say(f"Playing Audio {n} ({duration(clip.duration_s)}); Ctrl-C stops.")
+        try:
+            self.player(clip)
+        except KeyboardInterrupt:
+            self.say("[stopped]")
+
+    def export(self, args: str) -> None:
+        """Write Audio N to an audio file."""
+        number, file = split_args(args, "/export N FILE", n_args=2)
+        n, path = parse_number(number, "/export N FILE"), Path(file).expanduser()
+        clip = self.conversation.clip(n)
+        if path.suffix.lower() not in EXPORT_SUFFIXES:
+            raise ClipError(f"Cannot export to {path.name}: name a file ending in {', '.join(EXPORT_SUFFIXES)}.")
+        try:
+            soundfile.write(path, clip.samples, SAMPLE_RATE)
+        except (OSError, soundfile.LibsndfileError) as e:
+            raise ClipError(f"Cannot write {path}: {e}. Check that the folder exists and is writable.") from e
+        self.say(f"Saved Audio {n} to {path}")
+
+    # the conversation
+
+    def save(self, args: str) -> None:
+        """Save the conversation with its clips to a folder."""
+        (folder,) = split_args(args, "/save FOLDER", n_args=1)
+        try:
+            saving.save(self.conversation, Path(folder).expanduser())
+        except OSError as e:
+            raise StoreError(f"Cannot save to {folder}: {e}. Choose a folder you can write to.") from e
+        self.say(f"Saved to {folder}: {summary(self.conversation)}.")
+
+    def load(self, args: str) -> None:
+        """Replace this conversation with a saved one."""
+        (folder,) = split_args(args, "/load FOLDER", n_args=1)
+        self.conversation = saving.load(Path(folder).expanduser())
+        self.say(f"Loaded {folder}: {summary(self.conversation)}.")
+
+    def undo(self, args: str) -> None:
+        """Remove the last exchange."""
+        removed = self.conversation.undo()
+        self.say(f"Removed the last exchange ({plural(len(removed), 'message')}).")
+
+    def clear(self, args: str) -> None:
+        """Remove every message."""
+        self.conversation.clear()
+        self.say("Cleared the conversation; the system prompt stays.")
+
+    def system(self, args: str) -> None:
+        """Show the system prompt, or set it."""
+        if args:
+            self.conversation.system_prompt = args
+            self.say("System prompt set.")
+        else:
+            self.say(f"System prompt: {self.conversation.system_prompt}")
+
+    def help(self, args: str) -> None:
+        """Print the commands."""
+        self.say(HELP)
+
+    def quit(self, args: str) -> None:
+        """Leave the chat."""
+        raise Leave(0)
+
+    # the terminal
+
+    def read(self, prompt: str) -> str:
+        """One line of input; raises EOFError at the end of input (Ctrl-D)."""
+        self.at_line_start = False
+        if self.stdin is sys.stdin and self.stdout is sys.stdout and sys.stdin.isatty():
+            line = input(prompt)  # readline's line editing and history
+        else:
+            self.write(prompt)
+            line = self.stdin.readline()
+            if not line:
+                raise EOFError
+            line = line.rstrip("\n")
+            self.write(line + "\n")  # echo, so the log of a piped session reads like the screen
+        self.at_line_start = True
+        return line
+
+    def write(self, text: str) -> None:
+        """Print text as it is (a streamed chunk)."""
+        if text:
+            self.stdout.write(text)
+            self.stdout.flush()
+            self.at_line_start = text.endswith("\n")
+
+    def end_line(self) -> None:
+        """Finish the current line, if anything was printed on it."""
+        if not self.at_line_start:
+            self.write("\n")
+
+    def say(self, text: str) -> None:
+        """Print text on lines of its own."""
+        self.end_line()
+        self.write(text + "\n")
+
+
+def _pump(turn: Turn, events: queue.Queue) -> None:
+    """Run the turn in a worker thread, so that the main thread stays free to take Ctrl-C."""
+    try:
+        for event in turn:
+            events.put(event)
+    except Exception as e:  # the turn has already recorded the failed reply; the main thread shows the error
+        events.put(e)
+
+
+def run_cli(
+    backend: Backend,
+    settings: GenerationSettings | None = None,
+    system_prompt: str | None = None,
+    recorder: Recorder | None = None,
+    tools: bool = True,
+    *,
+    conversation: Conversation | None = None,
+    player: Callable[[Clip], None] = play,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> int:
+    """Chat with backend in the terminal until the user leaves; returns the process exit code.
+
+    tools offers the speech-editing tools to a backend that supports them. recorder None turns
+    recording off; conversation continues a given one; player, stdin and stdout are for tests.
+    """
+    conversation = Conversation() if conversation is None else conversation
+    if system_prompt:
+        conversation.system_prompt = system_prompt
+    toolbox = ToolBox() if tools and backend.supports_tools else None
+    terminal = Terminal(backend, settings or GenerationSettings(), conversation, toolbox, recorder, player,
+                        stdin or sys.stdin, stdout or sys.stdout)
+    return terminal.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m app.cli`: load a model, then chat with it in the terminal."""
+    parser = argparse.ArgumentParser(prog="python -m app.cli", description="Chat with an audio model in the terminal.")
+    parser.add_argument("-c", "--checkpoint-path", default=DEFAULT_MODEL,
+                        help="hub id or local folder of the model; with --api-base, the served model's name")
+    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--quantization", choices=["4bit", "8bit", "none"],
+                        help="bitsandbytes quantization of the weights (default: 4bit on a GPU, none on the CPU)")
+    parser.add_argument("--api-base", help="URL of an OpenAI-compatible server (e.g. vLLM) instead of a local model")
+    parser.add_argument("--api-key", help="key for --api-base (default: $OPENAI_API_KEY)")
+    args = parser.parse_args(argv)
+    if args.api_base:
+        options = {"api_key": args.api_key or os.environ.get("OPENAI_API_KEY")}
+    else:
+        options = {"cpu_only": args.cpu_only, "quantization": args.quantization}
+    print(f"Loading {args.checkpoint_path}...", file=sys.stderr, flush=True)
+    try:
+        backend = load_backend(args.checkpoint_path, api_base=args.api_base, **options)
+    except ChatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    try:
+        return run_cli(backend, recorder=SoundDeviceRecorder())
+    finally:
+        backend.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""What the terminal client prints, and how it reads command arguments: pure functions, no I/O."""
+
+import shlex
+
+from chat.audio import WINDOW_S
+from chat.clip import Clip
+from chat.conversation import Conversation, Message
+from chat.errors import ChatError
+from chat.turn import ToolCallStarted
+
+EXPORT_SUFFIXES = (".wav", ".flac", ".ogg")
+TOOL_RESULT_CHARS = 100  # a tool's text result is shown on one line, cut to this length
+
+BANNER = "Type a message, /add FILE, or press Enter on an empty line to talk. /help lists commands; Ctrl-D leaves."
+HELP = f"""\
+Type a message and press Enter to send it; the reply streams in. Ctrl-C stops a reply (it is kept, marked [stopped]).
+
+Talking: press Enter on an empty line to record from the microphone, and Enter again to stop.
+The recording waits in your turn as the next Audio N (the prompt shows it). Then either press
+Enter once more to send it as a spoken question, or type a question about it.
+
+  /add PATH [PATH...]  attach audio files (wav, mp3, flac, ogg, m4a, webm, ...) to your turn
+  /rec                 record from the microphone (the same as Enter on an empty line)
+  /send                send your turn as it is (e.g. clips without text)
+  /clips               list the clips: Audio N, name, length, source, note
+  /play N              play Audio N (Ctrl-C stops)
+  /export N FILE       write Audio N to a {", ".join(EXPORT_SUFFIXES)} file
+  /save FOLDER         save the conversation and its clips
+  /load FOLDER         open a saved conversation (replaces this one)
+  /undo                remove the last exchange
+  /clear               remove every message (the system prompt stays)
+  /system [TEXT]       show the system prompt, or set it
+  /help                show this help
+  /quit                leave (so do Ctrl-D, and Ctrl-C at the prompt)
+
+Clips longer than {WINDOW_S} s are sent as several parts of up to {WINDOW_S} s each."""
+
+
+def added(n: int, clip: Clip) -> list[str]:
+    """The lines that announce a new clip: `Audio 3: recording, 4.2 s`, plus how a long one is sent."""
+    lines = [f"Audio {n}: {clip.name}, {duration(clip.duration_s)}"]
+    if clip.n_parts > 1:
+        lines.append(f"Audio {n} ({duration(clip.duration_s)}) will be sent as {clip.n_parts} parts of up to {WINDOW_S} s")
+    return lines
+
+
+def describe_clip(n: int, clip: Clip) -> str:
+    """`Audio 2: question.wav, 4.2 s, recorded, 2 parts (note)`."""
+    line = ", ".join([f"Audio {n}: {clip.name}", duration(clip.duration_s), clip.source])
+    line += f", {clip.n_parts} parts" if clip.n_parts > 1 else ""
+    return f"{line} ({clip.note})" if clip.note else line
+
+
+def tool_call(event: ToolCallStarted) -> str:
+    """`[tool] name(key=value, ...)` with the arguments as the model gave them."""
+    arguments = ", ".join(f"{key}={value!r}" for key, value in event.arguments.items())
+    return f"[tool] {event.name}({arguments})"
+
+
+def tool_result(message: Message, conversation: Conversation) -> str:
+    """`→ Audio 4 (2.1 s)` for the clips a tool made, else `→ ` and the start of its text on one line."""
+    if message.clips:
+        made = ", ".join(f"Audio {conversation.number(c)} ({duration(c.duration_s)})" for c in message.clips)
+        return f" → {made}"
+    text = " ".join(message.text.split())
+    return " → " + (text if len(text) <= TOOL_RESULT_CHARS else text[: TOOL_RESULT_CHARS - 1] + "…")
+
+
+def duration(seconds: float) -> str:
+    """`4.2 s` under a minute, `1:10` from a minute on."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+def summary(conversation: Conversation) -> str:
+    """`4 messages, 2 clips`."""
+    return f"{plural(len(conversation.messages), 'message')}, {plural(len(conversation.clips()), 'clip')}"
+
+
+def plural(n: int, word: str) -> str:
+    """`1 clip`, `2 clips`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def split_args(args: str, usage: str, n_args: int | None) -> list[str]:
+    """Shell-style words (quotes keep spaces in paths): exactly n_args of them, or at least one if None."""
+    try:
+        words = shlex.split(args)
+    except ValueError as e:
+        raise ChatError(f"Cannot read the arguments ({e}). Usage: {usage}") from e
+    if (n_args is None and not words) or (n_args is not None and len(words) != n_args):
+        raise ChatError(f"Usage: {usage}")
+    return words
+
+
+def parse_number(text: str, usage: str) -> int:
+    """The N of `Audio N`."""
+    if not text.isdigit():
+        raise ChatError(f"{text!r} is not a clip number. Usage: {usage} (/clips lists the numbers)")
+    return int(text)

@@ -1,0 +1,391 @@
+"""The terminal client: scripted sessions with their exact transcripts, then the conversation they leave.
+
+Replies come from ScriptedBackend (exact, deterministic text) and recordings from ArrayRecorder; the
+end-to-end test at the bottom runs the real program in a pseudo-terminal against the tiny real model.
+"""
+
+import _thread
+import io
+import json
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from app.cli import EXIT_INTERRUPTED, RECORDING_PROMPT, main, run_cli
+from app.cli_text import BANNER, HELP, tool_result
+from app.recorder import ArrayRecorder, SoundDeviceRecorder
+from chat import BackendError, Clip, ClipError, Conversation, GenerationSettings, saving
+from chat.audio import MAX_CLIP_S, SAMPLE_RATE
+from chat.backend import Backend
+from chat.clip import EDITED, UPLOADED
+from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, USER
+from chat.scripted import ScriptedBackend
+from tests.conftest import tone, write_audio
+
+CTRL_C = KeyboardInterrupt  # an input line that is a Ctrl-C at the prompt
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Keyboard:
+    """stdin for a scripted session: lines, with Ctrl-C where the script says CTRL_C; then end of input."""
+
+    def __init__(self, lines: list) -> None:
+        self.lines = list(lines)
+
+    def readline(self) -> str:
+        if not self.lines:
+            return ""
+        line = self.lines.pop(0)
+        if line is CTRL_C:
+            raise KeyboardInterrupt
+        return line + "\n"
+
+
+class InterruptedScreen(io.StringIO):
+    """stdout that takes a Ctrl-C right after it shows `after` (once), as if the user pressed it then."""
+
+    def __init__(self, after: str) -> None:
+        super().__init__()
+        self.after = after
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        if text == self.after:
+            self.after = None
+            raise KeyboardInterrupt
+        return n
+
+
+def session(lines, backend=None, recorder=None, conversation=None, stdout=None, **options):
+    """Run the client on scripted input; returns (exit code, transcript, conversation)."""
+    conversation = Conversation() if conversation is None else conversation
+    stdout = io.StringIO() if stdout is None else stdout
+    code = run_cli(backend or ScriptedBackend(), recorder=recorder, conversation=conversation,
+                   stdin=Keyboard(lines), stdout=stdout, **options)
+    return code, stdout.getvalue(), conversation
+
+
+def take(seconds: float, sample_rate: int = 48000) -> tuple[np.ndarray, int]:
+    """What a stereo 16-bit microphone delivers for `seconds` of a tone."""
+    mono = (tone(seconds, 300, sample_rate) * 32767).astype(np.int16)
+    return np.stack([mono, mono], axis=1), sample_rate
+
+
+def screen(*lines: str) -> str:
+    """The transcript a session prints: the banner, then the given lines."""
+    return "\n".join([BANNER, *lines]) + "\n"
+
+
+def test_a_typed_message_streams_the_reply_and_both_land_on_the_conversation():
+    backend = ScriptedBackend()
+    backend.enqueue(["Hello", " there", "."])
+    code, transcript, conversation = session(["What is this?", "/quit"], backend)
+    assert code == 0
+    assert transcript == screen("> What is this?", "Hello there.", "> /quit")
+    assert [(m.role, m.text, m.status) for m in conversation.messages] == [
+        (USER, "What is this?", DONE), (ASSISTANT, "Hello there.", DONE)]
+    assert backend.prompts[0].text.endswith("What is this?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_push_to_talk_records_the_next_audio_and_enter_sends_it_as_a_voice_question():
+    backend = ScriptedBackend()
+    backend.enqueue(["It says hello."])
+    recorder = ArrayRecorder([take(4.2)])
+    # Enter: record; Enter: stop; Enter on the waiting recording: send it without text
+    code, transcript, conversation = session(["", "", "", "/quit"], backend, recorder)
+    assert transcript == screen(
+        "> ", RECORDING_PROMPT, "Audio 1: recording, 4.2 s", "[Audio 1] > ", "It says hello.", "> /quit")
+    question, reply = conversation.messages
+    assert question.role == USER and question.text == ""
+    (clip,) = question.clips
+    assert clip.source == "recorded" and clip.duration_s == pytest.approx(4.2, abs=0.01)
+    assert reply.text == "It says hello." and [p.number for p in backend.prompts[0].audio_parts] == [1]
+
+
+def test_a_recording_and_a_typed_question_go_out_as_one_turn():
+    recorder = ArrayRecorder([take(1.0), take(2.0, SAMPLE_RATE)])
+    code, transcript, conversation = session(["/rec", "", "/rec", "", "Which is longer?", "/quit"], None, recorder)
+    assert transcript == screen(
+        "> /rec", RECORDING_PROMPT, "Audio 1: recording, 1.0 s",
+        "[Audio 1] > /rec", RECORDING_PROMPT, "Audio 2: recording, 2.0 s",
+        "[Audio 1, Audio 2] > Which is longer?", "This is a scripted reply.", "> /quit")
+    question = conversation.messages[0]
+    assert question.text == "Which is longer?" and [c.duration_s for c in question.clips] == [1.0, 2.0]
+
+
+def test_ctrl_c_while_recording_discards_it():
+    recorder = ArrayRecorder([take(1.0)])
+    code, transcript, conversation = session(["", CTRL_C, "/clips", "/quit"], None, recorder)
+    assert transcript == screen(
+        "> ", RECORDING_PROMPT, "Recording discarded.", "> /clips",
+        "No clips yet: /add a file, or press Enter on an empty line to record.", "> /quit")
+    assert conversation.messages == []
+
+
+def test_microphone_trouble_is_one_line_and_the_chat_goes_on():
+    lost = ClipError("The microphone stopped delivering audio during the recording (was it unplugged?).")
+    silence = (np.zeros(SAMPLE_RATE, dtype=np.int16), SAMPLE_RATE)
+    too_long = (np.full((MAX_CLIP_S + 1) * SAMPLE_RATE, 1000, dtype=np.int16), SAMPLE_RATE)
+    recorder = ArrayRecorder([lost, silence, too_long])
+    lines = ["", "", "", "", "", "", "", "hello", "/quit"]  # three takes, then a machine without a microphone
+    code, transcript, conversation = session(lines, None, recorder)
+    errors = [str(lost), *(str(_clip_error(*t)) for t in (silence, too_long)),
+              "No microphone could be opened (no input device). Connect a microphone or allow access to it, "
+              "then try again; or attach a file with /add PATH."]
+    assert transcript == screen(
+        *[line for error in errors[:3] for line in ("> ", RECORDING_PROMPT, f"error: {error}")],
+        "> ", f"error: {errors[3]}", "> hello", "This is a scripted reply.", "> /quit")
+    assert [m.clips for m in conversation.messages] == [(), ()]
+
+
+def test_a_real_sounddevice_recorder_without_that_microphone_says_so():
+    code, transcript, _ = session(["", "/quit"], None, SoundDeviceRecorder(device="no such microphone"))
+    assert "\nerror: No microphone could be opened (No input device matching 'no such microphone')" in transcript
+    assert transcript.endswith("> /quit\n") and code == 0
+
+
+def _clip_error(samples: np.ndarray, sample_rate: int) -> ClipError:
+    with pytest.raises(ClipError) as error:
+        Clip.from_array(samples, sample_rate, name="recording")
+    return error.value
+
+
+def test_files_are_attached_and_a_bad_one_is_one_line(tmp_path):
+    good = write_audio(tmp_path / "tone.flac", tone(2.0))
+    long = write_audio(tmp_path / "long talk.wav", tone(70.0, 200))
+    (tmp_path / "notes.txt").write_text("not audio")
+    lines = [f"/add {good} {tmp_path / 'notes.txt'} '{long}'", "/clips", "/send", "/add", "/quit"]
+    code, transcript, conversation = session(lines, None)
+    error = _file_error(tmp_path / "notes.txt")
+    assert transcript == screen(
+        f"> {lines[0]}", "Audio 1: tone.flac, 2.0 s", f"error: {error}", "Audio 2: long talk.wav, 1:10",
+        "Audio 2 (1:10) will be sent as 3 parts of up to 30 s",
+        "[Audio 1, Audio 2] > /clips",
+        "Audio 1: tone.flac, 2.0 s, uploaded", "Audio 2: long talk.wav, 1:10, uploaded, 3 parts",
+        "[Audio 1, Audio 2] > /send", "This is a scripted reply.",
+        "> /add", "error: Usage: /add PATH [PATH...]", "> /quit")
+    assert [c.name for c in conversation.clips()] == ["tone.flac", "long talk.wav"]
+    assert [m.role for m in conversation.messages] == [USER, ASSISTANT]
+
+
+def _file_error(path: Path) -> ClipError:
+    with pytest.raises(ClipError) as error:
+        Clip.from_file(path)
+    return error.value
+
+
+def test_ctrl_c_during_a_reply_stops_it_keeps_the_partial_reply_and_the_chat():
+    backend = ScriptedBackend(interval_s=0.3)
+    backend.enqueue(["one ", "two ", "three ", "four"])
+    backend.enqueue(["Again."])
+    stdout = InterruptedScreen(after="two ")
+    code, transcript, conversation = session(["Count.", "And again?", "/quit"], backend, stdout=stdout)
+    assert transcript == screen("> Count.", "one two [stopped]", "> And again?", "Again.", "> /quit")
+    assert [(m.text, m.status) for m in conversation.messages[1::2]] == [("one two ", STOPPED), ("Again.", DONE)]
+
+
+def test_ctrl_c_at_the_prompt_or_end_of_input_leaves():
+    assert session([CTRL_C, "never read"])[:2] == (0, screen("> "))
+    assert session([])[:2] == (0, screen("> "))
+
+
+class StuckInPrefill(Backend):
+    """A backend that cannot notice a cancel until `release` is set, like a long prefill."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def execute(self, prompt, settings, stats, cancel):
+        self.started.set()
+        self.release.wait(10)
+        yield "late"
+
+
+def test_a_second_ctrl_c_leaves_while_the_reply_cannot_stop_yet():
+    backend = StuckInPrefill()
+
+    def press_ctrl_c_twice():
+        backend.started.wait(10)
+        for _ in range(2):
+            _thread.interrupt_main()
+            threading.Event().wait(0.3)
+
+    presser = threading.Thread(target=press_ctrl_c_twice)
+    presser.start()
+    try:
+        code, transcript, _ = session(["Hi", "/quit"], backend)
+    finally:
+        backend.release.set()
+        presser.join()
+    assert code == EXIT_INTERRUPTED
+    assert transcript == screen("> Hi", "[left before the reply had stopped]")
+
+
+class FailsMidReply(Backend):
+    """A backend whose model fails after the first chunk."""
+
+    def execute(self, prompt, settings, stats, cancel):
+        yield "Partial"
+        raise BackendError("The GPU ran out of memory. Try --quantization 4bit.")
+
+
+def test_a_failing_reply_is_one_error_line_and_is_recorded_as_failed():
+    code, transcript, conversation = session(["Hi", "/quit"], FailsMidReply())
+    assert transcript == screen("> Hi", "Partial", "error: The GPU ran out of memory. Try --quantization 4bit.", "> /quit")
+    assert (conversation.messages[-1].status, conversation.messages[-1].text) == (FAILED, "Partial")
+
+
+def test_a_turn_the_model_cannot_take_is_refused_and_the_conversation_is_unchanged():
+    backend = ScriptedBackend()
+    backend.context_tokens = 64
+    code, transcript, conversation = session(["word " * 200, "/quit"], backend, settings=GenerationSettings(max_new_tokens=8))
+    assert transcript.splitlines()[2].startswith("error: This turn alone needs about ")
+    assert conversation.messages == [] and backend.prompts == []
+
+
+def test_play_export_and_clips_show_edited_clips(tmp_path):
+    conversation = Conversation()
+    original = Clip.from_array(tone(3.0), SAMPLE_RATE, name="question.wav", source=UPLOADED)
+    conversation.add_user("Remove the cough.", [original])
+    conversation.add_assistant("Done.")
+    edited = Clip(original.samples[: 2 * SAMPLE_RATE], name="question (edited)", source=EDITED,
+                  note="Audio 1 with 2.00–3.00 s removed")
+    conversation.add_tool("delete_ranges", "Made Audio 2.", (edited,))
+    played: list[Clip] = []
+    lines = ["/clips", "/play 2", "/play 3", "/play two", f"/export 2 {tmp_path / 'edit.wav'}",
+             f"/export 2 {tmp_path / 'edit.mp3'}", "/quit"]
+    code, transcript, _ = session(lines, conversation=conversation, player=played.append)
+    assert transcript == screen(
+        "> /clips", "Audio 1: question.wav, 3.0 s, uploaded",
+        "Audio 2: question (edited), 2.0 s, edited (Audio 1 with 2.00–3.00 s removed)",
+        "> /play 2", "Playing Audio 2 (2.0 s); Ctrl-C stops.",
+        "> /play 3", "error: There is no Audio 3 in this conversation (clips: Audio 1 to Audio 2).",
+        "> /play two", "error: 'two' is not a clip number. Usage: /play N (/clips lists the numbers)",
+        f"> {lines[4]}", f"Saved Audio 2 to {tmp_path / 'edit.wav'}",
+        f"> {lines[5]}", "error: Cannot export to edit.mp3: name a file ending in .wav, .flac, .ogg.",
+        "> /quit")
+    assert played == [edited]
+    exported, rate = soundfile.read(tmp_path / "edit.wav", dtype="float32")
+    assert rate == SAMPLE_RATE and np.allclose(exported, edited.samples, atol=1e-4)
+
+
+def test_save_load_undo_clear_and_the_system_prompt(tmp_path):
+    folder = tmp_path / "chat"
+    lines = ["/system You answer in one word.", "/system", "First?", "Second?", "/undo", f"/save {folder}", "/clear",
+             "/undo", f"/load {folder}", f"/load {tmp_path / 'nothing'}", "/quit"]
+    code, transcript, _ = session(lines)
+    out = transcript.splitlines()
+    assert out[1:7] == ["> /system You answer in one word.", "System prompt set.", "> /system",
+                        "System prompt: You answer in one word.", "> First?", "This is a scripted reply."]
+    assert out[9:] == [
+        "> /undo", "Removed the last exchange (2 messages).",
+        f"> /save {folder}", f"Saved to {folder}: 2 messages, 0 clips.",
+        "> /clear", "Cleared the conversation; the system prompt stays.",
+        "> /undo", "error: Nothing to undo: the conversation has no messages yet.",
+        f"> /load {folder}", f"Loaded {folder}: 2 messages, 0 clips.",
+        f"> /load {tmp_path / 'nothing'}",
+        f"error: conversation.json is missing from {tmp_path / 'nothing'}: this is not a saved conversation.",
+        "> /quit"]
+    saved = saving.load(folder)
+    assert saved.system_prompt == "You answer in one word."
+    assert [m.text for m in saved.messages] == ["First?", "This is a scripted reply."]
+
+
+def test_a_loaded_conversation_carries_on_where_it_was_saved(tmp_path):
+    saved = Conversation(system_prompt="Be brief.")
+    saved.add_user("Saved question?", [Clip.from_array(tone(1.0), SAMPLE_RATE, name="a.wav")])
+    saving.save(saved, tmp_path / "saved")
+    backend = ScriptedBackend()
+    code, transcript, _ = session([f"/load {tmp_path / 'saved'}", "", f"/save {tmp_path / 'after'}", "/quit"], backend)
+    # the saved turn still waits for its reply, so Enter sends it
+    assert transcript.splitlines()[3:6] == ["[Audio 1] > ", "This is a scripted reply.", f"> /save {tmp_path / 'after'}"]
+    assert backend.prompts[0].text.startswith("<|im_start|>system\nBe brief.")
+    after = saving.load(tmp_path / "after")
+    assert after.id == saved.id and [m.text for m in after.messages] == ["Saved question?", "This is a scripted reply."]
+
+
+def test_help_and_unknown_commands():
+    code, transcript, _ = session(["/help", "/frobnicate", "/quit"])
+    assert transcript == screen("> /help", HELP, "> /frobnicate", "error: Unknown command /frobnicate: /help lists the commands.",
+                                "> /quit")
+
+
+def test_a_tool_call_is_shown_with_its_result_and_the_reply_goes_on():
+    backend = ScriptedBackend()
+    # the call is split inside its tag, as a model streams it; the parser keeps it off the screen
+    backend.enqueue(["Cutting it. <tool_", 'call>\n{"name": "delete_ranges", "arguments": {"audio": 1, ',
+                     '"ranges": [[0.5, 1.0]]}}\n</tool_call>'])
+    backend.enqueue(["Audio 2 is ", "the edit."])
+    backend.enqueue(['<tool_call>\n{"name": "delete_ranges", "arguments": {"audio": 7, "ranges": [[0, 1]]}}\n</tool_call>'])
+    backend.enqueue(["Sorry."])
+    conversation = Conversation()
+    conversation.add_user("", [Clip.from_array(tone(3.0), SAMPLE_RATE, name="a.wav", source=UPLOADED)])
+    code, transcript, _ = session(["Cut 0.5 to 1 s.", "Now Audio 7.", "/clips", "/quit"], backend,
+                                  conversation=conversation)
+    edit, refusal = (m for m in conversation.messages if m.role == TOOL)
+    assert transcript == screen(
+        "[Audio 1] > Cut 0.5 to 1 s.", "Cutting it. ",
+        "[tool] delete_ranges(audio=1, ranges=[[0.5, 1.0]]) → Audio 2 (2.5 s)", "Audio 2 is the edit.",
+        "> Now Audio 7.", f"[tool] delete_ranges(audio=7, ranges=[[0, 1]]) → {refusal.text}", "Sorry.",
+        "> /clips", "Audio 1: a.wav, 3.0 s, uploaded", f"Audio 2: {edit.clips[0].name}, 2.5 s, edited ({edit.clips[0].note})",
+        "> /quit")
+    assert refusal.text.startswith("Error: ") and not refusal.clips
+    assert "<tools>" in backend.prompts[0].text  # the tools were offered
+
+
+def test_long_tool_results_are_cut_to_one_line():
+    conversation = Conversation()
+    conversation.add_user("Hi")
+    conversation.add_assistant("<tool_call>...</tool_call>")
+    message = conversation.add_tool("find_words", "word " * 100)
+    assert tool_result(message, conversation) == " → " + ("word " * 20)[:99] + "…"
+
+
+def test_a_model_that_cannot_load_is_one_error_line_and_exit_code_1(tmp_path, capsys):
+    assert main(["-c", str(tmp_path / "no model here"), "--cpu-only"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"error: There is no model folder {tmp_path / 'no model here'}.") and "Traceback" not in err
+
+
+def test_the_client_in_a_real_terminal_with_the_tiny_model(tiny_qwen2_audio, speech_wav, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    # Its generation config never lets the model end a reply early, so every reply runs the full
+    # max_new_tokens (about 2 s here): long enough to see it stream and to interrupt it mid-way.
+    checkpoint = shutil.copytree(tiny_qwen2_audio, tmp_path / "never-ends")
+    config_path = checkpoint / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    config["suppress_tokens"] = sorted({*config["suppress_tokens"], config["eos_token_id"]})
+    config_path.write_text(json.dumps(config))
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb", "PYTHONPATH": str(REPO)}
+    child = pexpect.spawn(sys.executable, ["-m", "app.cli", "-c", str(checkpoint), "--cpu-only"], cwd=REPO, env=env,
+                          encoding="utf-8", timeout=120, dimensions=(24, 400))
+    try:
+        child.expect_exact("/help lists commands; Ctrl-D leaves.")
+        child.expect_exact("> ")
+        child.sendline(f"/add {speech_wav}")
+        child.expect(r"Audio 1: question\.wav, \d+\.\d s\r\n\[Audio 1\] > ")
+        child.sendline("What is said?")
+        child.expect_exact("What is said?\r\n")
+        child.expect(r"(.+)\r\n> ")  # the streamed reply, then the prompt again
+        assert child.match.group(1).strip() and "[stopped]" not in child.match.group(1)
+
+        child.sendline("And now?")
+        child.expect_exact("And now?\r\n")
+        child.expect(r"\S")  # the reply has started streaming
+        child.sendcontrol("c")
+        child.expect_exact("[stopped]\r\n> ")
+        child.sendline("/clips")
+        child.expect_exact("Audio 1: question.wav, ")
+        child.expect_exact(", uploaded\r\n> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0

@@ -88,7 +88,8 @@ def check_samples(samples: np.ndarray, name: str) -> np.ndarray:
         raise ClipError(f"{name} contains invalid samples (NaN or infinity). Export it again.")
     if np.max(np.abs(samples)) < SILENCE_PEAK:
         raise ClipError(f"{name} is silent. Check that the microphone is on and not muted, then record again.")
-    return np.clip(samples, -1.0, 1.0).astype(np.float32)
+    samples = samples.astype(np.float32, copy=False)
+    return np.clip(samples, -1.0, 1.0, out=samples if samples.flags.writeable else None)
 
 
 def resample(samples: np.ndarray, sample_rate: int) -> np.ndarray:

@@ -31,7 +31,7 @@ class Clip:
         samples = np.ascontiguousarray(self.samples, dtype=np.float32)
         samples.flags.writeable = False
         object.__setattr__(self, "samples", samples)
-        digest = hashlib.sha256(samples.tobytes()).hexdigest()[:ID_HEX_CHARS]
+        digest = hashlib.sha256(samples.data).hexdigest()[:ID_HEX_CHARS]
         object.__setattr__(self, "id", digest)
 
     @classmethod

@@ -1,0 +1,311 @@
+"""GPU benchmark: the real Qwen2-Audio-7B architecture with random weights, through LocalBackend.
+
+Builds the model from the real config on the GPU (no download), saves it as a checkpoint folder, then
+for each route loads it the product's way (LocalBackend, from_pretrained) and answers a short question
+about a fresh 30 s clip with 256 generated tokens (min_new_tokens forces the length; the product's
+default sampling settings). Per route: load time, memory, time to first token (Response's own measure:
+features, prefill and the first token), decode tokens/s, and that speed against the memory-bandwidth
+limit: bytes read per generated token (language-model weights + KV cache) / measured copy bandwidth.
+Routes: none (bf16 on a GPU), nf4 (bitsandbytes, the default on a GPU), nf4-compiled (the same with a
+static cache and torch.compile), int4-torchao-compiled (torchao int4 weight-only, tinygemm kernels;
+CUDA only, needs torchao).
+Without a GPU, or with --tiny, it runs the tiny test model on the CPU: that checks the script, not speed.
+Run: .venv/bin/python -m bench.gpu [--tiny] [--quick] [--routes nf4,none] [--checkpoint DIR]
+"""
+
+import argparse
+import gc
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    CompileConfig,
+    GenerationConfig,
+    Qwen2AudioConfig,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioProcessor,
+    Qwen2Tokenizer,
+    WhisperFeatureExtractor,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
+
+from bench.common import print_table  # noqa: E402
+from chat.audio import SAMPLE_RATE  # noqa: E402
+from chat.backend import GenerationSettings, Response, Stats  # noqa: E402
+from chat.clip import Clip  # noqa: E402
+from chat.conversation import Conversation  # noqa: E402
+from chat.local import LocalBackend  # noqa: E402
+from tests.tiny_models import build_tiny_qwen2_audio  # noqa: E402
+
+# Qwen/Qwen2-Audio-7B(-Instruct) config.json, as checked against public copies of it and the
+# Qwen2AudioEncoderConfig defaults (which are documented as that checkpoint's): 8.40 B parameters, 16.8 GB in bf16.
+TEXT_CONFIG = {
+    "model_type": "qwen2", "vocab_size": 156032, "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,  # no grouped-query attention
+    "max_position_embeddings": 8192, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
+AUDIO_CONFIG = {  # Whisper-large-v3 sized encoder
+    "model_type": "qwen2_audio_encoder", "d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20,
+    "encoder_ffn_dim": 5120, "num_mel_bins": 128, "max_source_positions": 1500,
+}
+# The real tokenizer's special tokens and ids; <|AUDIO|> 151646 is the config's audio_token_index.
+SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|AUDIO|>": 151646,
+                  "<|audio_bos|>": 151647, "<|audio_eos|>": 151648}
+
+ROUTES = ("none", "nf4", "nf4-compiled", "int4-torchao-compiled")
+QUICK_ROUTES = ("none", "nf4")
+CLIP_S = 30
+QUESTION = "What is said in this audio? Answer in detail."
+N_NEW_TOKENS = 256
+QUICK_NEW_TOKENS = 16
+REPEATS = 3
+TORCHAO_GROUP_SIZE = 128
+GB = 1e9
+TARGETS = {"memory_gb": 7.0, "ttft_s": 0.150, "tokens_per_s": 100.0}  # for the default route (nf4) on an H100
+DEFAULT_ROUTE = "nf4"
+
+
+def full_vocab_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level tokenizer with an entry for every one of the model's 156032 ids.
+
+    The real tokenizer cannot be downloaded here. Every id decodes to a word (" t1234"), so the random
+    model's replies stream as text, and the special tokens sit at their real ids. Prompts split into bytes
+    (no merges), about 60 more text tokens than the real tokenizer gives next to 750 audio tokens.
+    """
+    symbols = bytes_to_unicode()
+    by_id = {i: token for token, i in SPECIAL_TOKENS.items()}
+    vocab = {symbols[b]: b for b in range(256)}
+    vocab.update({by_id.get(i, f"{symbols[ord(' ')]}t{i}"): i for i in range(256, TEXT_CONFIG["vocab_size"])})
+    return Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=list(SPECIAL_TOKENS)[1:])
+
+
+def build_full_checkpoint(folder: Path, device: torch.device) -> Path:
+    """Save the full-size model with random bf16 weights, initialized directly on the device, and its processor."""
+    config = Qwen2AudioConfig(audio_config=AUDIO_CONFIG, text_config=TEXT_CONFIG,
+                              audio_token_index=SPECIAL_TOKENS["<|AUDIO|>"])
+    torch.manual_seed(0)
+    with device:
+        model = Qwen2AudioForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=SPECIAL_TOKENS["<|im_end|>"], pad_token_id=SPECIAL_TOKENS["<|endoftext|>"]
+    )
+    model.save_pretrained(folder)
+    feature_extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE, chunk_length=CLIP_S)
+    Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=full_vocab_tokenizer()).save_pretrained(folder)
+    del model
+    free_memory()
+    return folder
+
+
+def load(route: str, checkpoint: Path, on_gpu: bool) -> LocalBackend:
+    """The product's loader, plus the one change each faster route makes on top of it."""
+    backend = LocalBackend(str(checkpoint), quantization="4bit" if route.startswith("nf4") else "none",
+                           cpu_only=not on_gpu)
+    model = backend.model
+    if route == "int4-torchao-compiled":
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        # only the language model's layers become int4: what chat.local.UNQUANTIZED_MODULES keeps in bf16 stays so
+        config = Int4WeightOnlyConfig(group_size=TORCHAO_GROUP_SIZE, int4_packing_format="tile_packed_to_4d")
+        quantize_(model.model.language_model, config)
+    if route.endswith("compiled"):
+        # generate() compiles the decoding step when the cache has a fixed shape
+        model.generation_config.cache_implementation = "static"
+        model.generation_config.compile_config = CompileConfig(mode="reduce-overhead" if on_gpu else "default")
+        model.generation_config.compile_config._compile_all_devices = not on_gpu  # CPU: only to test the route
+        # transformers refuses to compile any bitsandbytes model; bitsandbytes registers its kernels as torch
+        # custom ops (bitsandbytes/_ops.py), so compiling is worth measuring
+        model.hf_quantizer = None
+    return backend
+
+
+def fresh_clip(seed: int) -> Clip:
+    """A fresh 30 s clip (tone plus noise): new content, so its features are not cached yet."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(CLIP_S * SAMPLE_RATE) / SAMPLE_RATE
+    samples = 0.3 * np.sin(2 * np.pi * (200 + seed) * t) + 0.05 * rng.standard_normal(len(t))
+    return Clip.from_array(samples.astype(np.float32), SAMPLE_RATE, name=f"clip-{seed}.wav")
+
+
+def reply(backend: LocalBackend, seed: int, n_new_tokens: int) -> Stats:
+    """Ask about a new clip and read the whole streamed reply; exactly n_new_tokens are generated."""
+    conversation = Conversation()
+    conversation.add_user(QUESTION, [fresh_clip(seed)])
+    backend.model.generation_config.min_new_tokens = n_new_tokens  # a random model's eos must not end it early
+    response = Response(backend, conversation, GenerationSettings(max_new_tokens=n_new_tokens, seed=seed))
+    for _ in response:
+        pass
+    assert response.stats.n_tokens == n_new_tokens, f"generated {response.stats.n_tokens} of {n_new_tokens} tokens"
+    return response.stats
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really occupies: quantized subclasses by their packed parts, bitsandbytes with its scales."""
+    if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    n = tensor.numel() * tensor.element_size()
+    state = getattr(tensor, "quant_state", None)  # bitsandbytes NF4: block scales, nested when double-quantized
+    for part in (state, getattr(state, "state2", None)):
+        if part is not None:
+            n += sum(t.numel() * t.element_size() for t in (part.absmax, part.code))
+    return n
+
+
+def module_bytes(module: torch.nn.Module, skip: tuple[torch.nn.Module, ...] = ()) -> int:
+    """Weights and buffers of a module, leaving out the modules in skip."""
+    skipped = {id(t) for m in skip for t in [*m.parameters(), *m.buffers()]}
+    return sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()] if id(t) not in skipped)
+
+
+def bytes_per_token(model: Qwen2AudioForConditionalGeneration, mean_positions: float) -> float:
+    """Bytes one decode step must read: every language-model weight but the embedding table (one row of it is
+    read), lm_head, and the KV cache of the positions so far."""
+    language_model = model.model.language_model
+    weights = module_bytes(language_model, skip=(language_model.embed_tokens,)) + module_bytes(model.lm_head)
+    text = model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    kv_bytes = model.lm_head.weight.element_size()  # the cache is kept in the unquantized layers' dtype
+    kv_per_position = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * kv_bytes
+    return weights + kv_per_position * mean_positions
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second a large device-to-device copy moves, counting reads and writes."""
+    n_bytes = 2**30 if device.type == "cuda" else 2**28
+    source = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    repeats = 10
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    synchronize(device)
+    return 2 * n_bytes * repeats / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timers read the host clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory() -> None:
+    """Return everything a finished route held, so the next one starts from nothing."""
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def weights_label(backend: LocalBackend, route: str) -> str:
+    """What the language model's weights are stored as."""
+    if route.startswith("nf4"):
+        return "nf4"
+    if route.startswith("int4"):
+        return "int4"
+    return str(backend.model.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+
+
+def measure(route: str, checkpoint: Path, on_gpu: bool, n_new_tokens: int, repeats: int, bandwidth: float) -> list:
+    """One table row: load, a first (warm-up, compiling) reply, then the median of `repeats` replies."""
+    start = time.perf_counter()
+    backend = load(route, checkpoint, on_gpu)
+    load_s = time.perf_counter() - start
+    resident_gb = (torch.cuda.memory_allocated() if on_gpu else module_bytes(backend.model)) / GB
+    start = time.perf_counter()
+    reply(backend, seed=1000, n_new_tokens=n_new_tokens)
+    first_reply_s = time.perf_counter() - start
+    stats, peaks = [], []
+    for seed in range(repeats):
+        stats.append(reply(backend, seed=seed, n_new_tokens=n_new_tokens))
+        peaks.append(torch.cuda.max_memory_reserved() if on_gpu else 0)  # LocalBackend resets the peak per reply
+    ttft_s = statistics.median(s.time_to_first_token_s for s in stats)
+    tokens_per_s = statistics.median(s.tokens_per_s for s in stats)
+    peak_gb = f"{max(peaks) / GB:.2f}" if on_gpu else "-"
+    read_per_token = bytes_per_token(backend.model, stats[0].n_prompt_tokens + n_new_tokens / 2)
+    limit = bandwidth / read_per_token
+    row = [route, weights_label(backend, route), f"{load_s:.1f}", f"{first_reply_s:.1f}", f"{resident_gb:.2f}", peak_gb,
+           stats[0].n_prompt_tokens, f"{ttft_s * 1000:.0f}", f"{tokens_per_s:.1f}", f"{read_per_token / GB:.3f}",
+           f"{limit:.0f}", f"{100 * tokens_per_s / limit:.0f}%"]
+    backend.close()
+    del backend
+    free_memory()
+    return row
+
+
+def verdicts(row: list) -> list[str]:
+    """The default route against its targets."""
+    memory, ttft_ms, tokens_per_s = float(row[5]), float(row[7]), float(row[8])
+    checks = [
+        (f"GPU memory (peak reserved) {memory:.2f} GB", memory <= TARGETS["memory_gb"],
+         f"<= {TARGETS['memory_gb']} GB"),
+        (f"first token {ttft_ms:.0f} ms", ttft_ms <= TARGETS["ttft_s"] * 1000, f"<= {TARGETS['ttft_s'] * 1000:.0f} ms"),
+        (f"decode {tokens_per_s:.1f} tokens/s", tokens_per_s >= TARGETS["tokens_per_s"],
+         f">= {TARGETS['tokens_per_s']:.0f}"),
+    ]
+    return [f"{what} (target {target}: {'met' if ok else 'missed'})" for what, ok, target in checks]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny test model on the CPU (the default without a GPU)")
+    parser.add_argument("--quick", action="store_true", help=f"routes {','.join(QUICK_ROUTES)}, "
+                        f"{QUICK_NEW_TOKENS} tokens, one timed reply")
+    parser.add_argument("--routes", help=f"comma-separated subset of {','.join(ROUTES)}")
+    parser.add_argument("--checkpoint", type=Path, help="folder to build the random checkpoint in, or reuse it from")
+    args = parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available() and not args.tiny
+    if not on_gpu and not args.tiny:
+        print("No CUDA GPU here: running the tiny model on the CPU (--tiny).\n")
+    routes = args.routes.split(",") if args.routes else list(QUICK_ROUTES if args.quick else ROUTES)
+    unknown = set(routes) - set(ROUTES)
+    if unknown:
+        parser.error(f"unknown routes {', '.join(sorted(unknown))}; choose from {', '.join(ROUTES)}")
+    n_new_tokens, repeats = (QUICK_NEW_TOKENS, 1) if args.quick else (N_NEW_TOKENS, REPEATS)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    bandwidth = copy_bandwidth(device)
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = args.checkpoint or Path(scratch) / "checkpoint"
+        if not (checkpoint / "config.json").exists():
+            start = time.perf_counter()
+            build_full_checkpoint(checkpoint, device) if on_gpu else build_tiny_qwen2_audio(checkpoint)
+            print(f"built the random checkpoint in {time.perf_counter() - start:.1f} s: {checkpoint}")
+        rows = []
+        for route in routes:
+            if route.startswith("int4") and not on_gpu:
+                rows.append([route, "skipped: tinygemm int4 kernels are CUDA only"])
+                continue
+            try:
+                rows.append(measure(route, checkpoint, on_gpu, n_new_tokens, repeats, bandwidth))
+            except Exception as e:  # one route failing (a missing package, a kernel) must not hide the others
+                rows.append([route, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"])
+                free_memory()
+    name = torch.cuda.get_device_name(device) if on_gpu else "CPU, tiny model (checks the script, not speed)"
+    print_table(
+        f"Qwen2-Audio {'7B, random weights' if on_gpu else 'tiny'} on {name}: {CLIP_S} s clip + question, "
+        f"{n_new_tokens} new tokens, median of {repeats}; copy bandwidth {bandwidth / GB:.0f} GB/s (read + write)",
+        ["route", "weights", "load s", "first reply s", "resident GB", "reply peak GB", "prompt tokens", "TTFT ms",
+         "tokens/s", "read/token GB", "limit tokens/s", "of limit"],
+        [row + [""] * (12 - len(row)) for row in rows],
+    )
+    default = next((row for row in rows if row[0] == DEFAULT_ROUTE and len(row) == 12), None)
+    if on_gpu and default is not None:
+        print("\n".join(f"{DEFAULT_ROUTE}: {line}" for line in verdicts(default)))
+    elif default is not None:
+        print("Targets are for a GPU and are not judged on the CPU.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Each benchmark runs in its quick mode and prints a full table: keeps bench/ from rotting. Nothing here is timed."""
+
+import re
+
+from bench import gpu, ingest, streaming, turn_prep
+
+
+def table(output: str) -> list[list[str]]:
+    """The rows printed under the table's dashed rule, split into cells."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.fullmatch(r"-+( +-+)+", line)) + 1
+    rows = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        rows.append(re.split(r" {2,}", line.strip()))
+    return rows
+
+
+def is_number(cell: str) -> bool:
+    return re.fullmatch(r"-?\d+(\.\d+)?[x%]?", cell) is not None
+
+
+def test_ingest_quick(capsys):
+    ingest.main(["--quick"])
+    rows = table(capsys.readouterr().out)
+    assert [row[:2] for row in rows] == [["30 s", "wav"], ["30 s", "mp3"]]
+    assert all(is_number(cell) for row in rows for cell in row[2:])
+
+
+def test_turn_prep_quick(capsys):
+    turn_prep.main(["--quick"])  # also checks that both routes give the model identical inputs
+    output = capsys.readouterr().out
+    rows = table(output)
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert all(is_number(cell) for row in rows for cell in row[1:])
+    assert "turn with 2 clips / with 1" in output
+
+
+def test_streaming_quick(capsys):
+    streaming.main(["--quick"])  # the client must see every chunk the backend yielded
+    output = capsys.readouterr().out
+    (row,) = table(output)
+    assert row[:3] == ["50", "0", str(streaming.QUICK["n_chunks"])]
+    assert all(is_number(cell) for cell in row[3:])
+    assert "worst p95 added per chunk" in output
+
+
+def test_gpu_tiny_quick(capsys):
+    gpu.main(["--tiny", "--quick"])  # exactly the asked-for number of tokens, through LocalBackend
+    rows = table(capsys.readouterr().out)
+    assert [row[:2] for row in rows] == [["none", "fp32"], ["nf4", "nf4"]]
+    assert all(is_number(cell) for row in rows for cell in row[2:] if cell != "-")

@@ -1,0 +1,74 @@
+"""Conversation → the list of gr.ChatMessage the Chatbot shows. The conversation stays the source of truth."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+
+from app.cli_text import duration, tool_call
+from chat.audio import WINDOW_S
+from chat.clip import Clip
+from chat.conversation import ASSISTANT, FAILED, STOPPED, TOOL, Conversation, Message
+from chat.toolcalls import visible_text
+from chat.tools import ERROR_PREFIX
+from chat.turn import ToolCallStarted
+
+ClipPath = Callable[[Clip], Path]  # where a clip's audio file is (chat.store.Store.clip_path)
+
+
+def caption(clip: Clip, number: int) -> str:
+    """`Audio 2 · question.wav · 4.2 s`, plus how a long clip is sent and how an edited one was made."""
+    parts = [f"Audio {number}", clip.name, duration(clip.duration_s)]
+    if clip.n_parts > 1:
+        parts.append(f"sent as {clip.n_parts} parts of {WINDOW_S} s")
+    if clip.note:
+        parts.append(clip.note.removeprefix(f"Audio {number} = "))  # an edit's note names its own number
+    return " · ".join(parts)
+
+
+def render(
+    conversation: Conversation,
+    clip_path: ClipPath,
+    style: str,
+    streaming: str = "",
+    running: ToolCallStarted | None = None,
+) -> list[gr.ChatMessage]:
+    """Every message, then the text of a reply still streaming, then a tool call still running.
+
+    style is the tool-call format of the model family (chat.toolcalls): calls are taken out of replies.
+    """
+    numbers = {clip.id: n for n, clip in enumerate(conversation.clips(), start=1)}
+    shown = []
+    for message in conversation.messages:
+        shown += _render(message, numbers, clip_path, style)
+    if streaming:
+        shown.append(gr.ChatMessage(streaming, role="assistant"))
+    if running is not None:
+        title = tool_call(running).replace("[tool]", "🛠", 1)
+        shown.append(gr.ChatMessage("Running…", role="assistant", metadata={"title": title, "status": "pending"}))
+    return shown
+
+
+def _render(message: Message, numbers: dict[str, int], clip_path: ClipPath, style: str) -> list[gr.ChatMessage]:
+    players = [part for clip in message.clips for part in _player(clip, numbers[clip.id], clip_path)]
+    if message.role == TOOL:
+        # a done step folds away, a failed one stays open (no status) so its error is read;
+        # a clip the tool made stays in sight, playable, below the step
+        failed = message.text.startswith(ERROR_PREFIX)
+        metadata = {"title": f"🛠 {message.note} failed"} if failed else {"title": f"🛠 {message.note}", "status": "done"}
+        result = gr.ChatMessage(message.text, role="assistant", metadata=metadata)
+        return [result] + ([gr.ChatMessage(players, role="assistant")] if players else [])
+    if message.role == ASSISTANT:
+        text = visible_text(message.text, style).strip()
+        if message.status == STOPPED:
+            text += f"\n\n*{message.note}*"
+        elif message.status == FAILED:
+            text += f"\n\n**The reply failed:** {message.note}"
+        return [gr.ChatMessage(text.strip(), role="assistant")] if text else []  # empty: it only called a tool
+    return [gr.ChatMessage(players + ([message.text] if message.text else []), role="user")]
+
+
+def _player(clip: Clip, number: int, clip_path: ClipPath) -> list[dict | str]:
+    # a file part, not a gr.Audio: building a component costs ~0.1 s, and a streaming reply re-renders every chunk
+    label, rest = caption(clip, number).split(" · ", 1)
+    return [{"path": str(clip_path(clip))}, f"**{label}** · {rest}"]

@@ -1,0 +1,341 @@
+"""The browser chat: a gr.Blocks page over the chat core. build_demo() returns it; launch.py serves it.
+
+Each browser keeps a random session id in its localStorage (gr.BrowserState). On page load,
+open_session() reads that session's conversation from chat.store, so a reload or a server restart
+brings it back; every change is saved there again. While the page is open, the Session in gr.State
+holds the conversation and the reply being written. API clients call /open_session first, too.
+"""
+
+import datetime
+import functools
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import gradio as gr
+
+from app.render import render
+from chat.backend import Backend, GenerationSettings
+from chat.clip import RECORDED, Clip
+from chat.conversation import DEFAULT_SYSTEM_PROMPT, Conversation
+from chat.errors import BackendError, ChatError, SettingsError, StoreError
+from chat.store import Store, from_zip, to_zip
+from chat.toolcalls import style_for
+from chat.tools import ToolBox
+from chat.turn import TextChunk, ToolCallStarted, Turn
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SESSION_KEY = "audio-chat-session"  # localStorage key of the session id
+# BrowserState encrypts with a secret that it sends to the browser in the page config, so the secret hides
+# nothing; it is fixed so that the id stored before a server restart can still be read after it.
+SESSION_SECRET = "audio-chat-session-v1"
+SESSION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: 122 random bits, not guessable
+STOP_WAIT_S = 10.0  # a reply stops within one token step; this only bounds a hung backend
+POLL_S = 0.02
+TITLE = "Audio Chat"
+EXAMPLES = [  # shown in the empty chat; a click puts the example in the message box (assets/make_assets.py)
+    {"display_text": "Ask a spoken question", "text": "", "files": [str(ASSETS / "question.wav")]},
+    {"display_text": "What is this sound?", "text": "What is this sound? Describe it.",
+     "files": [str(ASSETS / "knock.wav")]},
+    {"display_text": "Describe a tune", "text": "Describe this tune: its instrument, tempo and mood.",
+     "files": [str(ASSETS / "tune.ogg")]},
+]
+CSS = """
+.gradio-container { max-width: 1100px !important; margin: auto; }
+/* a failed step's message is in its toast; gradio's "Error" overlay would also hide the conversation */
+.keeps-content > [data-testid="status-tracker"]:has(> .error) { display: none; }
+#header h1 { margin-bottom: 0; }
+#header p { margin-top: 4px; color: var(--body-text-color-subdued); }
+"""
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
+
+
+@dataclass
+class Session:
+    """One browser's conversation, and the reply asked for until it has ended."""
+
+    id: str
+    conversation: Conversation
+    turn: Turn | None = None
+    streaming: bool = False  # respond() is iterating turn (else it is still queued, or never will be)
+
+
+def handler(fn: Callable) -> Callable:
+    """An event handler: it needs an open session, and a ChatError becomes gr.Error, which the page shows
+    while every output, and so whatever was typed or attached, stays as it was."""
+
+    @functools.wraps(fn)
+    def wrapper(page: "ChatPage", session: Session | None, *args):
+        if session is None:
+            raise gr.Error("No session is open: call /open_session first (the page does when it loads).")
+        try:
+            return fn(page, session, *args)
+        except ChatError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+
+    return wrapper
+
+
+def generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed: str) -> GenerationSettings:
+    """The side panel's values as GenerationSettings; SettingsError names the value that is out of range."""
+    if None in (max_new_tokens, temperature, top_p, top_k, repetition_penalty):
+        raise SettingsError("Every generation setting but the seed needs a value: fill in the empty one.")
+    seed = str(seed or "").strip()
+    if seed and not seed.isdigit():
+        raise SettingsError(f"The seed must be a whole number from 0, or empty for a new one each time, not {seed!r}.")
+    return GenerationSettings(
+        int(max_new_tokens), float(temperature), float(top_p), int(top_k), float(repetition_penalty),
+        int(seed) if seed else None,
+    )
+
+
+class ChatPage:
+    """The event handlers: each changes the session's conversation through the core, saves it, and renders it."""
+
+    def __init__(self, backend: Backend, store: Store, tools: ToolBox | None) -> None:
+        self.backend, self.store, self.tools = backend, store, tools
+        self.style = style_for(backend.family)
+
+    def open_session(self, session_id: str | None):
+        """Reconnect a browser to its stored conversation; a missing or malformed id starts a new session."""
+        if not (isinstance(session_id, str) and SESSION_ID.fullmatch(session_id)):
+            session_id = uuid.uuid4().hex
+        try:
+            conversation = self.store.load(session_id) or Conversation()
+        except StoreError as e:
+            gr.Warning(str(e))
+            conversation = Conversation()
+        session = Session(session_id, conversation)
+        return session_id, session, self._render(session), conversation.system_prompt, *self._inputs(session)
+
+    @handler
+    def add_message(self, session: Session, message: dict | None, system_prompt: str,
+                    max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed):
+        """Add the text and attached files to the open user turn and ask for a reply, which /respond streams."""
+        settings = generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        text, files = (message or {}).get("text", "").strip(), (message or {}).get("files") or []
+        clips = [Clip.from_file(path) for path in files]  # a file that does not decode fails here, changing nothing
+
+        def add(conversation: Conversation) -> None:
+            if text or clips:  # else it is a send of the clips already waiting: a spoken question
+                conversation.add_user(text, clips)
+
+        return self._ask(session, system_prompt, settings, add)
+
+    @handler
+    def regenerate(self, session: Session, system_prompt: str,
+                   max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed):
+        """Replace the last reply with a new one, which /respond_again streams."""
+        settings = generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        return self._ask(session, system_prompt, settings, Conversation.drop_reply)
+
+    def respond(self, session: Session | None) -> Iterator[list[gr.ChatMessage]]:
+        """Stream the reply asked for, re-rendering the whole chat at every event."""
+        turn = session.turn if session is not None else None
+        if turn is None:  # stopped while it waited in the queue
+            return
+        session.streaming = True
+        events, streaming, running = iter(turn), "", None
+        try:
+            for event in events:
+                if isinstance(event, TextChunk):
+                    streaming += event.text
+                elif isinstance(event, ToolCallStarted):  # the reply so far is on the conversation now
+                    streaming, running = "", event
+                else:
+                    running = None
+                yield self._render(session, streaming if turn.response.message is None else "", running)
+        except ChatError:
+            pass  # the reply is on the conversation as failed, with the error as its note; finish() shows it
+        finally:
+            events.close()  # when gradio closes us mid-reply (Stop), this records the partial reply now
+            self.store.save(session.id, session.conversation)
+            session.turn, session.streaming = None, False
+
+    @handler
+    def finish(self, session: Session):
+        """Show the conversation as recorded and unlock the inputs."""
+        return self._render(session), *self._inputs(session)
+
+    @handler
+    def stop(self, session: Session):
+        """Stop the reply being written; the part already written is kept, marked as stopped."""
+        self._stop(session)
+        return self._render(session), *self._inputs(session)
+
+    @handler
+    def add_recording(self, session: Session, recording: str | None):
+        """Add a microphone recording to the open user turn, where it waits for a question or a send."""
+        if recording is None:
+            return self._render(session), None
+        clip = Clip.from_file(recording, name="recording", source=RECORDED)
+        self._stop(session)
+        session.conversation.add_user("", [clip])
+        self.store.save(session.id, session.conversation)
+        return self._render(session), None
+
+    @handler
+    def undo(self, session: Session, message: dict | None):
+        """Remove the last exchange and put its text back in the message box, before anything typed since."""
+        self._stop(session)
+        removed = session.conversation.undo()
+        self.store.save(session.id, session.conversation)
+        message = message or {}
+        text = "\n".join(t for t in (removed[0].text, message.get("text", "")) if t)
+        return self._render(session), {"text": text, "files": message.get("files") or []}
+
+    @handler
+    def clear(self, session: Session):
+        """Remove every message; the system prompt stays."""
+        self._stop(session)
+        session.conversation.clear()
+        self.store.save(session.id, session.conversation)
+        return self._render(session), *self._inputs(session)
+
+    @handler
+    def download(self, session: Session) -> gr.File:
+        """The conversation as a zip of conversation.json and its clips (chat.saving's folder)."""
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+        path = to_zip(session.conversation, Path(tempfile.mkdtemp()) / f"conversation-{stamp}.zip")
+        return gr.File(str(path), visible=True)
+
+    @handler
+    def upload(self, session: Session, path: str):
+        """Open a downloaded conversation in place of this one (which stays in the store)."""
+        # a fresh id: the file may come from another session, which keeps its own copy
+        conversation = replace(from_zip(path), id=uuid.uuid4().hex)
+        self._stop(session)
+        self.store.save(session.id, conversation)
+        session.conversation = conversation
+        return self._render(session), conversation.system_prompt, *self._inputs(session)
+
+    def example(self, selected: gr.SelectData) -> dict:
+        """Put a clicked example into the message box."""
+        files = [f["path"] if isinstance(f, dict) else f for f in selected.value.get("files", [])]
+        return {"text": selected.value.get("text", ""), "files": files}
+
+    def _ask(self, session: Session, system_prompt: str, settings: GenerationSettings,
+             change: Callable[[Conversation], object]):
+        """Change the conversation and start a Turn, or leave the conversation exactly as it was."""
+        self._stop(session)
+        conversation = session.conversation
+        before = (list(conversation.messages), conversation.system_prompt)
+        try:
+            conversation.system_prompt = system_prompt.strip() or DEFAULT_SYSTEM_PROMPT
+            change(conversation)
+            # the prompt is rendered here: a turn too long for the context fails before any model work
+            session.turn = Turn(self.backend, conversation, settings, tools=self.tools)
+        except ChatError:
+            conversation.messages[:], conversation.system_prompt = before
+            raise
+        self.store.save(session.id, conversation)
+        return self._render(session), *self._inputs(session, busy=True)
+
+    def _stop(self, session: Session) -> None:
+        """Cancel the reply being written, if any, and wait until it is recorded on the conversation."""
+        turn = session.turn
+        if turn is None:
+            return
+        turn.cancel()
+        if not session.streaming:  # still queued: respond() will find no turn and return
+            session.turn = None
+            return
+        deadline = time.monotonic() + STOP_WAIT_S
+        while session.turn is turn:
+            if time.monotonic() > deadline:
+                raise BackendError(f"The reply did not stop within {STOP_WAIT_S:.0f} s. Wait a moment and try again.")
+            time.sleep(POLL_S)
+
+    def _render(self, session: Session, streaming: str = "", running: ToolCallStarted | None = None) -> list:
+        return render(session.conversation, self.store.clip_path, self.style, streaming, running)
+
+    def _inputs(self, session: Session, busy: bool = False) -> tuple:
+        """The message box and the recorder: emptied and locked, with a stop button, while a reply is being written."""
+        next_number = len(session.conversation.clips()) + 1
+        placeholder = f"Ask about the clips, or attach audio files (the next is Audio {next_number})"
+        update = {"interactive": not busy, "submit_btn": not busy, "stop_btn": busy, "placeholder": placeholder}
+        box = gr.MultimodalTextbox(value=None, **update) if busy else gr.MultimodalTextbox(**update)
+        return box, gr.Audio(interactive=not busy)
+
+
+def build_demo(
+    backend: Backend, store: Store, *, description: str = "", concurrency: int = 1, tools: bool = True
+) -> gr.Blocks:
+    """The chat page. description says which model serves it; concurrency is how many replies run at once;
+    tools offers the speech-editing tools to a backend that supports them."""
+    page = ChatPage(backend, store, ToolBox() if tools and backend.supports_tools else None)
+    defaults = GenerationSettings()
+    gr.set_static_paths([store.clips_folder, ASSETS])  # served as they are: no copy into gradio's cache per update
+    # uploads are decoded into the store at once, so gradio's copies can go after a day (checked hourly)
+    with gr.Blocks(title=TITLE, fill_height=True, delete_cache=(3600, 86400)) as demo:
+        session_id = gr.BrowserState(None, storage_key=SESSION_KEY, secret=SESSION_SECRET)
+        state = gr.State(None)
+        with gr.Sidebar(label="Settings", open=False, position="right"):
+            gr.Markdown("### Generation")
+            system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=3)
+            settings = [
+                gr.Number(defaults.max_new_tokens, label="Max new tokens", precision=0, info="1 to 8192"),
+                gr.Slider(0, 2, defaults.temperature, step=0.05, label="Temperature", info="0 = greedy"),
+                gr.Slider(0.05, 1, defaults.top_p, step=0.05, label="Top-p"),
+                gr.Number(defaults.top_k, label="Top-k", precision=0, info="0 = off"),
+                gr.Slider(1, 2, defaults.repetition_penalty, step=0.05, label="Repetition penalty"),
+                # a Textbox, as gr.Number shows and sends 0 for "no value"
+                gr.Textbox("", label="Seed", placeholder="random",
+                           info="a whole number repeats a reply; empty = random"),
+            ]
+            gr.Markdown("### Conversation")
+            download_button = gr.Button("Download conversation (.zip)", size="sm")
+            download_file = gr.File(label="Download", visible=False)
+            upload_button = gr.UploadButton("Open a downloaded conversation", file_types=[".zip"], size="sm")
+        gr.Markdown(
+            f"# {TITLE}\nChat about speech, sounds and music. Record or attach clips, then refer to them as "
+            f"*Audio 1*, *Audio 2*, … {description}",
+            elem_id="header",
+        )
+        chatbot = gr.Chatbot(
+            label="Conversation", show_label=False, scale=1, height=None, min_height=420, examples=EXAMPLES,
+            placeholder="**Record a clip or attach audio files**, then ask about them — or just ask out loud.",
+            buttons=["copy_all"], elem_id="chatbot", elem_classes="keeps-content",
+        )
+        with gr.Row(equal_height=True):
+            recorder = gr.Audio(sources=["microphone"], type="filepath", format="wav", label="Record a clip", scale=1,
+                                elem_id="recorder", elem_classes="keeps-content")
+            chat_input = gr.MultimodalTextbox(
+                file_count="multiple", file_types=["audio"], sources=["upload"], show_label=False, scale=3,
+                placeholder="Ask about the clips, or attach audio files", autofocus=True, elem_id="chat-input",
+                elem_classes="keeps-content",
+            )
+
+        inputs = [chat_input, recorder]
+        # Quick steps go through the queue too (only a queued event's gr.Error reaches the page as a toast), but
+        # run at once, without a progress overlay. Replies wait their turn in a queue that shows a person's place.
+        quick = {"show_progress": "hidden", "concurrency_limit": None}
+        demo.load(page.open_session, [session_id], [session_id, state, chatbot, system_prompt, *inputs],
+                  api_name="open_session", **quick)
+        reply = {"fn": page.respond, "inputs": [state], "outputs": [chatbot], "concurrency_limit": concurrency,
+                 "concurrency_id": "reply", "show_progress": "minimal"}
+        unlock = {"fn": page.finish, "inputs": [state], "outputs": [chatbot, *inputs], "api_visibility": "private",
+                  "queue": False}
+        sent = chat_input.submit(page.add_message, [state, chat_input, system_prompt, *settings], [chatbot, *inputs],
+                                 api_name="add_message", **quick)
+        send_reply = sent.success(**reply, api_name="respond")
+        send_reply.then(**unlock)
+        retried = chatbot.retry(page.regenerate, [state, system_prompt, *settings], [chatbot, *inputs],
+                                api_name="regenerate", **quick)
+        retry_reply = retried.success(**reply, api_name="respond_again")
+        retry_reply.then(**unlock)
+        replies = [send_reply, retry_reply]
+        chat_input.stop(page.stop, [state], [chatbot, *inputs], cancels=replies, api_name="stop", **quick)
+        chatbot.undo(page.undo, [state, chat_input], [chatbot, chat_input], cancels=replies, api_name="undo", **quick)
+        chatbot.clear(page.clear, [state], [chatbot, *inputs], cancels=replies, api_name="clear", **quick)
+        chatbot.example_select(page.example, None, [chat_input], api_visibility="private", queue=False)
+        recorder.stop_recording(page.add_recording, [state, recorder], [chatbot, recorder], api_name="add_recording",
+                                **quick)
+        download_button.click(page.download, [state], [download_file], api_name="download", **quick)
+        upload_button.upload(page.upload, [state, upload_button], [chatbot, system_prompt, *inputs], cancels=replies,
+                             api_name="upload", **quick)
+    return demo

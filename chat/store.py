@@ -1,0 +1,162 @@
+"""Every browser session's conversation on disk: an SQLite index plus clip audio stored once by content id.
+
+Layout of the data folder:
+
+    chat.db               conversations(id, session_id, data, created_at, updated_at); data is chat.saving's JSON
+    clips/{clip id}.wav   float32 16 kHz audio, written once and never changed (the id is a hash of the samples)
+
+The folder is an argument, else $AUDIO_CHAT_DATA_DIR, else `data/` beside the code.
+"""
+
+import datetime
+import json
+import os
+import sqlite3
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
+
+import soundfile
+
+from chat import saving
+from chat.audio import SAMPLE_RATE
+from chat.clip import Clip
+from chat.conversation import Conversation
+from chat.errors import StoreError
+
+DATA_DIR_ENV = "AUDIO_CHAT_DATA_DIR"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DB_FILE = "chat.db"
+LOCK_TIMEOUT_S = 30.0  # how long a writer waits for another process or thread holding the database
+MAX_ZIP_BYTES = 4 * 1024**3  # uncompressed size of an uploaded conversation: 100 clips of the 10-minute limit fit
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = []
+migration = MIGRATIONS.append  # append-only: fix a shipped migration with a new one, never by editing it
+
+
+@migration
+def m001_conversations(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            data TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )"""
+    )
+    conn.execute("CREATE INDEX conversations_by_session ON conversations (session_id, updated_at)")
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Apply, in order, each migration not yet recorded in the _migrations table."""
+    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    for fn in MIGRATIONS:
+        with conn:
+            # sqlite3 opens no transaction for DDL by itself; IMMEDIATE also makes a second process wait here
+            conn.execute("BEGIN IMMEDIATE")
+            if conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (fn.__name__,)).fetchone():
+                continue
+            fn(conn)
+            conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (fn.__name__, _now()))
+
+
+def default_folder() -> Path:
+    """$AUDIO_CHAT_DATA_DIR if set, else data/ beside the code."""
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+class Store:
+    """Saves and loads the conversation of each session; one instance is shared by every thread."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else default_folder()
+        self.clips_folder = self.folder / saving.CLIPS_FOLDER
+        try:
+            self.clips_folder.mkdir(parents=True, exist_ok=True)
+            with self._connect() as conn:
+                migrate(conn)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"Cannot use {self.folder} as the data folder ({e}). Choose a writable folder.") from e
+
+    def save(self, session_id: str, conversation: Conversation) -> None:
+        """Write the conversation (clips first, so a row never names a missing clip) as the session's latest."""
+        for clip in conversation.clips():
+            self.clip_path(clip)
+        now = _now()
+        data = json.dumps(saving.to_dict(conversation), ensure_ascii=False)
+        with self._connect() as conn, conn:
+            saved = conn.execute(
+                """INSERT INTO conversations (id, session_id, data, created_at, updated_at) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at
+                WHERE conversations.session_id = excluded.session_id""",
+                (conversation.id, session_id, data, now, now),
+            ).rowcount
+        if not saved:
+            raise StoreError(f"Conversation {conversation.id} belongs to another session and was not overwritten.")
+
+    def load(self, session_id: str) -> Conversation | None:
+        """The session's most recently saved conversation, or None for a new session."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT data FROM conversations WHERE session_id = ? ORDER BY updated_at DESC LIMIT 1", (session_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        try:
+            return saving.from_dict(json.loads(row[0]), lambda clip_id: saving._read_clip(self._clip_file(clip_id)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:  # chat.saving reports clip files itself
+            raise StoreError(f"The saved conversation of this session is damaged ({e}); start a new one.") from e
+
+    def clip_path(self, clip: Clip) -> Path:
+        """The clip's wav file in the store, written the first time the clip is seen."""
+        path = self._clip_file(clip.id)
+        if not path.exists():
+            # write aside, then rename: a crash or a second thread never leaves a half-written clip under its id
+            partial = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.partial.wav")
+            soundfile.write(partial, clip.samples, SAMPLE_RATE, subtype="FLOAT")
+            os.replace(partial, path)
+        return path
+
+    def _clip_file(self, clip_id: str) -> Path:
+        return self.clips_folder / f"{clip_id}.wav"
+
+    def _connect(self) -> closing[sqlite3.Connection]:
+        # one short-lived connection per operation: sqlite3 connections must not be shared across threads
+        return closing(sqlite3.connect(self.folder / DB_FILE, timeout=LOCK_TIMEOUT_S))
+
+
+def to_zip(conversation: Conversation, path: str | Path) -> Path:
+    """Write the conversation as a zip of chat.saving's folder (conversation.json + clips/); returns path."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as folder, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        saving.save(conversation, folder)
+        for file in sorted(Path(folder).rglob("*")):
+            if file.is_file():
+                archive.write(file, file.relative_to(folder).as_posix())
+    return path
+
+
+def from_zip(path: str | Path) -> Conversation:
+    """Read a zip written by to_zip (also one whose files sit in a single top folder); raises StoreError."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as folder:
+            if sum(info.file_size for info in archive.infolist()) > MAX_ZIP_BYTES:
+                raise StoreError(
+                    f"{path.name} unpacks to more than {MAX_ZIP_BYTES // 1024**3} GB; it is not a saved conversation."
+                )
+            archive.extractall(folder)  # extractall drops absolute paths and `..`, so nothing lands outside folder
+            found = list(Path(folder).rglob(saving.CONVERSATION_FILE))
+            if not found:
+                raise StoreError(f"{path.name} holds no {saving.CONVERSATION_FILE}: it is not a saved conversation.")
+            return saving.load(min(found, key=lambda file: len(file.parts)).parent)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise StoreError(f"{path.name} is not a readable zip file ({e}). Download the conversation again.") from e
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")

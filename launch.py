@@ -1,0 +1,129 @@
+"""Start the browser chat (or, with --cli, the terminal client): `python launch.py --help` lists the flags."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from chat.backend import DEFAULT_MODEL, load_backend
+from chat.errors import ChatError
+from chat.store import DATA_DIR_ENV, Store
+
+DEFAULT_PORT = 8000
+DEFAULT_MAX_UPLOAD_MB = 200  # a 10-minute clip (the limit per clip) is 100-200 MB as 16-bit wav
+QUANTIZATIONS = ("4bit", "8bit", "none")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; every flag is documented in --help."""
+    parser = argparse.ArgumentParser(description="Chat about speech, sounds and music with Qwen2-Audio in the browser.")
+    model = parser.add_argument_group("model")
+    model.add_argument("-c", "--checkpoint-path", default=DEFAULT_MODEL,
+                       help=f"hub id or local folder of the model (default: {DEFAULT_MODEL}); "
+                            "with --api-base, the model name the server knows")
+    model.add_argument("--cpu-only", action="store_true", help="run the model on the CPU even when a GPU is present")
+    model.add_argument("--quantization", choices=QUANTIZATIONS,
+                       help="load the weights quantized with bitsandbytes (default: 4bit on a GPU, none on the CPU)")
+    model.add_argument("--api-base",
+                       help="URL of an OpenAI-compatible server (vLLM, ...) to use instead of a local model, "
+                            "e.g. http://localhost:8001/v1")
+    model.add_argument("--api-key", help="key for --api-base (default: $OPENAI_API_KEY)")
+    server = parser.add_argument_group("web server")
+    server.add_argument("--server-name", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1; 0.0.0.0 opens it to the network)")
+    server.add_argument("--server-port", type=int, default=DEFAULT_PORT,
+                        help=f"port to listen on (default: {DEFAULT_PORT})")
+    server.add_argument("--inbrowser", action="store_true", help="open the page in the default browser once it is up")
+    server.add_argument("--share", action="store_true",
+                        help="also serve through a public gradio.live link (needs internet, and --auth or "
+                             "--share-without-login); exits with an error if the link cannot be made")
+    server.add_argument("--share-without-login", action="store_true",
+                        help="allow --share without --auth: anyone with the link can use the model")
+    server.add_argument("--auth", action="append", metavar="USER:PASSWORD", default=[],
+                        help="require this login (repeat for more users)")
+    server.add_argument("--auth-file", type=Path, help="file of logins, one USER:PASSWORD per line")
+    server.add_argument("--concurrency", type=int, default=1,
+                        help="replies generated at once (default: 1); others wait in a queue that shows their place")
+    server.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
+                        help=f"largest file a person may upload, in MB (default: {DEFAULT_MAX_UPLOAD_MB})")
+    server.add_argument("--data-dir", type=Path,
+                        help=f"folder for conversations and clips "
+                             f"(default: ${DATA_DIR_ENV}, else data/ beside launch.py)")
+    parser.add_argument("--cli", action="store_true", help="chat in this terminal instead of the browser")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.max_upload_mb < 1:
+        parser.error("--concurrency and --max-upload-mb must be at least 1")
+    try:
+        args.logins = logins(args.auth, args.auth_file)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.share and not args.logins and not args.share_without_login:
+        parser.error("--share makes the page public: add --auth USER:PASSWORD (or --auth-file), "
+                     "or pass --share-without-login to share it with anyone who has the link")
+    return args
+
+
+def logins(auth: list[str], auth_file: Path | None) -> list[tuple[str, str]]:
+    """(user, password) pairs from --auth values and the lines of --auth-file; ValueError names a bad one."""
+    lines = list(auth)
+    if auth_file is not None:
+        try:
+            lines += [line.strip() for line in auth_file.read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise ValueError(f"cannot read --auth-file {auth_file}: {e.strerror}") from e
+    pairs = [tuple(line.split(":", 1)) for line in lines]
+    for line, pair in zip(lines, pairs):
+        if len(pair) != 2 or not all(pair):
+            raise ValueError(f"a login must be USER:PASSWORD with neither empty, not {line.split(':', 1)[0]!r}:...")
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the model, then serve the page until Ctrl-C (or run the terminal client)."""
+    args = parse_args(argv)
+    if args.api_base:
+        options = {"api_key": args.api_key or os.environ.get("OPENAI_API_KEY")}
+        where = "served by an OpenAI-compatible server"  # its address stays off the page
+    else:
+        options = {"cpu_only": args.cpu_only, "quantization": args.quantization}
+        where = "on the CPU" if args.cpu_only else "on this machine"
+    print(f"Loading {args.checkpoint_path} ({args.api_base or where})...", file=sys.stderr, flush=True)
+    try:
+        backend = load_backend(args.checkpoint_path, api_base=args.api_base, **options)
+        store = Store(args.data_dir)
+    except ChatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        if args.cli:
+            from app.cli import run_cli
+            from app.recorder import SoundDeviceRecorder
+
+            return run_cli(backend, recorder=SoundDeviceRecorder())
+        return serve(args, backend, store, f"Model: **{Path(args.checkpoint_path).name}**, {where}.")
+    finally:
+        backend.close()
+
+
+def serve(args: argparse.Namespace, backend, store: Store, description: str) -> int:
+    """Serve the page until interrupted; exit code 1 when --share could not make its link."""
+    from app.web import CSS, THEME, build_demo
+
+    demo = build_demo(backend, store, description=description, concurrency=args.concurrency)
+    demo.launch(
+        server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser,
+        auth=args.logins or None, max_file_size=f"{args.max_upload_mb}mb", theme=THEME, css=CSS,
+        prevent_thread_lock=True,
+    )
+    if args.share and demo.share_url is None:
+        # gradio only warns when the tunnel fails; a person who asked for a public link must not miss that
+        print("error: the public share link could not be made (no internet, or gradio.live is unreachable). "
+              "Run without --share to serve on this machine only.", file=sys.stderr)
+        demo.close()
+        return 1
+    demo.block_thread()  # until Ctrl-C
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

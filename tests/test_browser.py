@@ -1,0 +1,246 @@
+"""The page in a real browser: headless chromium with a fake microphone, against launch.py run as a person would.
+
+Two apps start together: the tiny Qwen2-Audio model (a copy that only max_new_tokens stops, so a reply
+is as long as the test asks), and a scripted OpenAI-compatible server behind a login, for the tool call.
+Screenshots of the finished conversations are saved to test-artifacts/.
+"""
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from chat.store import DB_FILE, Store
+from tests.conftest import tone, write_audio
+from tests.openai_server import OpenAIServer
+from tests.test_web import endless_copy, free_port
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+START_TIMEOUT_S = 90.0
+REPLY_TIMEOUT_MS = 30_000
+LOGIN = ("ann", "wonderland")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+]
+# Collects every text the last reply shows, in order, as the page changes: replies stream in too fast to poll.
+WATCH_REPLY = """() => {
+    window.replyTexts = [];
+    new MutationObserver(() => {
+        const bots = document.querySelectorAll('#chatbot [data-testid="bot"]');
+        const text = bots.length ? bots[bots.length - 1].innerText : '';
+        if (text && text !== window.replyTexts[window.replyTexts.length - 1]) window.replyTexts.push(text);
+    }).observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+class App:
+    """launch.py in a subprocess on a free port of 127.0.0.1."""
+
+    def __init__(self, folder: Path, *args: str) -> None:
+        folder.mkdir(parents=True)
+        self.data, self.log = folder / "data", folder / "server.log"
+        self.url = f"http://127.0.0.1:{free_port()}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+               "GRADIO_TEMP_DIR": str(folder / "gradio")}
+        port = self.url.rsplit(":", 1)[1]
+        command = [sys.executable, "launch.py", *args, "--server-port", port, "--data-dir", str(self.data)]
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_until_up(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"launch.py exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                urllib.request.urlopen(self.url, timeout=1)
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        pytest.fail(f"launch.py did not serve {self.url} within {START_TIMEOUT_S:.0f} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def apps(tiny_qwen2_audio, tmp_path_factory):
+    """{"local": the tiny model's app, "remote": the scripted server's app, with a login and a 1 MB upload limit,
+    "openai": that server}."""
+    folder = tmp_path_factory.mktemp("browser")
+    model = endless_copy(tiny_qwen2_audio, folder / "model")
+    with OpenAIServer() as openai:
+        local = App(folder / "local", "-c", str(model), "--cpu-only")
+        remote = App(folder / "remote", "-c", openai.model, "--api-base", openai.url, "--auth", ":".join(LOGIN),
+                     "--max-upload-mb", "1")
+        try:
+            local.wait_until_up()
+            remote.wait_until_up()
+            yield {"local": local, "remote": remote, "openai": openai}
+        finally:
+            local.stop()
+            remote.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> Browser:
+    """Headless chromium whose microphone speaks a 48 kHz espeak-ng sentence."""
+    folder = tmp_path_factory.mktemp("microphone")
+    subprocess.run(["espeak-ng", "-w", str(folder / "speech.wav"), "What is the weather like today?"], check=True)
+    subprocess.run(["sox", folder / "speech.wav", "-r", "48000", "-c", "1", folder / "speech48k.wav"], check=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={folder / 'speech48k.wav'}"],
+        )
+        yield browser
+        browser.close()
+
+
+def new_page(browser: Browser) -> Page:
+    """A page in a fresh context: its own localStorage, so its own session."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context.grant_permissions(["microphone"])
+    page = context.new_page()
+    page.set_default_timeout(REPLY_TIMEOUT_MS)
+    return page
+
+
+def set_settings(page: Page, **values: str) -> None:
+    """Fill side-panel fields by label (e.g. max_new_tokens="300" fills "Max new tokens")."""
+    page.get_by_label("Toggle Sidebar").click()
+    for name, value in values.items():
+        field = page.get_by_label(name.replace("_", " ").capitalize())
+        field.fill(value)
+        field.press("Tab")
+    page.get_by_label("Toggle Sidebar").click()
+
+
+def send(page: Page, text: str, files: list[Path] = ()) -> None:
+    if files:
+        page.locator("#chat-input input[type=file]").set_input_files([str(f) for f in files])
+        expect(page.locator("#chat-input [data-testid=upload-button]")).to_be_enabled()
+    page.locator("#chat-input textarea").fill(text)
+    page.locator("#chat-input textarea").press("Enter")
+
+
+def wait_for_replies(page: Page, n: int) -> list[str]:
+    """The texts of the replies once there are n and the last has ended."""
+    expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(n)
+    expect(page.locator("#chat-input [data-testid=submit-button]")).to_be_visible()
+    return reply_texts(page)
+
+
+def reply_texts(page: Page) -> list[str]:
+    return page.locator("#chatbot [data-testid=bot]").all_inner_texts()
+
+
+def test_record_attach_ask_stop_regenerate_and_reload(apps, browser, speech_wav, audio_files):
+    app, page = apps["local"], new_page(browser)
+    page.goto(app.url)
+    chat = page.locator("#chatbot")
+    expect(chat).to_contain_text("Ask a spoken question")  # the examples of an empty chat
+    set_settings(page, max_new_tokens="300", seed="1234")
+
+    page.locator("#recorder").get_by_role("button", name="Record").click()
+    page.wait_for_timeout(1500)
+    page.locator("#recorder").get_by_role("button", name="Stop").click()
+    expect(chat).to_contain_text("Audio 1 · recording")
+
+    page.evaluate(WATCH_REPLY)
+    send(page, "What is in Audio 2?", [speech_wav, audio_files["flac"]])
+    final = wait_for_replies(page, 1)[-1]
+    expect(chat).to_contain_text("Audio 2 · question.wav")
+    expect(chat).to_contain_text("Audio 3 · tone.flac · 2.0 s")
+    partials = [t for t in page.evaluate("window.replyTexts") if t != final and t.strip()]
+    assert len(set(partials)) >= 3, partials
+
+    set_settings(page, max_new_tokens="8192")  # about a minute of tokens: only Stop ends this reply in time
+    send(page, "Tell me more.")
+    expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(2)
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=bot]')[1].innerText.length > 20")
+    page.locator("#chat-input button.stop-button").click()
+    expect(chat).to_contain_text("Stopped by the user.")
+    stopped = reply_texts(page)[-1]
+    page.wait_for_timeout(500)
+    assert reply_texts(page)[-1] == stopped  # the model stopped too: nothing more arrives
+
+    set_settings(page, max_new_tokens="300")
+    page.locator("#chatbot").get_by_role("button", name="Retry").click()
+    expect(chat).not_to_contain_text("Stopped by the user.")
+    regenerated = wait_for_replies(page, 2)
+    assert regenerated[1] != stopped
+
+    user_texts = page.locator("#chatbot [data-testid=user] .message-content").all_inner_texts()
+    page.reload()
+    expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(2)
+    assert reply_texts(page) == regenerated
+    assert page.locator("#chatbot [data-testid=user] .message-content").all_inner_texts() == user_texts
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "chat.png", full_page=True)
+
+    with sqlite3.connect(app.data / DB_FILE) as conn:
+        (session_id,) = conn.execute("SELECT session_id FROM conversations").fetchone()
+    saved = Store(app.data).load(session_id)
+    assert [(c.name, c.source) for c in saved.clips()] == [
+        ("recording", "recorded"), ("question.wav", "uploaded"), ("tone.flac", "uploaded")]
+    assert [m.text for m in saved.messages if m.role == "user"] == ["What is in Audio 2?", "Tell me more."]
+
+
+def log_in(page: Page, user: str, password: str) -> None:
+    page.get_by_label("username").fill(user)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+
+
+def test_a_login_is_needed_and_a_wrong_password_is_refused(apps, browser):
+    page = new_page(browser)
+    page.goto(apps["remote"].url)
+    log_in(page, LOGIN[0], "not the password")
+    expect(page.get_by_text("Incorrect Credentials")).to_be_visible()
+    expect(page.locator("#chatbot")).to_have_count(0)
+    log_in(page, *LOGIN)
+    expect(page.locator("#chatbot")).to_contain_text("Ask a spoken question")
+
+
+def test_a_file_over_max_upload_mb_is_refused_with_the_limit(apps, browser, tmp_path):
+    page = new_page(browser)
+    page.goto(apps["remote"].url)
+    log_in(page, *LOGIN)
+    big = write_audio(tmp_path / "lecture.wav", tone(45.0))  # 1.4 MB of 16-bit samples
+    page.locator("#chat-input input[type=file]").set_input_files([str(big)])
+    toast = page.get_by_test_id("toast-body")
+    expect(toast).to_contain_text('exceed the maximum allowed size of 1.0 Mb: "lecture.wav"')
+
+
+def test_a_tool_call_shows_its_step_and_the_edited_clip(apps, browser, speech_wav):
+    openai = apps["openai"]
+    openai.enqueue(["I will cut it.\n<tool_call>\n", '{"name": "delete_ranges", "arguments": ',
+                    '{"audio": 1, "ranges": [[0.5, 1.0]]}}\n</tool_call>'], delay_s=0.05)
+    openai.enqueue(["Done: ", "Audio 2 is ", "Audio 1 without that second."], delay_s=0.05)
+    page = new_page(browser)
+    page.goto(apps["remote"].url)
+    log_in(page, *LOGIN)
+
+    send(page, "Remove 0.5 to 1.0 s from Audio 1.", [speech_wav])
+    chat = page.locator("#chatbot")
+    expect(chat).to_contain_text("Done: Audio 2 is Audio 1 without that second.")
+    expect(chat).to_contain_text("🛠 delete_ranges")
+    expect(chat).to_contain_text("Audio 2 · audio2-delete_ranges.wav")
+    expect(chat).not_to_contain_text("<tool_call>")
+    expect(chat.locator("[data-testid=waveform-Audio]")).to_have_count(2)  # the clip sent, and the edit
+    assert len(openai.requests) == 2
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "tool-call.png", full_page=True)

@@ -1,0 +1,165 @@
+"""The session store: conversations and clips survive a restart, sessions stay apart, migrations run once."""
+
+import json
+import sqlite3
+import zipfile
+
+import numpy as np
+import pytest
+
+from chat import store as store_module
+from chat.clip import Clip
+from chat.conversation import STOPPED, Conversation
+from chat.errors import StoreError
+from chat.store import DATA_DIR_ENV, DB_FILE, Store, from_zip, to_zip
+from tests.conftest import tone
+
+
+def conversation_with_clips() -> Conversation:
+    conversation = Conversation(system_prompt="Be brief.")
+    conversation.add_user("What is in Audio 1?", [Clip(tone(1.0, 440), name="a.wav")])
+    conversation.add_assistant("A tone, stopped here", status=STOPPED, note="Stopped by the user.")
+    conversation.add_user("And Audio 2?", [Clip(tone(0.5, 880), name="b.wav", source="recorded")])
+    return conversation
+
+
+def assert_same(loaded: Conversation, saved: Conversation) -> None:
+    assert loaded.id == saved.id and loaded.system_prompt == saved.system_prompt
+    assert loaded.messages == saved.messages  # Message equality covers role, text, status, note and clip ids/names
+    for got, want in zip(loaded.clips(), saved.clips()):
+        assert np.array_equal(got.samples, want.samples)
+
+
+def test_a_new_store_object_on_the_same_folder_loads_what_was_saved(tmp_path):
+    conversation = conversation_with_clips()
+    Store(tmp_path).save("session-a", conversation)
+    assert_same(Store(tmp_path).load("session-a"), conversation)  # as after a server restart
+
+
+def test_sessions_see_only_their_own_conversations(tmp_path):
+    store = Store(tmp_path)
+    mine, theirs = conversation_with_clips(), Conversation()
+    theirs.add_user("hello")
+    store.save("mine", mine)
+    store.save("theirs", theirs)
+    assert store.load("mine").id == mine.id
+    assert store.load("theirs").messages == theirs.messages
+    assert store.load("nobody") is None
+
+
+def test_a_session_cannot_overwrite_another_sessions_conversation(tmp_path):
+    store = Store(tmp_path)
+    conversation = conversation_with_clips()
+    store.save("owner", conversation)
+    conversation.clear()
+    with pytest.raises(StoreError, match="belongs to another session"):
+        store.save("intruder", conversation)
+    assert len(store.load("owner").messages) == 3
+    assert store.load("intruder") is None
+
+
+def test_saving_again_updates_the_row_and_load_returns_the_latest_conversation(tmp_path):
+    store = Store(tmp_path)
+    first, second = conversation_with_clips(), Conversation()
+    store.save("s", first)
+    first.add_assistant("Another tone.")
+    store.save("s", first)
+    assert store.load("s").messages[-1].text == "Another tone."
+    second.add_user("new topic")
+    store.save("s", second)
+    assert store.load("s").id == second.id
+    with sqlite3.connect(tmp_path / DB_FILE) as conn:
+        assert conn.execute("SELECT count(*) FROM conversations").fetchone() == (2,)
+
+
+def test_clip_audio_is_stored_once_under_its_content_id(tmp_path):
+    store = Store(tmp_path)
+    clip = Clip(tone(1.0), name="a.wav")
+    same_audio = Clip(tone(1.0), name="renamed.wav", source="recorded")
+    for session, each in (("s1", clip), ("s2", same_audio)):
+        conversation = Conversation()
+        conversation.add_user("", [each])
+        store.save(session, conversation)
+    assert [p.name for p in store.clips_folder.iterdir()] == [f"{clip.id}.wav"]
+    assert store.clip_path(same_audio) == store.clips_folder / f"{clip.id}.wav"
+
+
+def test_rows_hold_the_versioned_json_of_chat_saving(tmp_path):
+    store = Store(tmp_path)
+    conversation = conversation_with_clips()
+    store.save("s", conversation)
+    with sqlite3.connect(tmp_path / DB_FILE) as conn:
+        data = json.loads(conn.execute("SELECT data FROM conversations").fetchone()[0])
+    assert data["version"] == 1 and data["id"] == conversation.id
+    assert [c["name"] for m in data["messages"] for c in m["clips"]] == ["a.wav", "b.wav"]
+
+
+def test_a_missing_clip_file_is_reported_by_name(tmp_path):
+    store = Store(tmp_path)
+    conversation = conversation_with_clips()
+    store.save("s", conversation)
+    store.clip_path(conversation.clips()[0]).unlink()
+    with pytest.raises(StoreError, match=f"{conversation.clips()[0].id}.wav is missing"):
+        store.load("s")
+
+
+def test_migrations_run_once_and_new_ones_are_applied_to_an_existing_store(tmp_path, monkeypatch):
+    Store(tmp_path)
+    Store(tmp_path)  # a second start applies nothing twice (a CREATE TABLE would fail)
+
+    def m999_add_title(conn):
+        conn.execute("ALTER TABLE conversations ADD COLUMN title TEXT")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, m999_add_title])
+    Store(tmp_path)
+    with sqlite3.connect(tmp_path / DB_FILE) as conn:
+        names = [row[0] for row in conn.execute("SELECT name FROM _migrations ORDER BY rowid")]
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(conversations)")]
+    assert names == ["m001_conversations", "m999_add_title"]
+    assert "title" in columns
+
+
+def test_the_data_folder_comes_from_the_argument_else_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "from-env"))
+    assert Store().folder == tmp_path / "from-env"
+    assert Store(tmp_path / "given").folder == tmp_path / "given"
+    assert (tmp_path / "given" / DB_FILE).is_file()
+
+
+def test_an_unusable_data_folder_is_a_store_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StoreError, match="Choose a writable folder"):
+        Store(tmp_path / "file")
+
+
+def test_zip_round_trip_keeps_everything(tmp_path):
+    conversation = conversation_with_clips()
+    path = to_zip(conversation, tmp_path / "conversation.zip")
+    with zipfile.ZipFile(path) as archive:
+        assert "conversation.json" in archive.namelist()
+    assert_same(from_zip(path), conversation)
+
+
+def test_a_zip_whose_files_sit_in_one_folder_is_read_too(tmp_path):
+    conversation = conversation_with_clips()
+    flat = to_zip(conversation, tmp_path / "flat.zip")
+    nested = tmp_path / "nested.zip"
+    with zipfile.ZipFile(flat) as source, zipfile.ZipFile(nested, "w") as target:
+        for name in source.namelist():
+            target.writestr(f"my chat/{name}", source.read(name))
+    assert_same(from_zip(nested), conversation)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"not a zip at all", "not a readable zip"), (None, "holds no conversation.json")],
+)
+def test_a_file_that_is_not_a_saved_conversation_is_refused(tmp_path, content, message):
+    path = tmp_path / "upload.zip"
+    if content is None:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "hello")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(StoreError, match=message):
+        from_zip(path)

@@ -1,0 +1,345 @@
+"""The browser chat's handlers and its API.
+
+Plumbing that needs exact text runs the handlers with the scripted backend; the API is driven end to end
+by gradio_client, a second real client, against the page serving the tiny Qwen2-Audio model.
+"""
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "audio-chat-tests-gradio"))
+
+import gradio as gr  # noqa: E402
+import pytest  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+
+from app.web import ChatPage, build_demo  # noqa: E402
+from chat.local import GENERATION_THREAD, LocalBackend  # noqa: E402
+from chat.scripted import ScriptedBackend  # noqa: E402
+from chat.store import Store  # noqa: E402
+from chat.tools import ToolBox  # noqa: E402
+from tests.conftest import tone, write_audio  # noqa: E402
+
+SETTINGS = ("", 512, 0.7, 0.5, 0, 1.1, "")  # system prompt and generation settings, as the page sends them
+SAMPLED = dict(max_new_tokens=60, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed="1234")
+
+
+def endless_copy(checkpoint: Path, folder: Path) -> Path:
+    """A copy of a tiny checkpoint that never ends a reply by itself, so max_new_tokens alone sets its length."""
+    shutil.copytree(checkpoint, folder)
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text())
+    config["suppress_tokens"].append(config["eos_token_id"])
+    path.write_text(json.dumps(config))
+    return folder
+
+
+def free_port() -> int:
+    """A port nothing listens on (gradio 6 refuses server_port=0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bot_texts(chat: list) -> list[str]:
+    """The text of each assistant message of a rendered chat (gr.ChatMessage list or API dicts)."""
+    texts = []
+    for message in chat:
+        role, content = (message.role, message.content) if isinstance(message, gr.ChatMessage) else (
+            message["role"], [part.get("text", "") for part in message["content"]])
+        if role == "assistant":
+            texts.append(content if isinstance(content, str) else " ".join(str(part) for part in content))
+    return texts
+
+
+def all_text(chat: list) -> str:
+    """Every text part of a rendered chat, joined: what a person reads."""
+    if chat and isinstance(chat[0], gr.ChatMessage):
+        parts = [part for m in chat for part in (m.content if isinstance(m.content, list) else [m.content])]
+        return "\n".join(str(part) for part in parts)
+    return "\n".join(part.get("text", "") for m in chat for part in m["content"])
+
+
+@pytest.fixture
+def scripted(tmp_path):
+    """A page over the scripted backend, with one session open."""
+    backend = ScriptedBackend()
+    page = ChatPage(backend, Store(tmp_path / "data"), None)
+    _, session, *_ = page.open_session(None)
+    return backend, page, session
+
+
+def send(page: ChatPage, session, text: str = "", files=(), settings=SETTINGS) -> list:
+    """What the page does on Enter: add the message, then stream the reply; returns every render."""
+    page.add_message(session, {"text": text, "files": [str(f) for f in files]}, *settings)
+    return list(page.respond(session))
+
+
+def test_a_reply_streams_as_the_whole_chat_and_is_saved(scripted):
+    backend, page, session = scripted
+    backend.enqueue(["Hel", "lo ", "there."])
+    renders = send(page, session, "hi")
+    assert [bot_texts(r) for r in renders] == [["Hel"], ["Hello "], ["Hello there."]]
+    assert all(r[0].role == "user" and r[0].content == ["hi"] for r in renders)
+    saved = page.store.load(session.id)
+    assert [(m.role, m.text, m.status) for m in saved.messages] == [
+        ("user", "hi", "done"), ("assistant", "Hello there.", "done")]
+
+
+def test_a_recording_waits_labelled_and_an_empty_send_asks_it_as_a_voice_question(scripted, speech_wav):
+    backend, page, session = scripted
+    chat, recorder = page.add_recording(session, str(speech_wav))
+    assert recorder is None and "**Audio 1** · recording · " in all_text(chat)
+    assert session.conversation.awaiting_reply() and backend.prompts == []
+    send(page, session)
+    assert backend.prompts[-1].text.endswith(
+        "<|im_start|>user\nAudio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_attached_files_are_numbered_after_the_clips_already_there(scripted, audio_files, speech_wav):
+    backend, page, session = scripted
+    page.add_recording(session, str(speech_wav))
+    renders = send(page, session, "Compare Audio 1 and Audio 3.", [audio_files["mp3"], audio_files["flac"]])
+    text = all_text(renders[-1])
+    for label in ("**Audio 1** · recording", "**Audio 2** · tone.mp3", "**Audio 3** · tone.flac"):
+        assert label in text
+    assert backend.prompts[-1].text.count("<|AUDIO|>") == 3
+
+
+def test_a_long_clip_says_how_many_parts_it_is_sent_as(scripted, tmp_path):
+    _, page, session = scripted
+    long_clip = write_audio(tmp_path / "lecture.wav", tone(65.0))
+    chat = send(page, session, "Summarize.", [long_clip])[-1]
+    assert "**Audio 1** · lecture.wav · 1:05 · sent as 3 parts of 30 s" in all_text(chat)
+
+
+def test_a_file_that_is_not_audio_is_refused_and_changes_nothing(scripted, speech_wav, tmp_path):
+    _, page, session = scripted
+    page.add_recording(session, str(speech_wav))
+    before = list(session.conversation.messages)
+    fake = tmp_path / "notes.wav"
+    fake.write_text("these are my notes, not audio")
+    with pytest.raises(gr.Error, match="notes.wav could not be read as audio"):
+        page.add_message(session, {"text": "What is this?", "files": [str(fake)]}, *SETTINGS)
+    assert session.conversation.messages == before and session.turn is None
+    assert page.store.load(session.id).messages == before
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ((0, 0.7, 0.5, 0, 1.1, ""), "max_new_tokens must be between 1 and 8192"),
+        ((512, 2.5, 0.5, 0, 1.1, ""), "temperature must be between 0 and 2"),
+        ((512, None, 0.5, 0, 1.1, ""), "needs a value"),
+        ((512, 0.7, 0.5, 0, 1.1, "-1"), "seed must be a whole number from 0, or empty"),
+        ((512, 0.7, 0.5, 0, 1.1, str(2**32)), "seed must be empty or between 0 and 2\\*\\*32 - 1"),
+    ],
+)
+def test_invalid_settings_are_named_and_nothing_is_sent(scripted, settings, message):
+    _, page, session = scripted
+    with pytest.raises(gr.Error, match=message):
+        page.add_message(session, {"text": "hello", "files": []}, "", *settings)
+    assert session.conversation.messages == []
+
+
+def test_a_turn_too_long_for_the_context_leaves_the_conversation_as_it_was(scripted, speech_wav):
+    backend, page, session = scripted
+    page.add_recording(session, str(speech_wav))
+    before = list(session.conversation.messages)
+    backend.context_tokens = 600  # 512 of them are kept for the reply
+    with pytest.raises(gr.Error, match="needs about .* tokens but the model's context holds 88"):
+        page.add_message(session, {"text": "Why? " * 100, "files": []}, *SETTINGS)
+    assert session.conversation.messages == before and session.turn is None
+
+
+def test_stop_keeps_the_partial_reply_marked_as_stopped(tmp_path):
+    backend = ScriptedBackend(interval_s=0.05)
+    backend.enqueue([f"word{i} " for i in range(200)])
+    page = ChatPage(backend, Store(tmp_path), None)
+    _, session, *_ = page.open_session(None)
+    page.add_message(session, {"text": "Talk.", "files": []}, *SETTINGS)
+    renders = []
+    streaming = threading.Thread(target=lambda: renders.extend(page.respond(session)))
+    streaming.start()
+    while len(renders) < 3:
+        time.sleep(0.01)
+    chat, textbox, recorder = page.stop(session)
+    streaming.join(timeout=5)
+    reply = session.conversation.messages[-1]
+    assert (reply.status, reply.note) == ("stopped", "Stopped by the user.")
+    assert 3 <= len(reply.text.split()) < 20 and session.turn is None
+    assert bot_texts(chat) == [reply.text.strip() + "\n\n*Stopped by the user.*"]
+    assert textbox.interactive and textbox.submit_btn and not textbox.stop_btn
+    assert page.store.load(session.id).messages[-1] == reply
+
+
+def test_a_stream_closed_by_gradio_records_the_partial_reply_at_once(scripted):
+    backend, page, session = scripted
+    backend.enqueue(["one ", "two ", "three ", "four"])
+    page.add_message(session, {"text": "Count.", "files": []}, *SETTINGS)
+    stream = page.respond(session)
+    next(stream), next(stream)
+    stream.close()  # what a cancelled event does to the generator
+    assert session.conversation.messages[-1].status == "stopped" and session.turn is None
+    assert page.store.load(session.id).messages[-1].text == "one two "
+
+
+def test_regenerate_undo_and_clear(scripted):
+    backend, page, session = scripted
+    backend.enqueue(["First answer."])
+    backend.enqueue(["Second answer."])
+    send(page, session, "Question one")
+    page.regenerate(session, *SETTINGS)
+    assert bot_texts(list(page.respond(session))[-1]) == ["Second answer."]
+    chat, box = page.undo(session, {"text": "typed meanwhile", "files": []})
+    assert chat == [] and box == {"text": "Question one\ntyped meanwhile", "files": []}
+    with pytest.raises(gr.Error, match="Nothing to undo"):
+        page.undo(session, None)
+    send(page, session, "Question two")
+    page.clear(session)
+    assert session.conversation.messages == [] and page.store.load(session.id).messages == []
+
+
+def test_the_system_prompt_is_sent_and_kept_with_the_conversation(scripted):
+    backend, page, session = scripted
+    page.add_message(session, {"text": "hi", "files": []}, "Answer in French.", *SETTINGS[1:])
+    list(page.respond(session))
+    assert backend.prompts[-1].text.startswith("<|im_start|>system\nAnswer in French.<|im_end|>")
+    assert page.open_session(session.id)[3] == "Answer in French."
+
+
+def test_a_reload_or_a_restart_brings_the_conversation_back_and_sessions_stay_apart(tmp_path, speech_wav):
+    page = ChatPage(ScriptedBackend(), Store(tmp_path), None)
+    _, session, *_ = page.open_session(None)
+    page.add_recording(session, str(speech_wav))
+    send(page, session, "What is said?")
+    restarted = ChatPage(ScriptedBackend(), Store(tmp_path), None)
+    session_id, reopened, chat, *_ = restarted.open_session(session.id)
+    assert session_id == session.id and reopened.conversation.messages == session.conversation.messages
+    assert "**Audio 1** · recording" in all_text(chat)
+    other_id, other, other_chat, *_ = restarted.open_session(None)
+    assert other_id != session.id and other_chat == [] and other.conversation.clips() == []
+    assert restarted.open_session("../../etc/passwd")[0] not in ("../../etc/passwd", session.id)
+
+
+def test_download_and_upload_a_conversation(scripted, speech_wav):
+    _, page, session = scripted
+    page.add_recording(session, str(speech_wav))
+    send(page, session, "What is said?")
+    download = page.download(session).value["path"]
+    with zipfile.ZipFile(download) as archive:
+        assert "conversation.json" in archive.namelist()
+    _, other, *_ = page.open_session(None)
+    page.upload(other, download)
+    assert other.conversation.messages == session.conversation.messages
+    assert other.conversation.id != session.conversation.id  # a copy: each session keeps its own
+    assert page.store.load(other.id).messages == session.conversation.messages
+    assert page.store.load(session.id).id == session.conversation.id
+
+
+def test_a_tool_call_shows_as_a_step_and_its_clip_as_the_next_audio(tmp_path, speech_wav):
+    backend = ScriptedBackend()
+    backend.enqueue(["Cutting it.\n<tool_call>\n", '{"name": "delete_ranges", "arguments": ',
+                     '{"audio": 1, "ranges": [[0.2, 0.5]]}}\n</tool_call>'])
+    backend.enqueue(["Done: Audio 2 is ", "Audio 1 without that part."])
+    page = ChatPage(backend, Store(tmp_path), ToolBox())
+    _, session, *_ = page.open_session(None)
+    renders = send(page, session, "Remove 0.2 to 0.5 s from Audio 1.", [speech_wav])
+    pending = [m.metadata for r in renders for m in r if m.metadata.get("status") == "pending"]
+    assert pending == [{"title": "🛠 delete_ranges(audio=1, ranges=[[0.2, 0.5]])", "status": "pending"}]
+    final = renders[-1]
+    assert bot_texts(final)[0] == "Cutting it."  # the call itself is not shown
+    assert [m.metadata for m in final if m.metadata] == [{"title": "🛠 delete_ranges", "status": "done"}]
+    edited = session.conversation.clip(2)
+    assert edited.source == "edited"
+    caption = f"**Audio 2** · {edited.name} · {edited.duration_s:.1f} s · Audio 1 with 0.2–0.5 s removed"
+    assert caption in all_text(final)
+    assert {"path": str(page.store.clip_path(edited))} in final[-2].content
+    assert bot_texts(final)[-1] == "Done: Audio 2 is Audio 1 without that part."
+
+
+def test_a_failed_tool_call_stays_open_with_its_error(tmp_path, speech_wav):
+    backend = ScriptedBackend()
+    backend.enqueue(['<tool_call>\n{"name": "delete_ranges", "arguments": {"audio": 7, "ranges": [[0, 1]]}}\n</tool_call>'])
+    backend.enqueue(["Sorry, there is no Audio 7."])
+    page = ChatPage(backend, Store(tmp_path), ToolBox())
+    _, session, *_ = page.open_session(None)
+    final = send(page, session, "Cut Audio 7.", [speech_wav])[-1]
+    step = next(m for m in final if m.metadata)
+    assert step.metadata == {"title": "🛠 delete_ranges failed"}  # no status: the step shows open
+    assert step.content.startswith("Error: ") and "Audio 7" in step.content
+    assert bot_texts(final)[-1] == "Sorry, there is no Audio 7."
+
+
+# ---- end to end: gradio_client against the served page and the tiny model ----
+
+
+@pytest.fixture(scope="module")
+def served(tiny_qwen2_audio, tmp_path_factory):
+    """The page with the tiny model that only max_new_tokens stops, served on 127.0.0.1; yields (url, store)."""
+    folder = tmp_path_factory.mktemp("web")
+    backend = LocalBackend(str(endless_copy(tiny_qwen2_audio, folder / "model")), cpu_only=True)
+    store = Store(folder / "data")
+    demo = build_demo(backend, store, description="Model: tiny, on the CPU.")
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield demo.local_url, store
+    demo.close()
+    backend.close()
+
+
+def test_an_api_client_chats_with_streamed_replies_about_numbered_clips(served, speech_wav, audio_files):
+    url, store = served
+    client = Client(url, verbose=False)
+    session_id = client.predict(None, api_name="/open_session")[0]
+    files = [handle_file(str(speech_wav)), handle_file(str(audio_files["wav"]))]
+    chat, *_ = client.predict({"text": "What is in Audio 2?", "files": files}, "", *SAMPLED.values(),
+                              api_name="/add_message")
+    assert "**Audio 2** · tone.wav · 2.0 s" in all_text(chat)
+    partials = [bot_texts(update)[-1] for update in client.submit(api_name="/respond") if bot_texts(update)]
+    assert len(set(partials)) >= 3 and all(partials[-1].startswith(p) for p in partials)
+    saved = store.load(session_id)
+    assert [m.role for m in saved.messages] == ["user", "assistant"]
+    assert saved.messages[1].text == partials[-1] and saved.messages[1].status == "done"
+    assert len(saved.clips()) == 2 and saved.messages[0].text == "What is in Audio 2?"
+    # the same session from a second client (another tab, or the page after a restart) shows the same chat
+    again = Client(url, verbose=False).predict(session_id, api_name="/open_session")[1]
+    assert all_text(again) == all_text(chat).replace("What is in Audio 2?", f"What is in Audio 2?\n{partials[-1]}")
+
+
+def test_an_api_client_can_stop_a_reply(served):
+    url, store = served
+    client = Client(url, verbose=False)
+    session_id = client.predict(None, api_name="/open_session")[0]
+    client.predict({"text": "Talk for a long time.", "files": []}, "", *{**SAMPLED, "max_new_tokens": 8192}.values(),
+                   api_name="/add_message")
+    job = client.submit(api_name="/respond")
+    while len(job.outputs()) < 3:
+        time.sleep(0.01)
+    chat = client.predict(api_name="/stop")[0]
+    reply = store.load(session_id).messages[-1]
+    assert reply.status == "stopped" and 0 < len(reply.text) < 4000
+    assert bot_texts(chat)[-1].endswith("*Stopped by the user.*")
+    generating = [t for t in threading.enumerate() if t.name == GENERATION_THREAD]
+    for thread in generating:
+        thread.join(timeout=5)
+    assert not any(t.is_alive() for t in generating)  # the model stopped too, not only the page
+
+
+def test_login_is_required_when_auth_is_on(tmp_path):
+    demo = build_demo(ScriptedBackend(), Store(tmp_path))
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                auth=[("ann", "secret")])
+    try:
+        with pytest.raises(Exception, match="(?i)login|credentials|401"):
+            Client(demo.local_url, auth=("ann", "wrong"), verbose=False)
+        client = Client(demo.local_url, auth=("ann", "secret"), verbose=False)
+        assert client.predict(None, api_name="/open_session")[1] == []
+    finally:
+        demo.close()

@@ -5,13 +5,12 @@ import os
 import sys
 from pathlib import Path
 
-from chat.backend import DEFAULT_MODEL, load_backend
+from chat.backend import DEFAULT_MODEL, QUANTIZATIONS, load_backend
 from chat.errors import ChatError
 from chat.store import DATA_DIR_ENV, Store
 
 DEFAULT_PORT = 8000
 DEFAULT_MAX_UPLOAD_MB = 200  # a 10-minute clip (the limit per clip) is 100-200 MB as 16-bit wav
-QUANTIZATIONS = ("4bit", "8bit", "none")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"port to listen on (default: {DEFAULT_PORT})")
     server.add_argument("--inbrowser", action="store_true", help="open the page in the default browser once it is up")
     server.add_argument("--share", action="store_true",
-                        help="also serve through a public gradio.live link (needs internet, and --auth or "
+                        help="also serve through a public link from gradio's share service (needs internet, and --auth or "
                              "--share-without-login); exits with an error if the link cannot be made")
     server.add_argument("--share-without-login", action="store_true",
                         help="allow --share without --auth: anyone with the link can use the model")
@@ -117,7 +116,7 @@ def serve(args: argparse.Namespace, backend, store: Store, description: str) -> 
     )
     if args.share and demo.share_url is None:
         # gradio only warns when the tunnel fails; a person who asked for a public link must not miss that
-        print("error: the public share link could not be made (no internet, or gradio.live is unreachable). "
+        print("error: the public share link could not be made (no internet, or gradio's share service is unreachable). "
               "Run without --share to serve on this machine only.", file=sys.stderr)
         demo.close()
         return 1

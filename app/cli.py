@@ -1,8 +1,6 @@
 """The terminal client: type, attach files or talk into the microphone; replies stream as they are generated."""
 
-import argparse
 import contextlib
-import os
 import queue
 import sys
 import threading
@@ -17,10 +15,10 @@ from app.cli_text import (
     BANNER, EXPORT_SUFFIXES, HELP, added, describe_clip, duration, parse_number, plural, split_args, summary, tool_call,
     tool_result,
 )
-from app.recorder import Recorder, SoundDeviceRecorder, play
+from app.recorder import Recorder, play
 from chat import saving
 from chat.audio import SAMPLE_RATE
-from chat.backend import DEFAULT_MODEL, Backend, GenerationSettings, load_backend
+from chat.backend import Backend, GenerationSettings
 from chat.clip import Clip
 from chat.conversation import STOPPED, USER, Conversation
 from chat.errors import ChatError, ClipError, StoreError
@@ -111,14 +109,10 @@ class Terminal:
 
     def send(self, text: str) -> None:
         """Add text to the open user turn and stream the reply; a refused turn leaves the conversation as it was."""
-        before = list(self.conversation.messages)
-        try:
+        with self.conversation.unchanged_on_error():
             if text:
                 self.conversation.add_user(text)
             turn = Turn(self.backend, self.conversation, self.settings, tools=self.tools)
-        except ChatError:
-            self.conversation.messages[:] = before
-            raise
         self.stream(turn)
 
     def stream(self, turn: Turn) -> None:
@@ -138,6 +132,8 @@ class Terminal:
         if turn.response.message is not None and turn.response.message.status == STOPPED:
             self.write("[stopped]" if self.at_line_start or turn.response.text[-1:].isspace() else " [stopped]")
         self.end_line()
+        if turn.response.history_note:
+            self.say(f"[{turn.response.history_note}]")
 
     def show(self, worker: threading.Thread, events: queue.Queue) -> None:
         """Print the worker's events until it ends; raise the error the turn ended with, if any."""
@@ -330,36 +326,3 @@ def run_cli(
     terminal = Terminal(backend, settings or GenerationSettings(), conversation, toolbox, recorder, player,
                         stdin or sys.stdin, stdout or sys.stdout)
     return terminal.run()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m app.cli`: load a model, then chat with it in the terminal."""
-    parser = argparse.ArgumentParser(prog="python -m app.cli", description="Chat with an audio model in the terminal.")
-    parser.add_argument("-c", "--checkpoint-path", default=DEFAULT_MODEL,
-                        help="hub id or local folder of the model; with --api-base, the served model's name")
-    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
-    parser.add_argument("--quantization", choices=["4bit", "8bit", "none"],
-                        help="bitsandbytes quantization of the weights (default: 4bit on a GPU, none on the CPU)")
-    parser.add_argument("--api-base", help="URL of an OpenAI-compatible server (e.g. vLLM) instead of a local model")
-    parser.add_argument("--api-key", help="key for --api-base (default: $OPENAI_API_KEY)")
-    args = parser.parse_args(argv)
-    if args.api_base:
-        options = {"api_key": args.api_key or os.environ.get("OPENAI_API_KEY")}
-    else:
-        options = {"cpu_only": args.cpu_only, "quantization": args.quantization}
-    print(f"Loading {args.checkpoint_path}...", file=sys.stderr, flush=True)
-    try:
-        backend = load_backend(args.checkpoint_path, api_base=args.api_base, **options)
-    except ChatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    try:
-        return run_cli(backend, recorder=SoundDeviceRecorder())
-    finally:
-        backend.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ import gradio as gr
 from app.cli_text import duration, tool_call
 from chat.audio import WINDOW_S
 from chat.clip import Clip
-from chat.conversation import ASSISTANT, FAILED, STOPPED, TOOL, Conversation, Message
+from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, Conversation, Message
 from chat.toolcalls import visible_text
 from chat.tools import ERROR_PREFIX
 from chat.turn import ToolCallStarted
@@ -60,7 +60,7 @@ def _render(message: Message, numbers: dict[str, int], clip_path: ClipPath, styl
         return [result] + ([gr.ChatMessage(players, role="assistant")] if players else [])
     if message.role == ASSISTANT:
         text = visible_text(message.text, style).strip()
-        if message.status == STOPPED:
+        if message.status in (DONE, STOPPED) and message.note:
             text += f"\n\n*{message.note}*"
         elif message.status == FAILED:
             text += f"\n\n**The reply failed:** {message.note}"

@@ -36,6 +36,9 @@ SESSION_SECRET = "audio-chat-session-v1"
 SESSION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: 122 random bits, not guessable
 STOP_WAIT_S = 10.0  # a reply stops within one token step; this only bounds a hung backend
 POLL_S = 0.02
+# An update re-sends the whole chat (about 30 ms of gradio's time with 20 clips), so text arriving faster
+# than this is batched into the next update instead of queueing behind renders.
+MIN_RENDER_INTERVAL_S = 0.04
 TITLE = "Audio Chat"
 EXAMPLES = [  # shown in the empty chat; a click puts the example in the message box (assets/make_assets.py)
     {"display_text": "Ask a spoken question", "text": "", "files": [str(ASSETS / "question.wav")]},
@@ -139,16 +142,20 @@ class ChatPage:
         if turn is None:  # stopped while it waited in the queue
             return
         session.streaming = True
-        events, streaming, running = iter(turn), "", None
+        events, streaming, running, rendered_at = iter(turn), "", None, 0.0
         try:
             for event in events:
                 if isinstance(event, TextChunk):
                     streaming += event.text
+                    if time.monotonic() - rendered_at < MIN_RENDER_INTERVAL_S:
+                        continue  # the next update carries this text too
                 elif isinstance(event, ToolCallStarted):  # the reply so far is on the conversation now
                     streaming, running = "", event
                 else:
                     running = None
+                rendered_at = time.monotonic()
                 yield self._render(session, streaming if turn.response.message is None else "", running)
+            yield self._render(session)
         except ChatError:
             pass  # the reply is on the conversation as failed, with the error as its note; finish() shows it
         finally:
@@ -223,15 +230,11 @@ class ChatPage:
         """Change the conversation and start a Turn, or leave the conversation exactly as it was."""
         self._stop(session)
         conversation = session.conversation
-        before = (list(conversation.messages), conversation.system_prompt)
-        try:
+        with conversation.unchanged_on_error():
             conversation.system_prompt = system_prompt.strip() or DEFAULT_SYSTEM_PROMPT
             change(conversation)
             # the prompt is rendered here: a turn too long for the context fails before any model work
             session.turn = Turn(self.backend, conversation, settings, tools=self.tools)
-        except ChatError:
-            conversation.messages[:], conversation.system_prompt = before
-            raise
         self.store.save(session.id, conversation)
         return self._render(session), *self._inputs(session, busy=True)
 

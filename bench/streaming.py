@@ -44,7 +44,7 @@ HISTORY_TURNS = (0, 20)
 QUICK = {"n_chunks": 5, "n_replies": 1, "rows": [(0.05, 0)]}
 CLIP_S = 10
 TARGET_ADDED_S = 0.05
-CHUNK = re.compile(r"w\d{3} ")  # each scripted chunk is a numbered word, so a client can tell which have arrived
+CHUNK = re.compile(r"w\d{3}\b")  # each scripted chunk is a numbered word, so a client can tell which have arrived
 
 
 class StampedBackend(ScriptedBackend):

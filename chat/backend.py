@@ -3,7 +3,7 @@
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from chat.conversation import DONE, FAILED, STOPPED, Conversation, Message
 from chat.audio import SAMPLE_RATE
@@ -119,6 +119,15 @@ class Response:
         self._end_at: int | None = None  # set by end_at()
 
     @property
+    def history_note(self) -> str:
+        """What the model did not see of the conversation, said on the reply so it is never silent."""
+        n = self.prompt.n_dropped_turns
+        if not n:
+            return ""
+        exchanges = "exchange" if n == 1 else f"{n} exchanges"
+        return f"The oldest {exchanges} did not fit the model's context and {'was' if n == 1 else 'were'} left out."
+
+    @property
     def text(self) -> str:
         """The reply so far."""
         return "".join(self.chunks)
@@ -151,19 +160,20 @@ class Response:
                 if self._cancel.is_set():
                     break
             else:
-                status, note = (STOPPED, STOPPED_NOTE) if self._cancel.is_set() else (DONE, "")
+                status, note = (STOPPED, STOPPED_NOTE) if self._cancel.is_set() else (DONE, self.history_note)
         except Exception as e:
             status, note = FAILED, str(e) if isinstance(e, ChatError) else f"{type(e).__name__}: {e}"
             raise
         finally:
             chunks.close()
             if self._end_at is not None and status == STOPPED:
-                self.chunks, status, note = [self.text[: self._end_at]], DONE, ""
+                self.chunks, status, note = [self.text[: self._end_at]], DONE, self.history_note
             self.stats.duration_s = time.monotonic() - start
             self.message = self.conversation.add_assistant(self.text, status=status, note=note)
 
 
 DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
+QUANTIZATIONS = ("4bit", "8bit", "none")  # of the local backend; 4bit is the default on a GPU
 
 
 def load_backend(model: str = DEFAULT_MODEL, api_base: str | None = None, **options) -> Backend:

@@ -1,6 +1,8 @@
 """Conversations: ordered messages whose clips are numbered Audio 1, Audio 2, ... for good."""
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from chat.clip import Clip
@@ -42,6 +44,16 @@ class Conversation:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     messages: list[Message] = field(default_factory=list)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @contextmanager
+    def unchanged_on_error(self) -> Iterator["Conversation"]:
+        """Undo every change made inside the block if it raises, so a failed step loses nothing."""
+        messages, system_prompt = list(self.messages), self.system_prompt
+        try:
+            yield self
+        except BaseException:
+            self.messages[:], self.system_prompt = messages, system_prompt
+            raise
 
     def clips(self) -> list[Clip]:
         """Every clip in numbering order: clips()[n - 1] is Audio n."""

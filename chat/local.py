@@ -19,11 +19,10 @@ from transformers import (
 )
 
 from chat.audio import SAMPLE_RATE
-from chat.backend import DEFAULT_MODEL, Backend, GenerationSettings, Stats
+from chat.backend import DEFAULT_MODEL, QUANTIZATIONS, Backend, GenerationSettings, Stats
 from chat.errors import BackendError, SettingsError
 from chat.prompts import AudioPart, Prompt, get_renderer
 
-QUANTIZATIONS = ("4bit", "8bit", "none")
 MODEL_TYPE = "qwen2_audio"
 # Left in bf16 when the language model is quantized. The Whisper-large audio encoder (0.6B weights,
 # 1.3 GB) is what hears: quantization noise there reaches every audio token of every clip, for a small

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from typing import TypedDict
 
+import numpy as np
 import soundfile
 
 from chat.audio import SAMPLE_RATE
@@ -91,12 +92,13 @@ def load(folder: str | Path) -> Conversation:
         raise StoreError(f"{CONVERSATION_FILE} is missing from {folder}: this is not a saved conversation.")
     try:
         data = json.loads(path.read_text())
-        return from_dict(data, lambda clip_id: _read_clip(folder / CLIPS_FOLDER / f"{clip_id}.wav"))
+        return from_dict(data, lambda clip_id: read_clip(folder / CLIPS_FOLDER / f"{clip_id}.wav"))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise StoreError(f"{path} is damaged ({e}); it cannot be loaded.") from e
 
 
-def _read_clip(path: Path):
+def read_clip(path: Path) -> np.ndarray:
+    """A stored clip's float32 samples; raises StoreError when the file is missing or damaged."""
     if not path.is_file():
         raise StoreError(f"{CLIPS_FOLDER}/{path.name} is missing from {path.parent.parent}: the save is incomplete.")
     try:

@@ -1,7 +1,6 @@
 """A backend that replays fixed chunks at a fixed rate: for UI plumbing tests, demos and benchmarks."""
 
 import threading
-import time
 from collections.abc import Iterator
 
 from chat.backend import Backend, GenerationSettings, Stats

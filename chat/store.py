@@ -107,7 +107,7 @@ class Store:
         if row is None:
             return None
         try:
-            return saving.from_dict(json.loads(row[0]), lambda clip_id: saving._read_clip(self._clip_file(clip_id)))
+            return saving.from_dict(json.loads(row[0]), lambda clip_id: saving.read_clip(self._clip_file(clip_id)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:  # chat.saving reports clip files itself
             raise StoreError(f"The saved conversation of this session is damaged ({e}); start a new one.") from e
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from app.cli import EXIT_INTERRUPTED, RECORDING_PROMPT, main, run_cli
+from app.cli import EXIT_INTERRUPTED, RECORDING_PROMPT, run_cli
+import launch
 from app.cli_text import BANNER, HELP, tool_result
 from app.recorder import ArrayRecorder, SoundDeviceRecorder
 from chat import BackendError, Clip, ClipError, Conversation, GenerationSettings, saving
@@ -348,7 +349,7 @@ def test_long_tool_results_are_cut_to_one_line():
 
 
 def test_a_model_that_cannot_load_is_one_error_line_and_exit_code_1(tmp_path, capsys):
-    assert main(["-c", str(tmp_path / "no model here"), "--cpu-only"]) == 1
+    assert launch.main(["--cli", "-c", str(tmp_path / "no model here"), "--cpu-only"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith(f"error: There is no model folder {tmp_path / 'no model here'}.") and "Traceback" not in err
 
@@ -364,7 +365,7 @@ def test_the_client_in_a_real_terminal_with_the_tiny_model(tiny_qwen2_audio, spe
     config_path.write_text(json.dumps(config))
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb", "PYTHONPATH": str(REPO)}
-    child = pexpect.spawn(sys.executable, ["-m", "app.cli", "-c", str(checkpoint), "--cpu-only"], cwd=REPO, env=env,
+    child = pexpect.spawn(sys.executable, ["launch.py", "--cli", "-c", str(checkpoint), "--cpu-only"], cwd=REPO, env=env,
                           encoding="utf-8", timeout=120, dimensions=(24, 400))
     try:
         child.expect_exact("/help lists commands; Ctrl-D leaves.")

@@ -122,3 +122,14 @@ def test_numbering_never_changes_when_turns_are_added(turns):
         for clip_id, n in numbers.items():
             assert c.clip(n).id == clip_id
     assert [m.role for m in c.messages if m.role == TOOL] == [TOOL] * sum(t[2] for t in turns if t[0] or t[1])
+
+
+def test_unchanged_on_error_restores_messages_and_system_prompt():
+    c = Conversation(system_prompt="Be brief.")
+    c.add_user("q", [clip(1)])
+    before = snapshot(c)
+    with pytest.raises(ConversationError), c.unchanged_on_error():
+        c.system_prompt = "Be long."
+        c.add_assistant("partial")
+        c.add_user("again", [clip(1)])
+    assert snapshot(c) == before

@@ -20,7 +20,7 @@ import gradio as gr  # noqa: E402
 import pytest  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
-from app.web import ChatPage, build_demo  # noqa: E402
+from app.web import MIN_RENDER_INTERVAL_S, ChatPage, build_demo  # noqa: E402
 from chat.local import GENERATION_THREAD, LocalBackend  # noqa: E402
 from chat.scripted import ScriptedBackend  # noqa: E402
 from chat.store import Store  # noqa: E402
@@ -84,13 +84,21 @@ def send(page: ChatPage, session, text: str = "", files=(), settings=SETTINGS) -
 
 def test_a_reply_streams_as_the_whole_chat_and_is_saved(scripted):
     backend, page, session = scripted
+    backend.interval_s = 1.5 * MIN_RENDER_INTERVAL_S  # a model slower than the page's update rate
     backend.enqueue(["Hel", "lo ", "there."])
     renders = send(page, session, "hi")
-    assert [bot_texts(r) for r in renders] == [["Hel"], ["Hello "], ["Hello there."]]
+    assert [bot_texts(r) for r in renders] == [["Hel"], ["Hello "], ["Hello there."], ["Hello there."]]
     assert all(r[0].role == "user" and r[0].content == ["hi"] for r in renders)
     saved = page.store.load(session.id)
     assert [(m.role, m.text, m.status) for m in saved.messages] == [
         ("user", "hi", "done"), ("assistant", "Hello there.", "done")]
+
+
+def test_text_faster_than_the_update_rate_is_batched_into_the_next_update(scripted):
+    backend, page, session = scripted
+    backend.enqueue([f"w{i} " for i in range(50)])  # all at once, as a fast GPU fills the streamer
+    renders = send(page, session, "hi")
+    assert len(renders) < 10 and bot_texts(renders[-1]) == [" ".join(f"w{i}" for i in range(50))]
 
 
 def test_a_recording_waits_labelled_and_an_empty_send_asks_it_as_a_voice_question(scripted, speech_wav):
@@ -182,6 +190,7 @@ def test_stop_keeps_the_partial_reply_marked_as_stopped(tmp_path):
 
 def test_a_stream_closed_by_gradio_records_the_partial_reply_at_once(scripted):
     backend, page, session = scripted
+    backend.interval_s = 1.5 * MIN_RENDER_INTERVAL_S
     backend.enqueue(["one ", "two ", "three ", "four"])
     page.add_message(session, {"text": "Count.", "files": []}, *SETTINGS)
     stream = page.respond(session)

@@ -23,7 +23,7 @@ from chat.clip import Clip
 from chat.conversation import STOPPED, USER, Conversation
 from chat.errors import ChatError, ClipError, StoreError
 from chat.tools import ToolBox
-from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn
+from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn, pump
 
 try:
     import readline  # noqa: F401  (importing it gives input() line editing and history)
@@ -118,7 +118,7 @@ class Terminal:
     def stream(self, turn: Turn) -> None:
         """Print the turn's events as they come; Ctrl-C stops the reply, a second Ctrl-C leaves."""
         events: queue.Queue = queue.Queue()
-        worker = threading.Thread(target=_pump, args=(turn, events), daemon=True)
+        worker = threading.Thread(target=pump, args=(turn, events), daemon=True)
         try:
             worker.start()
             self.show(worker, events)
@@ -291,15 +291,6 @@ class Terminal:
         """Print text on lines of its own."""
         self.end_line()
         self.write(text + "\n")
-
-
-def _pump(turn: Turn, events: queue.Queue) -> None:
-    """Run the turn in a worker thread, so that the main thread stays free to take Ctrl-C."""
-    try:
-        for event in turn:
-            events.put(event)
-    except Exception as e:  # the turn has already recorded the failed reply; the main thread shows the error
-        events.put(e)
 
 
 def run_cli(

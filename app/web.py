@@ -26,7 +26,7 @@ from chat.errors import BackendError, ChatError, SettingsError, StoreError
 from chat.store import Store, from_zip, to_zip
 from chat.toolcalls import style_for
 from chat.tools import ToolBox
-from chat.turn import TextChunk, ToolCallStarted, Turn
+from chat.turn import TextChunk, ToolCallStarted, Turn, in_batches
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SESSION_KEY = "audio-chat-session"  # localStorage key of the session id
@@ -36,9 +36,6 @@ SESSION_SECRET = "audio-chat-session-v1"
 SESSION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: 122 random bits, not guessable
 STOP_WAIT_S = 10.0  # a reply stops within one token step; this only bounds a hung backend
 POLL_S = 0.02
-# An update re-sends the whole chat (about 30 ms of gradio's time with 20 clips), so text arriving faster
-# than this is batched into the next update instead of queueing behind renders.
-MIN_RENDER_INTERVAL_S = 0.04
 TITLE = "Audio Chat"
 EXAMPLES = [  # shown in the empty chat; a click puts the example in the message box (assets/make_assets.py)
     {"display_text": "Ask a spoken question", "text": "", "files": [str(ASSETS / "question.wav")]},
@@ -142,24 +139,22 @@ class ChatPage:
         if turn is None:  # stopped while it waited in the queue
             return
         session.streaming = True
-        events, streaming, running, rendered_at = iter(turn), "", None, 0.0
+        batches, streaming, running = in_batches(turn), "", None
         try:
-            for event in events:
-                if isinstance(event, TextChunk):
-                    streaming += event.text
-                    if time.monotonic() - rendered_at < MIN_RENDER_INTERVAL_S:
-                        continue  # the next update carries this text too
-                elif isinstance(event, ToolCallStarted):  # the reply so far is on the conversation now
-                    streaming, running = "", event
-                else:
-                    running = None
-                rendered_at = time.monotonic()
+            for batch in batches:
+                for event in batch:
+                    if isinstance(event, TextChunk):
+                        streaming += event.text
+                    elif isinstance(event, ToolCallStarted):  # the reply so far is on the conversation now
+                        streaming, running = "", event
+                    else:
+                        running = None
                 yield self._render(session, streaming if turn.response.message is None else "", running)
-            yield self._render(session)
+            yield self._render(session)  # the worker has ended: everything is on the conversation
         except ChatError:
             pass  # the reply is on the conversation as failed, with the error as its note; finish() shows it
         finally:
-            events.close()  # when gradio closes us mid-reply (Stop), this records the partial reply now
+            batches.close()  # when gradio closes us mid-reply (Stop), this stops the turn and records the partial reply
             self.store.save(session.id, session.conversation)
             session.turn, session.streaming = None, False
 

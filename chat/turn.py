@@ -1,5 +1,6 @@
 """A turn: the model's reply to the open user turn as a stream of events, tool calls included."""
 
+import queue
 import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from chat.errors import ToolError
 from chat.toolcalls import ToolCall, get_parser, style_for, timestamp_spans
 from chat.tools import ToolBox, ToolResult, run_tool_call, span_clips, tool_system_prompt
 
+POLL_S = 0.02  # how often a waiting reader checks whether the worker has ended
 DEFAULT_MAX_TOOL_CALLS = 4  # per turn, like llm's chain_limit: a looping model cannot edit forever
 SPANS_TOOL = "timestamp_spans"  # the tool name recorded for clips cut at a reply's <|t|> timestamps
 
@@ -140,3 +142,40 @@ class Turn:
         if clips:
             yield ToolCallStarted(SPANS_TOOL, {"spans": [list(span) for span in spans]})
             yield ToolCallFinished(self.conversation.add_tool(SPANS_TOOL, text, clips))
+
+
+def pump(turn: Turn, events: queue.Queue) -> None:
+    """Put the turn's events on a queue (meant for a worker thread), then the error it ended with, if any."""
+    try:
+        for event in turn:
+            events.put(event)
+    except Exception as e:  # the turn has already recorded the failed reply; the reader shows the error
+        events.put(e)
+
+
+def in_batches(turn: Turn) -> Iterator[list[Event]]:
+    """Run the turn in a worker thread and yield, each time the caller asks, every event that arrived meanwhile.
+
+    A reader slower than the model (a page that re-sends the whole chat on each update) gets fewer,
+    larger batches instead of falling behind. Closing the iterator cancels the turn and waits for the
+    worker, which stops within one token step; the error the turn ended with is re-raised.
+    """
+    events: queue.Queue = queue.Queue()
+    worker = threading.Thread(target=pump, args=(turn, events), name="turn", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive() or not events.empty():
+            try:
+                batch = [events.get(timeout=POLL_S)]
+            except queue.Empty:
+                continue
+            while not events.empty():
+                batch.append(events.get_nowait())
+            errors = [e for e in batch if isinstance(e, Exception)]
+            if len(errors) < len(batch):
+                yield [e for e in batch if not isinstance(e, Exception)]
+            if errors:
+                raise errors[0]
+    finally:
+        turn.cancel()
+        worker.join()

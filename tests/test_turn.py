@@ -1,16 +1,18 @@
 """A turn's event stream and the tool loop: calls split across chunks, bounded calls, bad calls, end to end."""
 
+import threading
+
 import numpy as np
 import pytest
 
 from chat.audio import SAMPLE_RATE
 from chat.clip import Clip
 from chat.conversation import ASSISTANT, DONE, STOPPED, TOOL, USER, Conversation
-from chat.errors import ToolError
+from chat.errors import BackendError, ToolError
 from chat.remote import RemoteBackend
 from chat.scripted import ScriptedBackend
 from chat.tools import ToolBox
-from chat.turn import SPANS_TOOL, TextChunk, ToolCallFinished, ToolCallStarted, Turn
+from chat.turn import SPANS_TOOL, TextChunk, ToolCallFinished, ToolCallStarted, Turn, in_batches
 from tests.conftest import tone
 from tests.openai_server import OpenAIServer, decoded_audio
 
@@ -163,3 +165,30 @@ def test_end_to_end_through_the_openai_compatible_server(conversation):
     assert second["messages"][2]["content"] == "I'll cut it. " + CALL
     sent = decoded_audio(second)
     assert len(sent) == 3 and len(sent[2]) == len(conversation.clip(3).samples)
+
+
+def test_in_batches_closed_mid_reply_stops_the_turn_and_its_worker():
+    backend = ScriptedBackend(interval_s=0.05)
+    backend.enqueue([f"w{i} " for i in range(20)])
+    conversation = Conversation()
+    conversation.add_user("Count.")
+    batches = in_batches(Turn(backend, conversation))
+    assert [e.text for e in next(batches)] == ["w0 "]
+    batches.close()
+    assert conversation.messages[-1].status == "stopped" and conversation.messages[-1].text.startswith("w0 ")
+    assert not [t for t in threading.enumerate() if t.name == "turn"]
+
+
+def test_in_batches_reraises_the_error_after_the_text_before_it():
+    class Failing(ScriptedBackend):
+        def execute(self, prompt, settings, stats, cancel):
+            yield "Half"
+            raise BackendError("The server went away.")
+
+    conversation = Conversation()
+    conversation.add_user("Hi")
+    seen = []
+    with pytest.raises(BackendError, match="went away"):
+        for batch in in_batches(Turn(Failing(), conversation)):
+            seen += [e.text for e in batch]
+    assert seen == ["Half"] and conversation.messages[-1].status == "failed"

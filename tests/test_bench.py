@@ -43,7 +43,7 @@ def test_streaming_quick(capsys):
     (row,) = table(output)
     assert row[:3] == ["50", "0", str(streaming.QUICK["n_chunks"])]
     assert all(is_number(cell) for cell in row[3:])
-    assert "worst p95 added per chunk" in output
+    assert "worst median added per chunk" in output
 
 
 def test_gpu_tiny_quick(capsys):

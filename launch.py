@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--data-dir", type=Path,
                         help=f"folder for conversations and clips "
                              f"(default: ${DATA_DIR_ENV}, else data/ beside launch.py)")
+    model.add_argument("--no-tools", dest="tools", action="store_false",
+                       help="do not offer the speech-editing tools to the model (a shorter system prompt)")
     parser.add_argument("--cli", action="store_true", help="chat in this terminal instead of the browser")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_upload_mb < 1:
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             from app.cli import run_cli
             from app.recorder import SoundDeviceRecorder
 
-            return run_cli(backend, recorder=SoundDeviceRecorder())
+            return run_cli(backend, recorder=SoundDeviceRecorder(), tools=args.tools)
         return serve(args, backend, store, f"Model: **{Path(args.checkpoint_path).name}**, {where}.")
     finally:
         backend.close()
@@ -108,7 +110,7 @@ def serve(args: argparse.Namespace, backend, store: Store, description: str) -> 
     """Serve the page until interrupted; exit code 1 when --share could not make its link."""
     from app.web import CSS, THEME, build_demo
 
-    demo = build_demo(backend, store, description=description, concurrency=args.concurrency)
+    demo = build_demo(backend, store, description=description, concurrency=args.concurrency, tools=args.tools)
     demo.launch(
         server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser,
         auth=args.logins or None, max_file_size=f"{args.max_upload_mb}mb", theme=THEME, css=CSS,

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLAGS = [
     "-c", "--checkpoint-path", "--cpu-only", "--quantization", "--api-base", "--api-key", "--server-name",
     "--server-port", "--inbrowser", "--share", "--share-without-login", "--auth", "--auth-file", "--concurrency",
-    "--max-upload-mb", "--data-dir", "--cli",
+    "--max-upload-mb", "--data-dir", "--no-tools", "--cli",
 ]
 
 
@@ -100,3 +100,11 @@ def test_cli_hands_over_to_the_terminal_client():
     assert result.returncode == 0, result.stderr
     assert "Hello from the server." in result.stdout
     assert server.requests[0]["messages"][-1]["content"][-1]["text"] == "hi there"
+
+
+@pytest.mark.parametrize("flags, offered", [((), True), (("--no-tools",), False)])
+def test_tools_are_offered_unless_turned_off(flags, offered):
+    with OpenAIServer() as server:
+        run_launch("--cli", "-c", server.model, "--api-base", server.url, *flags, stdin="hi\n/quit\n")
+    system = server.requests[0]["messages"][0]["content"]
+    assert ("<tools>" in system) == offered

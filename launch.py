@@ -7,6 +7,7 @@ from pathlib import Path
 
 from chat.backend import DEFAULT_MODEL, QUANTIZATIONS, load_backend
 from chat.errors import ChatError
+from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.store import DATA_DIR_ENV, Store
 
 DEFAULT_PORT = 8000
@@ -50,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"(default: ${DATA_DIR_ENV}, else data/ beside launch.py)")
     model.add_argument("--no-tools", dest="tools", action="store_false",
                        help="do not offer the speech-editing tools to the model (a shorter system prompt)")
+    model.add_argument("--word-model", default=DEFAULT_WORD_MODEL,
+                       help=f"Whisper hub id or folder that finds word times for editing by words "
+                            f"(default: {DEFAULT_WORD_MODEL}; loaded on first use)")
     parser.add_argument("--cli", action="store_true", help="chat in this terminal instead of the browser")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_upload_mb < 1:
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             from app.cli import run_cli
             from app.recorder import SoundDeviceRecorder
 
-            return run_cli(backend, recorder=SoundDeviceRecorder(), tools=args.tools)
+            return run_cli(backend, recorder=SoundDeviceRecorder(), tools=args.tools, word_model=args.word_model)
         return serve(args, backend, store, f"Model: **{Path(args.checkpoint_path).name}**, {where}.")
     finally:
         backend.close()
@@ -110,7 +114,8 @@ def serve(args: argparse.Namespace, backend, store: Store, description: str) -> 
     """Serve the page until interrupted; exit code 1 when --share could not make its link."""
     from app.web import CSS, THEME, build_demo
 
-    demo = build_demo(backend, store, description=description, concurrency=args.concurrency, tools=args.tools)
+    demo = build_demo(backend, store, description=description, concurrency=args.concurrency, tools=args.tools,
+                      word_model=args.word_model)
     demo.launch(
         server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser,
         auth=args.logins or None, max_file_size=f"{args.max_upload_mb}mb", theme=THEME, css=CSS,

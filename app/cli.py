@@ -22,7 +22,8 @@ from chat.backend import Backend, GenerationSettings
 from chat.clip import Clip
 from chat.conversation import STOPPED, USER, Conversation
 from chat.errors import ChatError, ClipError, StoreError
-from chat.tools import ToolBox
+from chat.timestamps import DEFAULT_WORD_MODEL
+from chat.tools import ToolBox, toolbox_for
 from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn, pump
 
 try:
@@ -300,6 +301,7 @@ def run_cli(
     recorder: Recorder | None = None,
     tools: bool = True,
     *,
+    word_model: str = DEFAULT_WORD_MODEL,
     conversation: Conversation | None = None,
     player: Callable[[Clip], None] = play,
     stdin: TextIO | None = None,
@@ -307,13 +309,14 @@ def run_cli(
 ) -> int:
     """Chat with backend in the terminal until the user leaves; returns the process exit code.
 
-    tools offers the speech-editing tools to a backend that supports them. recorder None turns
+    tools offers the speech-editing tools to a backend that supports them, finding words with
+    word_model (a Whisper hub id or folder). recorder None turns
     recording off; conversation continues a given one; player, stdin and stdout are for tests.
     """
     conversation = Conversation() if conversation is None else conversation
     if system_prompt:
         conversation.system_prompt = system_prompt
-    toolbox = ToolBox() if tools and backend.supports_tools else None
+    toolbox = toolbox_for(backend, tools, word_model)
     terminal = Terminal(backend, settings or GenerationSettings(), conversation, toolbox, recorder, player,
                         stdin or sys.stdin, stdout or sys.stdout)
     return terminal.run()

@@ -25,7 +25,8 @@ from chat.conversation import DEFAULT_SYSTEM_PROMPT, Conversation
 from chat.errors import BackendError, ChatError, SettingsError, StoreError
 from chat.store import Store, from_zip, to_zip
 from chat.toolcalls import style_for
-from chat.tools import ToolBox
+from chat.timestamps import DEFAULT_WORD_MODEL
+from chat.tools import ToolBox, toolbox_for
 from chat.turn import TextChunk, ToolCallStarted, Turn, in_batches
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -261,11 +262,12 @@ class ChatPage:
 
 
 def build_demo(
-    backend: Backend, store: Store, *, description: str = "", concurrency: int = 1, tools: bool = True
+    backend: Backend, store: Store, *, description: str = "", concurrency: int = 1, tools: bool = True,
+    word_model: str = DEFAULT_WORD_MODEL,
 ) -> gr.Blocks:
     """The chat page. description says which model serves it; concurrency is how many replies run at once;
-    tools offers the speech-editing tools to a backend that supports them."""
-    page = ChatPage(backend, store, ToolBox() if tools and backend.supports_tools else None)
+    tools offers the speech-editing tools to a backend that supports them, finding words with word_model."""
+    page = ChatPage(backend, store, toolbox_for(backend, tools, word_model))
     defaults = GenerationSettings()
     gr.set_static_paths([store.clips_folder, ASSETS])  # served as they are: no copy into gradio's cache per update
     # uploads are decoded into the store at once, so gradio's copies can go after a day (checked hourly)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from chat.audio import MIN_CLIP_S, SAMPLE_RATE
+from chat.backend import Backend
 from chat.clip import EDITED, Clip
 from chat.conversation import DEFAULT_SYSTEM_PROMPT, USER, Conversation
 from chat.edit_tools import EDITS, Audio, Edit, keep_range, word_finder
@@ -67,6 +68,11 @@ class Tool:
         """The function declaration Qwen's and OpenAI's formats use."""
         function = {"name": self.name, "description": self.description, "parameters": self.schema}
         return {"type": "function", "function": function}
+
+
+def toolbox_for(backend: Backend, enabled: bool = True, word_model: str = DEFAULT_WORD_MODEL) -> "ToolBox | None":
+    """Every tool, finding words with word_model (a Whisper hub id or folder); None when off or unsupported."""
+    return ToolBox(words=WordTimestamper(word_model)) if enabled and backend.supports_tools else None
 
 
 class ToolBox:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLAGS = [
     "-c", "--checkpoint-path", "--cpu-only", "--quantization", "--api-base", "--api-key", "--server-name",
     "--server-port", "--inbrowser", "--share", "--share-without-login", "--auth", "--auth-file", "--concurrency",
-    "--max-upload-mb", "--data-dir", "--no-tools", "--cli",
+    "--max-upload-mb", "--data-dir", "--no-tools", "--word-model", "--cli",
 ]
 
 

@@ -230,3 +230,18 @@ def test_timestamp_spans_become_clips_of_the_last_user_clip(conversation):
 
 def test_audio_reads_as_its_label():
     assert str(Audio(3, Clip(A1, name="a.wav"))) == "Audio 3"
+
+
+def test_toolbox_for_uses_the_word_model_given_and_respects_off_and_unsupported(tmp_path):
+    from chat.scripted import ScriptedBackend
+    from chat.tools import toolbox_for
+
+    backend = ScriptedBackend()
+    conversation = Conversation()
+    conversation.add_user("Words?", [Clip.from_array(tone(1.0), SAMPLE_RATE)])
+    toolbox = toolbox_for(backend, word_model=str(tmp_path / "no-whisper"))
+    result = run_tool_call(conversation, "find_words", {"audio": 1}, toolbox)
+    assert result.clip is None and "no-whisper" in result.error
+    assert toolbox_for(backend, enabled=False) is None
+    backend.supports_tools = False
+    assert toolbox_for(backend) is None

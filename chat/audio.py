@@ -38,7 +38,8 @@ def decode_file(path: str | Path) -> np.ndarray:
     ]
     result = subprocess.run(command, capture_output=True, check=False)
     log = result.stderr.decode(errors="replace").splitlines()
-    errors = [line.split("] ", 1)[-1] for line in log if line.startswith(("[error]", "[fatal]"))]
+    # ffmpeg starts some errors with the file's full path, which says nothing to a person who uploaded it
+    errors = [line.split("] ", 1)[-1].removeprefix(f"{path}: ") for line in log if line.startswith(("[error]", "[fatal]"))]
     samples = np.frombuffer(result.stdout, dtype=np.float32).copy()
     declared_s = _declared_duration_s(log)
     if result.returncode != 0 or errors or _is_truncated(path, len(samples) / SAMPLE_RATE, declared_s):

@@ -112,9 +112,7 @@ def fade(samples: np.ndarray, fade_in_s: float = 0.0, fade_out_s: float = 0.0) -
 def change_speed(samples: np.ndarray, factor: float, keep_pitch: bool) -> np.ndarray:
     """Play factor times faster (length / factor); keep_pitch uses ffmpeg atempo, otherwise resample so pitch shifts."""
     clip = _as_clip(samples)
-    _check_finite("factor", factor)
-    if not MIN_SPEED <= factor <= MAX_SPEED:
-        raise ValueError(f"speed factor must be between {MIN_SPEED:g} and {MAX_SPEED:g}, got {factor:g}")
+    _check_between("speed factor", factor, MIN_SPEED, MAX_SPEED)
     n_result = int(round(len(clip) / factor))
     if n_result == 0:
         raise ValueError("the clip is too short to change its speed by this factor; the result would be empty")
@@ -164,11 +162,7 @@ def reverse(samples: np.ndarray) -> np.ndarray:
 def normalize_loudness(samples: np.ndarray, target_dbfs: float = -20.0) -> np.ndarray:
     """Scale to target_dbfs RMS (20*log10(rms), full scale 1.0), with less gain if needed to keep peaks in [-1, 1]."""
     clip = _as_clip(samples)
-    _check_finite("target_dbfs", target_dbfs)
-    if not MIN_TARGET_DBFS <= target_dbfs <= MAX_TARGET_DBFS:
-        raise ValueError(
-            f"target_dbfs must be between {MIN_TARGET_DBFS:g} and {MAX_TARGET_DBFS:g} dBFS, got {target_dbfs:g}"
-        )
+    _check_between("target_dbfs", target_dbfs, MIN_TARGET_DBFS, MAX_TARGET_DBFS, " dBFS")
     rms = _rms(clip)
     if rms == 0.0:
         raise ValueError("the clip is silent, so there is no loudness to normalize")
@@ -179,11 +173,7 @@ def normalize_loudness(samples: np.ndarray, target_dbfs: float = -20.0) -> np.nd
 def trim_silence(samples: np.ndarray, threshold_db: float = -40.0) -> np.ndarray:
     """Drop leading and trailing TRIM_FRAME_S frames whose RMS is below threshold_db."""
     clip = _as_clip(samples)
-    _check_finite("threshold_db", threshold_db)
-    if not MIN_THRESHOLD_DB <= threshold_db <= MAX_THRESHOLD_DB:
-        raise ValueError(
-            f"threshold_db must be between {MIN_THRESHOLD_DB:g} and {MAX_THRESHOLD_DB:g} dB, got {threshold_db:g}"
-        )
+    _check_between("threshold_db", threshold_db, MIN_THRESHOLD_DB, MAX_THRESHOLD_DB, " dB")
     n_frame = seconds_to_samples(TRIM_FRAME_S)
     threshold = _db_to_ratio(threshold_db)
     starts = np.arange(0, len(clip), n_frame)
@@ -213,11 +203,17 @@ def _check_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+def _check_between(name: str, value: float, low: float, high: float, unit: str = "") -> None:
+    """Require a finite value within [low, high]; the message names both bounds."""
+    _check_finite(name, value)
+    if not low <= value <= high:
+        sign = "+" if low < 0 < high else ""  # "-60 and +30 dB" reads as a range of gains
+        raise ValueError(f"{name} must be between {low:g} and {sign}{high:g}{unit}, got {value:g}{unit}")
+
+
 def _check_gain(name: str, gain_db: float) -> None:
     """Require a gain within [MIN_GAIN_DB, MAX_GAIN_DB]."""
-    _check_finite(name, gain_db)
-    if not MIN_GAIN_DB <= gain_db <= MAX_GAIN_DB:
-        raise ValueError(f"{name} must be between {MIN_GAIN_DB:g} and +{MAX_GAIN_DB:g} dB, got {gain_db:g} dB")
+    _check_between(name, gain_db, MIN_GAIN_DB, MAX_GAIN_DB, " dB")
 
 
 def _check_result_length(n_samples: int) -> None:

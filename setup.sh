@@ -14,6 +14,8 @@ missing=()
 for package in "${system_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
 done
+# Debian's own python3 makes virtual environments only with python3-venv installed
+python3 -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
 if (( ${#missing[@]} )); then
   sudo_cmd=(); [[ $(id -u) -ne 0 ]] && sudo_cmd=(sudo)
   echo "Installing system packages: ${missing[*]}"

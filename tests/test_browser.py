@@ -199,6 +199,18 @@ def test_record_attach_ask_stop_regenerate_and_reload(apps, browser, speech_wav,
     assert [m.text for m in saved.messages if m.role == "user"] == ["What is in Audio 2?", "Tell me more."]
 
 
+def test_a_recording_sent_alone_is_a_spoken_question(apps, browser):
+    app, page = apps["local"], new_page(browser)
+    page.goto(app.url)
+    set_settings(page, max_new_tokens="40")
+    page.locator("#recorder").get_by_role("button", name="Record").click()
+    page.wait_for_timeout(1000)
+    page.locator("#recorder").get_by_role("button", name="Stop").click()
+    expect(page.locator("#chatbot")).to_contain_text("Audio 1 · recording")
+    page.locator("#chat-input [data-testid=submit-button]").click()  # nothing typed: the recording is the question
+    assert wait_for_replies(page, 1)[0].strip()
+
+
 def log_in(page: Page, user: str, password: str) -> None:
     page.get_by_label("username").fill(user)
     page.get_by_label("password").fill(password)

@@ -48,6 +48,7 @@ class Stats:
     duration_s: float | None = None
     n_tokens: int = 0
     n_prompt_tokens: int = 0
+    n_reused_prompt_tokens: int = 0  # of those, how many the previous turn's attention cache already held
     audio_s: float = 0.0
     peak_gpu_memory_mb: float | None = None  # None where there is no GPU
     n_dropped_turns: int = 0

@@ -5,11 +5,13 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import (
     AutoConfig,
+    Cache,
     AutoProcessor,
     BitsAndBytesConfig,
     Qwen2AudioForConditionalGeneration,
@@ -38,6 +40,16 @@ MEMORY_HINT = "Try --quantization 4bit, fewer or shorter clips, or a lower max_n
 
 # bitsandbytes warns on every 8-bit matmul that it casts bf16/fp32 activations to fp16, which it must.
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+@dataclass
+class KeyValueCache:
+    """The attention keys and values of the last reply's tokens: the next turn of the same conversation
+    starts from them, so its history (clips included) is neither encoded nor prefilled again."""
+
+    token_ids: torch.Tensor  # (n_cached,) the tokens whose keys and values the cache holds, in order
+    part_keys: list[tuple[str, int]]  # (clip id, part index) of each run of audio tokens, in order
+    cache: Cache
 
 
 class LocalBackend(Backend):
@@ -85,6 +97,7 @@ class LocalBackend(Backend):
         self.stop_ids = sorted({*self.tokenizer.convert_tokens_to_ids(list(stop_strings)), *eos})
         self._features_cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._last_reply: KeyValueCache | None = None  # taken by one reply at a time, under _cache_lock
 
     def count_tokens(self, text: str) -> int:
         """Exact token count of text, as the model's tokenizer splits it."""
@@ -123,6 +136,11 @@ class LocalBackend(Backend):
         """Stream the reply from a worker thread that stops within one token of cancel or of the caller leaving."""
         inputs = self.prepare(prompt)
         n_prompt = stats.n_prompt_tokens = inputs["input_ids"].shape[1]
+        part_keys = [(part.clip.id, part.index) for part in prompt.audio_parts]
+        with self._cache_lock:
+            last_reply, self._last_reply = self._last_reply, None
+        if last_reply is not None:
+            stats.n_reused_prompt_tokens = continue_from(last_reply, inputs, part_keys, self.model.config.audio_token_id)
         finished = threading.Event()  # set when the caller stops listening, however it leaves
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[Exception] = []
@@ -137,10 +155,13 @@ class LocalBackend(Backend):
             try:
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)
-                self.model.generate(
-                    **inputs, **generate_kwargs(settings, self.stop_ids),
+                out = self.model.generate(
+                    **inputs, **generate_kwargs(settings, self.stop_ids), return_dict_in_generate=True,
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([CountOrStop()]),
                 )
+                n_cached = out.past_key_values.get_seq_length()
+                with self._cache_lock:
+                    self._last_reply = KeyValueCache(out.sequences[0, :n_cached], part_keys, out.past_key_values)
             except Exception as e:
                 errors.append(e)
                 streamer.end()  # wake the consumer, which then raises the error
@@ -169,7 +190,7 @@ class LocalBackend(Backend):
 
     def close(self) -> None:
         """Free the model's memory (GPU memory included)."""
-        self.model = None
+        self.model = self._last_reply = None
         self._features_cache.clear()
         gc.collect()
         if torch.cuda.is_available():
@@ -192,6 +213,46 @@ class LocalBackend(Backend):
             while len(self._features_cache) > MAX_CACHED_PARTS:
                 self._features_cache.popitem(last=False)
         return value
+
+
+def continue_from(
+    last_reply: KeyValueCache, inputs: dict[str, torch.Tensor], part_keys: list[tuple[str, int]], audio_token_id: int
+) -> int:
+    """Let generate() start from the last reply's cache where its tokens begin the new input; returns how many.
+
+    The cache is cut back to the common prefix: equal token ids and, since every clip's audio tokens
+    share one id, the same clip parts behind them. The cut never falls inside a clip's audio tokens
+    and leaves at least one token to compute. Only the audio parts after the cut are encoded: the
+    features of earlier ones are dropped from inputs.
+    """
+    ids = inputs["input_ids"][0]
+    cached = last_reply.token_ids.to(ids.device)
+    n = min(len(cached), len(ids) - 1)
+    differs = (cached[:n] != ids[:n]).nonzero()
+    n = int(differs[0]) if len(differs) else n
+    is_audio = ids == audio_token_id
+    follows_audio = torch.cat([is_audio.new_zeros(1), is_audio[:-1]])
+    precedes_audio = torch.cat([is_audio[1:], is_audio.new_zeros(1)])
+    run_starts = (is_audio & ~follows_audio).nonzero()[:, 0].tolist()  # one run of audio tokens per part
+    run_ends = ((is_audio & ~precedes_audio).nonzero()[:, 0] + 1).tolist()
+    for k, (start, end) in enumerate(zip(run_starts, run_ends)):
+        if start >= n:
+            break
+        same_part = k < len(last_reply.part_keys) and last_reply.part_keys[k] == part_keys[k]
+        if not same_part or n < end:
+            n = start  # another clip behind the same ids, or a cut inside this clip: encode it whole again
+            break
+    if n == 0:
+        return 0
+    last_reply.cache.crop(n - len(cached))  # a negative count: how many tokens to remove from the end
+    inputs["past_key_values"] = last_reply.cache
+    if "input_features" in inputs:
+        after_cut = torch.tensor([start >= n for start in run_starts], dtype=torch.bool)
+        for name in ("input_features", "feature_attention_mask"):
+            inputs[name] = inputs[name][after_cut.to(inputs[name].device)]
+        if not after_cut.any():
+            del inputs["input_features"], inputs["feature_attention_mask"]
+    return n
 
 
 def generate_kwargs(settings: GenerationSettings, stop_ids: list[int]) -> dict:

@@ -294,3 +294,63 @@ def test_real_size_model_in_4bit_on_the_gpu(tiny_qwen2_audio, tmp_path):
     assert response.message.status == DONE and response.stats.n_tokens >= 1
     assert response.stats.peak_gpu_memory_mb < 10_000  # 4-bit LLM, bf16 encoder, embeddings and head: about 7.5 GB
     local.close()
+
+
+@pytest.fixture(scope="module")
+def full_precision(tiny_qwen2_audio) -> LocalBackend:
+    """The tiny checkpoint in fp32: exact enough that a reused cache must give the very same greedy reply."""
+    return LocalBackend(str(tiny_qwen2_audio), quantization="none")
+
+
+GREEDY = GenerationSettings(temperature=0, max_new_tokens=12)
+
+
+def fresh_reply(backend: LocalBackend, response: Response) -> str:
+    """What the model says to the response's prompt when everything is computed from scratch."""
+    inputs = backend.prepare(response.prompt)
+    ids = backend.model.generate(**inputs, **generate_kwargs(GREEDY, backend.stop_ids))[0, inputs["input_ids"].shape[1]:]
+    return backend.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def encoded_parts(backend: LocalBackend, monkeypatch) -> list[int]:
+    """Records how many audio parts each pass of the audio encoder receives."""
+    tower, calls = backend.model.model.audio_tower, []
+    forward = tower.forward
+    monkeypatch.setattr(tower, "forward", lambda features, *a, **k: calls.append(len(features)) or forward(features, *a, **k))
+    return calls
+
+
+def test_a_follow_up_turn_starts_from_the_cached_history_and_encodes_only_the_new_clip(full_precision, monkeypatch):
+    conversation = Conversation()
+    conversation.add_user("What is this?", [clip(2.0, 300, "a.wav"), clip(1.0, 500, "b.wav")])
+    "".join(Response(full_precision, conversation, GREEDY))
+    conversation.add_user("And this one?", [clip(1.5, 700, "c.wav")])
+    follow_up = Response(full_precision, conversation, GREEDY)
+    expected = fresh_reply(full_precision, follow_up)
+    calls = encoded_parts(full_precision, monkeypatch)
+    assert "".join(follow_up) == expected
+    assert calls == [1]  # Audio 3 only: Audio 1 and 2 are in the cache
+    assert 100 < follow_up.stats.n_reused_prompt_tokens < follow_up.stats.n_prompt_tokens
+
+
+def test_another_clip_behind_the_same_token_ids_is_encoded_again(full_precision, monkeypatch):
+    first, second = Conversation(), Conversation()
+    first.add_user("Describe.", [clip(2.0, 300, "a.wav")])
+    second.add_user("Describe.", [clip(2.0, 900, "other.wav")])  # the same length: the same token ids
+    "".join(Response(full_precision, first, GREEDY))
+    response = Response(full_precision, second, GREEDY)
+    expected = fresh_reply(full_precision, response)
+    calls = encoded_parts(full_precision, monkeypatch)
+    assert "".join(response) == expected and calls == [1]
+    audio_start = response.prompt.text.index("<|AUDIO|>")  # in the text, before expansion
+    assert 0 < response.stats.n_reused_prompt_tokens <= full_precision.count_tokens(response.prompt.text[:audio_start])
+
+
+def test_a_regenerated_reply_reuses_the_question_and_matches_a_fresh_one(full_precision):
+    conversation = Conversation()
+    conversation.add_user("Describe.", [clip(2.0, 400, "a.wav")])
+    "".join(Response(full_precision, conversation, GREEDY))
+    conversation.drop_reply()
+    again = Response(full_precision, conversation, GREEDY)
+    assert "".join(again) == fresh_reply(full_precision, again)
+    assert again.stats.n_reused_prompt_tokens == again.stats.n_prompt_tokens - 1

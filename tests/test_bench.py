@@ -2,7 +2,7 @@
 
 import re
 
-from bench import gpu, ingest, streaming, turn_prep
+from bench import first_token, gpu, ingest, streaming, turn_prep
 
 
 def table(output: str) -> list[list[str]]:
@@ -35,6 +35,14 @@ def test_turn_prep_quick(capsys):
     assert [row[0] for row in rows] == ["1", "2"]
     assert all(is_number(cell) for row in rows for cell in row[1:])
     assert "turn with 2 clips / with 1" in output
+
+
+def test_first_token_quick(capsys):
+    first_token.main(["--quick"])
+    rows = table(capsys.readouterr().out)
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert all(is_number(cell) for row in rows for cell in row[1:])
+    assert all(0 < float(row[4].rstrip("%")) < 100 for row in rows)  # the cached turns really reused history
 
 
 def test_streaming_quick(capsys):

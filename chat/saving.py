@@ -1,6 +1,8 @@
 """Save a conversation with its clips to a folder, and load it back identical."""
 
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import TypedDict
 
@@ -77,9 +79,7 @@ def save(conversation: Conversation, folder: str | Path) -> Path:
     folder = Path(folder)
     (folder / CLIPS_FOLDER).mkdir(parents=True, exist_ok=True)
     for clip in conversation.clips():
-        path = folder / CLIPS_FOLDER / f"{clip.id}.wav"
-        if not path.exists():
-            soundfile.write(path, clip.samples, SAMPLE_RATE, subtype="FLOAT")
+        write_clip(clip, folder / CLIPS_FOLDER)
     (folder / CONVERSATION_FILE).write_text(json.dumps(to_dict(conversation), indent=1, ensure_ascii=False))
     return folder
 
@@ -92,9 +92,25 @@ def load(folder: str | Path) -> Conversation:
         raise StoreError(f"{CONVERSATION_FILE} is missing from {folder}: this is not a saved conversation.")
     try:
         data = json.loads(path.read_text())
-        return from_dict(data, lambda clip_id: read_clip(folder / CLIPS_FOLDER / f"{clip_id}.wav"))
+        return from_dict(data, lambda clip_id: read_clip(clip_file(folder / CLIPS_FOLDER, clip_id)))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise StoreError(f"{path} is damaged ({e}); it cannot be loaded.") from e
+
+
+def clip_file(clips_folder: Path, clip_id: str) -> Path:
+    """Where a clip's audio lives in a clips folder: named by its content id."""
+    return clips_folder / f"{clip_id}.wav"
+
+
+def write_clip(clip: Clip, clips_folder: Path) -> Path:
+    """The clip's float32 wav in clips_folder, written the first time; returns its path."""
+    path = clip_file(clips_folder, clip.id)
+    if not path.exists():
+        # write aside, then rename: a crash or a second thread never leaves a half-written clip under its id
+        partial = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.partial.wav")
+        soundfile.write(partial, clip.samples, SAMPLE_RATE, subtype="FLOAT")
+        os.replace(partial, path)
+    return path
 
 
 def read_clip(path: Path) -> np.ndarray:

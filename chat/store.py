@@ -13,16 +13,13 @@ import json
 import os
 import sqlite3
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
-import soundfile
 
 from chat import saving
-from chat.audio import SAMPLE_RATE
 from chat.clip import Clip
 from chat.conversation import Conversation
 from chat.errors import StoreError
@@ -107,22 +104,16 @@ class Store:
         if row is None:
             return None
         try:
-            return saving.from_dict(json.loads(row[0]), lambda clip_id: saving.read_clip(self._clip_file(clip_id)))
+            return saving.from_dict(json.loads(row[0]), self._read_clip)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:  # chat.saving reports clip files itself
             raise StoreError(f"The saved conversation of this session is damaged ({e}); start a new one.") from e
 
     def clip_path(self, clip: Clip) -> Path:
         """The clip's wav file in the store, written the first time the clip is seen."""
-        path = self._clip_file(clip.id)
-        if not path.exists():
-            # write aside, then rename: a crash or a second thread never leaves a half-written clip under its id
-            partial = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.partial.wav")
-            soundfile.write(partial, clip.samples, SAMPLE_RATE, subtype="FLOAT")
-            os.replace(partial, path)
-        return path
+        return saving.write_clip(clip, self.clips_folder)
 
-    def _clip_file(self, clip_id: str) -> Path:
-        return self.clips_folder / f"{clip_id}.wav"
+    def _read_clip(self, clip_id: str):
+        return saving.read_clip(saving.clip_file(self.clips_folder, clip_id))
 
     def _connect(self) -> closing[sqlite3.Connection]:
         # one short-lived connection per operation: sqlite3 connections must not be shared across threads

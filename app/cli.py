@@ -24,7 +24,7 @@ from chat.conversation import STOPPED, USER, Conversation
 from chat.errors import ChatError, ClipError, StoreError
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for
-from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn, pump
+from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn, drain, pump
 
 try:
     import readline  # noqa: F401  (importing it gives input() line editing and history)
@@ -34,7 +34,6 @@ except ImportError:  # Windows
 PROMPT = "> "
 RECORDING_PROMPT = "recording (Enter stops, Ctrl-C discards) "
 EXIT_INTERRUPTED = 130  # the shell's code for "ended by Ctrl-C"
-POLL_S = 0.05  # how often the main thread checks that a reply's worker thread is still running
 
 
 class Leave(Exception):
@@ -138,13 +137,7 @@ class Terminal:
 
     def show(self, worker: threading.Thread, events: queue.Queue) -> None:
         """Print the worker's events until it ends; raise the error the turn ended with, if any."""
-        while worker.is_alive() or not events.empty():
-            try:
-                event = events.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            if isinstance(event, Exception):
-                raise event
+        for event in (event for batch in drain(worker, events) for event in batch):
             if isinstance(event, TextChunk):
                 self.write(event.text)
             elif isinstance(event, ToolCallStarted):

@@ -153,6 +153,26 @@ def pump(turn: Turn, events: queue.Queue) -> None:
         events.put(e)
 
 
+def drain(worker: threading.Thread, events: queue.Queue) -> Iterator[list[Event]]:
+    """Yield what pump() has put on the queue, all that arrived at each step, until its worker ends.
+
+    The error the turn ended with is re-raised after the events before it. Leaving early takes
+    nothing off the queue that was not yielded, so a caller may drain it again.
+    """
+    while worker.is_alive() or not events.empty():
+        try:
+            batch = [events.get(timeout=POLL_S)]
+        except queue.Empty:
+            continue
+        while not events.empty():
+            batch.append(events.get_nowait())
+        errors = [e for e in batch if isinstance(e, Exception)]
+        if len(errors) < len(batch):
+            yield [e for e in batch if not isinstance(e, Exception)]
+        if errors:
+            raise errors[0]
+
+
 def in_batches(turn: Turn) -> Iterator[list[Event]]:
     """Run the turn in a worker thread and yield, each time the caller asks, every event that arrived meanwhile.
 
@@ -164,18 +184,7 @@ def in_batches(turn: Turn) -> Iterator[list[Event]]:
     worker = threading.Thread(target=pump, args=(turn, events), name="turn", daemon=True)
     worker.start()
     try:
-        while worker.is_alive() or not events.empty():
-            try:
-                batch = [events.get(timeout=POLL_S)]
-            except queue.Empty:
-                continue
-            while not events.empty():
-                batch.append(events.get_nowait())
-            errors = [e for e in batch if isinstance(e, Exception)]
-            if len(errors) < len(batch):
-                yield [e for e in batch if not isinstance(e, Exception)]
-            if errors:
-                raise errors[0]
+        yield from drain(worker, events)
     finally:
         turn.cancel()
         worker.join()

@@ -88,7 +88,7 @@ class OpenAIServer:
         """Queue a stream of verbatim `data:` events (for malformed streams); no [DONE] is added."""
         self.replies.append(Reply(raw_events=list(events), done=False))
 
-    def wait_for_disconnects(self, n: int = 1, timeout_s: float = 2.0) -> bool:
+    def wait_for_disconnects(self, n: int = 1, timeout_s: float = 10.0) -> bool:
         """True once n streams were cut by the client, False after timeout_s."""
         deadline = time.monotonic() + timeout_s
         while self.disconnects < n and time.monotonic() < deadline:

@@ -174,14 +174,14 @@ def test_remote_and_scripted_backends_leave_identical_conversations(server):
 
 
 def test_cancel_mid_stream_stops_early_and_closes_the_connection(server, backend):
-    chunks = [f"w{i} " for i in range(50)]
-    server.enqueue(chunks, delay_s=0.02)  # 1 s in full
+    chunks = [f"w{i} " for i in range(100)]
+    server.enqueue(chunks, delay_s=0.05)  # 5 s in full
     conversation = asking()
     response = Response(backend, conversation)
     start = time.monotonic()
     threading.Timer(0.15, response.cancel).start()  # from another thread, as the Stop button does
     received = list(response)
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 2.5  # well before the end, with room for a busy machine
     assert 0 < len(received) < len(chunks) and received == chunks[: len(received)]
     assert conversation.messages[-1].status == STOPPED and conversation.messages[-1].text == "".join(received)
     assert server.wait_for_disconnects(1)  # the server saw the connection go, well before the end
@@ -199,10 +199,10 @@ def test_connection_refused_says_how_to_start_a_server():
 
 
 def test_a_slow_server_times_out(server):
-    server.enqueue(["late"], delay_s=2.0)
+    server.enqueue(["late"], delay_s=10.0)
     start = time.monotonic()
     fail(RemoteBackend(server.model, server.url, api_key="secret", timeout_s=0.2), asking(), "sent nothing for 0.2 s")
-    assert time.monotonic() - start < 1.5
+    assert time.monotonic() - start < 5.0  # the timeout ended it, not the server's late reply
 
 
 @pytest.mark.parametrize("api_key, hint", [(None, "pass --api-key"), ("wrong", "check --api-key")])

@@ -168,7 +168,7 @@ def test_end_to_end_through_the_openai_compatible_server(conversation):
 
 
 def test_in_batches_closed_mid_reply_stops_the_turn_and_its_worker():
-    backend = ScriptedBackend(interval_s=0.05)
+    backend = ScriptedBackend(interval_s=0.25)
     backend.enqueue([f"w{i} " for i in range(20)])
     conversation = Conversation()
     conversation.add_user("Count.")

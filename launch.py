@@ -5,7 +5,8 @@ import os
 import sys
 from pathlib import Path
 
-from chat.backend import DEFAULT_MODEL, QUANTIZATIONS, load_backend
+from chat.families import FAMILIES
+from chat.loading import DEFAULT_MODEL, QUANTIZATIONS, load_backend
 from chat.errors import ChatError
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.store import DATA_DIR_ENV, Store
@@ -16,10 +17,12 @@ DEFAULT_MAX_UPLOAD_MB = 200  # a 10-minute clip (the limit per clip) is 100-200 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; every flag is documented in --help."""
-    parser = argparse.ArgumentParser(description="Chat about speech, sounds and music with Qwen2-Audio in the browser.")
+    parser = argparse.ArgumentParser(
+        description="Chat about speech, sounds and music with an audio-language model in the browser or the terminal.")
     model = parser.add_argument_group("model")
     model.add_argument("-c", "--checkpoint-path", default=DEFAULT_MODEL,
-                       help=f"hub id or local folder of the model (default: {DEFAULT_MODEL}); "
+                       help=f"hub id or local folder of the model (default: {DEFAULT_MODEL}); its family "
+                            f"({', '.join(f.title for f in FAMILIES.values())}) is read from its config.json; "
                             "with --api-base, the model name the server knows")
     model.add_argument("--cpu-only", action="store_true", help="run the model on the CPU even when a GPU is present")
     model.add_argument("--quantization", choices=QUANTIZATIONS,
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             from app.recorder import SoundDeviceRecorder
 
             return run_cli(backend, recorder=SoundDeviceRecorder(), tools=args.tools, word_model=args.word_model)
-        return serve(args, backend, store, f"Model: **{Path(args.checkpoint_path).name}**, {where}.")
+        model = f"Model: **{Path(args.checkpoint_path).name}** ({backend.family.title}), {where}."
+        return serve(args, backend, store, model)
     finally:
         backend.close()
 

@@ -12,8 +12,8 @@ from typing import TextIO
 import soundfile
 
 from app.cli_text import (
-    BANNER, EXPORT_SUFFIXES, HELP, added, describe_clip, duration, parse_number, plural, split_args, summary, tool_call,
-    tool_result,
+    BANNER, EXPORT_SUFFIXES, added, describe_clip, duration, help_text, model_line, parse_number, plural, split_args,
+    summary, tool_call, tool_result,
 )
 from app.recorder import Recorder, play
 from chat import saving
@@ -67,6 +67,7 @@ class Terminal:
 
     def run(self) -> int:
         """Chat until the user leaves; returns the exit code."""
+        self.say(model_line(self.backend))
         self.say(BANNER)
         while True:
             try:
@@ -174,7 +175,7 @@ class Terminal:
     def attach(self, clip: Clip) -> None:
         """Put a clip in the open user turn and announce its Audio N."""
         self.conversation.add_user("", [clip])
-        for line in added(self.conversation.number(clip), clip):
+        for line in added(self.conversation.number(clip), clip, self.backend):
             self.say(line)
 
     def list_clips(self, args: str) -> None:
@@ -183,7 +184,7 @@ class Terminal:
         if not clips:
             self.say("No clips yet: /add a file, or press Enter on an empty line to record.")
         for n, clip in enumerate(clips, start=1):
-            self.say(describe_clip(n, clip))
+            self.say(describe_clip(n, clip, self.backend))
 
     def play(self, args: str) -> None:
         """Play Audio N; Ctrl-C stops the playback, not the chat."""
@@ -246,7 +247,7 @@ class Terminal:
 
     def help(self, args: str) -> None:
         """Print the commands."""
-        self.say(HELP)
+        self.say(help_text(self.backend))
 
     def quit(self, args: str) -> None:
         """Leave the chat."""

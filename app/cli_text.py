@@ -2,7 +2,7 @@
 
 import shlex
 
-from chat.audio import WINDOW_S
+from chat.backend import Backend
 from chat.clip import Clip
 from chat.conversation import Conversation, Message
 from chat.errors import ChatError
@@ -31,23 +31,35 @@ Enter once more to send it as a spoken question, or type a question about it.
   /clear               remove every message (the system prompt stays)
   /system [TEXT]       show the system prompt, or set it
   /help                show this help
-  /quit                leave (so do Ctrl-D, and Ctrl-C at the prompt)
-
-Clips longer than {WINDOW_S} s are sent as several parts of up to {WINDOW_S} s each."""
+  /quit                leave (so do Ctrl-D, and Ctrl-C at the prompt)"""
 
 
-def added(n: int, clip: Clip) -> list[str]:
+def model_line(backend: Backend) -> str:
+    """`Model: /models/Qwen-Audio-Chat (Qwen-Audio-Chat)`."""
+    return f"Model: {backend.name} ({backend.family.title})"
+
+
+def help_text(backend: Backend) -> str:
+    """HELP, with how long clips are sent to this model."""
+    window = f"{backend.family.window_s:g} s"
+    return f"{HELP}\n\nClips longer than {window} are sent as several parts of up to {window} each."
+
+
+def added(n: int, clip: Clip, backend: Backend) -> list[str]:
     """The lines that announce a new clip: `Audio 3: recording, 4.2 s`, plus how a long one is sent."""
     lines = [f"Audio {n}: {clip.name}, {duration(clip.duration_s)}"]
-    if clip.n_parts > 1:
-        lines.append(f"Audio {n} ({duration(clip.duration_s)}) will be sent as {clip.n_parts} parts of up to {WINDOW_S} s")
+    n_parts = backend.family.n_parts(clip)
+    if n_parts > 1:
+        window = f"{backend.family.window_s:g} s"
+        lines.append(f"Audio {n} ({duration(clip.duration_s)}) will be sent as {n_parts} parts of up to {window}")
     return lines
 
 
-def describe_clip(n: int, clip: Clip) -> str:
+def describe_clip(n: int, clip: Clip, backend: Backend) -> str:
     """`Audio 2: question.wav, 4.2 s, recorded, 2 parts (note)`."""
     line = ", ".join([f"Audio {n}: {clip.name}", duration(clip.duration_s), clip.source])
-    line += f", {clip.n_parts} parts" if clip.n_parts > 1 else ""
+    n_parts = backend.family.n_parts(clip)
+    line += f", {n_parts} parts" if n_parts > 1 else ""
     return f"{line} ({clip.note})" if clip.note else line
 
 

@@ -6,21 +6,20 @@ from pathlib import Path
 import gradio as gr
 
 from app.cli_text import duration, tool_call
-from chat.audio import WINDOW_S
 from chat.clip import Clip
 from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, Conversation, Message
-from chat.toolcalls import visible_text
-from chat.tools import ERROR_PREFIX
+from chat.families import Family
 from chat.turn import ToolCallStarted
 
 ClipPath = Callable[[Clip], Path]  # where a clip's audio file is (chat.store.Store.clip_path)
 
 
-def caption(clip: Clip, number: int) -> str:
+def caption(clip: Clip, number: int, family: Family) -> str:
     """`Audio 2 · question.wav · 4.2 s`, plus how a long clip is sent and how an edited one was made."""
     parts = [f"Audio {number}", clip.name, duration(clip.duration_s)]
-    if clip.n_parts > 1:
-        parts.append(f"sent as {clip.n_parts} parts of {WINDOW_S} s")
+    n_parts = family.n_parts(clip)
+    if n_parts > 1:
+        parts.append(f"sent as {n_parts} parts of {family.window_s:g} s")
     if clip.note:
         parts.append(clip.note.removeprefix(f"Audio {number} = "))  # an edit's note names its own number
     return " · ".join(parts)
@@ -29,18 +28,18 @@ def caption(clip: Clip, number: int) -> str:
 def render(
     conversation: Conversation,
     clip_path: ClipPath,
-    style: str,
+    family: Family,
     streaming: str = "",
     running: ToolCallStarted | None = None,
 ) -> list[gr.ChatMessage]:
     """Every message, then the text of a reply still streaming, then a tool call still running.
 
-    style is the tool-call format of the model family (chat.toolcalls): calls are taken out of replies.
+    family is the loaded model's, for how long clips are sent.
     """
     numbers = {clip.id: n for n, clip in enumerate(conversation.clips(), start=1)}
     shown = []
     for message in conversation.messages:
-        shown += _render(message, numbers, clip_path, style)
+        shown += _render(message, numbers, clip_path, family)
     if streaming:
         shown.append(gr.ChatMessage(streaming, role="assistant"))
     if running is not None:
@@ -49,17 +48,17 @@ def render(
     return shown
 
 
-def _render(message: Message, numbers: dict[str, int], clip_path: ClipPath, style: str) -> list[gr.ChatMessage]:
-    players = [part for clip in message.clips for part in _player(clip, numbers[clip.id], clip_path)]
+def _render(message: Message, numbers: dict[str, int], clip_path: ClipPath, family: Family) -> list[gr.ChatMessage]:
+    players = [part for clip in message.clips for part in _player(clip, numbers[clip.id], clip_path, family)]
     if message.role == TOOL:
         # a done step folds away, a failed one stays open (no status) so its error is read;
         # a clip the tool made stays in sight, playable, below the step
-        failed = message.text.startswith(ERROR_PREFIX)
-        metadata = {"title": f"🛠 {message.note} failed"} if failed else {"title": f"🛠 {message.note}", "status": "done"}
+        title = f"🛠 {message.tool}"
+        metadata = {"title": f"{title} failed"} if message.failed else {"title": title, "status": "done"}
         result = gr.ChatMessage(message.text, role="assistant", metadata=metadata)
         return [result] + ([gr.ChatMessage(players, role="assistant")] if players else [])
     if message.role == ASSISTANT:
-        text = visible_text(message.text, style).strip()
+        text = message.display_text.strip()
         if message.status in (DONE, STOPPED) and message.note:
             text += f"\n\n*{message.note}*"
         elif message.status == FAILED:
@@ -68,7 +67,7 @@ def _render(message: Message, numbers: dict[str, int], clip_path: ClipPath, styl
     return [gr.ChatMessage(players + ([message.text] if message.text else []), role="user")]
 
 
-def _player(clip: Clip, number: int, clip_path: ClipPath) -> list[dict | str]:
+def _player(clip: Clip, number: int, clip_path: ClipPath, family: Family) -> list[dict | str]:
     # a file part, not a gr.Audio: building a component costs ~0.1 s, and a streaming reply re-renders every chunk
-    label, rest = caption(clip, number).split(" · ", 1)
+    label, rest = caption(clip, number, family).split(" · ", 1)
     return [{"path": str(clip_path(clip))}, f"**{label}** · {rest}"]

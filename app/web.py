@@ -24,7 +24,6 @@ from chat.clip import RECORDED, Clip
 from chat.conversation import DEFAULT_SYSTEM_PROMPT, Conversation
 from chat.errors import BackendError, ChatError, SettingsError, StoreError
 from chat.store import Store, from_zip, to_zip
-from chat.toolcalls import style_for
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for
 from chat.turn import TextChunk, ToolCallStarted, Turn, in_batches
@@ -99,7 +98,6 @@ class ChatPage:
 
     def __init__(self, backend: Backend, store: Store, tools: ToolBox | None) -> None:
         self.backend, self.store, self.tools = backend, store, tools
-        self.style = style_for(backend.family)
 
     def open_session(self, session_id: str | None):
         """Reconnect a browser to its stored conversation; a missing or malformed id starts a new session."""
@@ -250,7 +248,7 @@ class ChatPage:
             time.sleep(POLL_S)
 
     def _render(self, session: Session, streaming: str = "", running: ToolCallStarted | None = None) -> list:
-        return render(session.conversation, self.store.clip_path, self.style, streaming, running)
+        return render(session.conversation, self.store.clip_path, self.backend.family, streaming, running)
 
     def _inputs(self, session: Session, busy: bool = False) -> tuple:
         """The message box and the recorder: emptied and locked, with a stop button, while a reply is being written."""

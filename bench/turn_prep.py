@@ -68,7 +68,7 @@ def official(backend: LocalBackend, paths: list[Path]) -> dict[str, torch.Tensor
                                                      {"type": "text", "text": QUESTION}]})
         messages.append({"role": "assistant", "content": REPLY})
     messages.pop()  # the last user turn is waiting for its reply
-    processor = backend.processor
+    processor = backend.loaded.processor
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     audio = [decode_file(path) for path in paths]
     return processor(text=text, audio=audio, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True)

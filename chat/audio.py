@@ -10,8 +10,6 @@ import numpy as np
 from chat.errors import ClipError
 
 SAMPLE_RATE = 16000  # what the Whisper-style feature extractors of every supported model expect
-WINDOW_S = 30  # the audio encoder sees at most this much per clip; longer clips are split
-WINDOW_SAMPLES = WINDOW_S * SAMPLE_RATE
 MAX_CLIP_S = 600  # ten minutes: 20 windows, already more audio than the context comfortably holds
 MIN_CLIP_S = 0.1  # the encoder emits one token per 40 ms; shorter clips carry nothing
 SILENCE_PEAK = 1e-4  # -80 dBFS: below this a recording is a muted or missing microphone
@@ -108,14 +106,14 @@ def resample(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     return np.frombuffer(result.stdout, dtype=np.float32).copy()
 
 
-def split_windows(samples: np.ndarray) -> list[np.ndarray]:
+def split_windows(samples: np.ndarray, window_samples: int) -> list[np.ndarray]:
     """Split into the fewest consecutive, equally long parts that each fit one encoder window."""
-    return np.array_split(samples, n_windows(len(samples)))
+    return np.array_split(samples, n_windows(len(samples), window_samples))
 
 
-def n_windows(n_samples: int) -> int:
-    """How many encoder windows a clip of n_samples is sent as."""
-    return max(1, -(-n_samples // WINDOW_SAMPLES))
+def n_windows(n_samples: int, window_samples: int) -> int:
+    """How many encoder windows of window_samples a clip of n_samples is sent as."""
+    return max(1, -(-n_samples // window_samples))
 
 
 def _declared_duration_s(ffmpeg_log: list[str]) -> float | None:

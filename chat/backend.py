@@ -5,39 +5,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from chat.conversation import DONE, FAILED, STOPPED, Conversation, Message
 from chat.audio import SAMPLE_RATE
-from chat.errors import ChatError, ConversationError, SettingsError
-from chat.prompts import Prompt, get_renderer
+from chat.conversation import DONE, FAILED, STOPPED, Conversation, Message
+from chat.errors import ChatError, ConversationError
+from chat.families import Family
+from chat.prompts import Prompt
+from chat.settings import GenerationSettings
 
 STOPPED_NOTE = "Stopped by the user."
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How a reply is sampled; checked once here, changed with dataclasses.replace."""
-
-    # length
-    max_new_tokens: int = 512
-    # sampling: temperature 0 means greedy decoding
-    temperature: float = 0.7
-    top_p: float = 0.5  # the Qwen-Audio family's published default
-    top_k: int = 0  # 0 turns top-k off
-    repetition_penalty: float = 1.1
-    seed: int | None = None  # fixed seed makes sampling repeatable
-
-    def __post_init__(self) -> None:
-        checks = [
-            (1 <= self.max_new_tokens <= 8192, "max_new_tokens must be between 1 and 8192"),
-            (0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
-            (0.0 < self.top_p <= 1.0, "top_p must be above 0 and at most 1"),
-            (0 <= self.top_k <= 1000, "top_k must be between 0 (off) and 1000"),
-            (1.0 <= self.repetition_penalty <= 2.0, "repetition_penalty must be between 1 and 2"),
-            (self.seed is None or 0 <= self.seed < 2**32, "seed must be empty or between 0 and 2**32 - 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SettingsError(f"{message}.")
 
 
 @dataclass
@@ -65,7 +40,8 @@ class Stats:
 class Backend:
     """A model behind one generator method; Response owns timing, recording and cancellation."""
 
-    family = "qwen2-audio"  # which PromptRenderer formats its prompts
+    family: Family  # how its prompts are written and its replies read
+    name = ""  # the checkpoint or served model, as the page and the terminal name it
     context_tokens = 8192
     supports_tools = True
 
@@ -108,7 +84,7 @@ class Response:
         max_prompt_tokens = backend.context_tokens - self.settings.max_new_tokens
         exact = backend.count_tokens("") is not None
         shown = conversation if system_prompt is None else replace(conversation, system_prompt=system_prompt)
-        self.prompt = get_renderer(backend.family).render(shown, max_prompt_tokens, backend.count_tokens if exact else None)
+        self.prompt = backend.family.renderer.render(shown, max_prompt_tokens, backend.count_tokens if exact else None)
         self.stats = Stats(
             audio_s=sum(len(p.samples) for p in self.prompt.audio_parts) / SAMPLE_RATE,
             n_dropped_turns=self.prompt.n_dropped_turns,
@@ -172,21 +148,3 @@ class Response:
             self.stats.duration_s = time.monotonic() - start
             self.message = self.conversation.add_assistant(self.text, status=status, note=note)
 
-
-DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
-QUANTIZATIONS = ("4bit", "8bit", "none")  # of the local backend; 4bit is the default on a GPU
-
-
-def load_backend(model: str = DEFAULT_MODEL, api_base: str | None = None, **options) -> Backend:
-    """The OpenAI-compatible remote backend when api_base is given, else the local transformers one.
-
-    model is a hub id or a local folder for the local backend, and the served model name for
-    the remote one. Imports are deferred so a remote-only install never loads torch.
-    """
-    if api_base:
-        from chat.remote import RemoteBackend
-
-        return RemoteBackend(model, api_base, **options)
-    from chat.local import LocalBackend
-
-    return LocalBackend(model, **options)

@@ -51,12 +51,3 @@ class Clip:
     def duration_s(self) -> float:
         """Length in seconds."""
         return len(self.samples) / audio.SAMPLE_RATE
-
-    @property
-    def n_parts(self) -> int:
-        """How many encoder windows the model receives this clip as (1 for clips up to 30 s)."""
-        return audio.n_windows(len(self.samples))
-
-    def parts(self) -> list[np.ndarray]:
-        """The clip as consecutive window-sized parts, in order."""
-        return audio.split_windows(self.samples)

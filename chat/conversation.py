@@ -16,14 +16,35 @@ STATUSES = (DONE, STOPPED, FAILED)
 
 
 @dataclass(frozen=True)
+class ToolUse:
+    """A tool call a reply made."""
+
+    name: str
+    arguments: dict
+
+
+@dataclass(frozen=True)
 class Message:
-    """One message. Clips come before the text when the model reads a user turn."""
+    """One message. Clips come before the text when the model reads a user turn.
+
+    text is exactly what the model reads; for a reply, what it wrote, tool calls included. What a
+    person is shown of a reply is `shown`, recorded once when the reply ends, so nothing re-parses text.
+    """
 
     role: str
     text: str = ""
     clips: tuple[Clip, ...] = ()
     status: str = DONE
-    note: str = ""  # why a reply is partial, or the tool that produced a tool message
+    note: str = ""  # why a reply is partial or failed
+    shown: str | None = None  # a reply's text meant for the person: calls taken out, timestamps readable
+    calls: tuple[ToolUse, ...] = ()  # the tool calls a reply made
+    tool: str = ""  # a tool message: the tool that produced it
+    failed: bool = False  # a tool message: the call was refused or failed
+
+    @property
+    def display_text(self) -> str:
+        """What a person is shown of the message."""
+        return self.text if self.shown is None else self.shown
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -97,14 +118,20 @@ class Conversation:
         self.messages.append(message)
         return message
 
-    def add_tool(self, tool_name: str, text: str, clips: tuple[Clip, ...] = ()) -> Message:
+    def add_tool(self, tool_name: str, text: str, clips: tuple[Clip, ...] = (), failed: bool = False) -> Message:
         """Record a tool's result; a clip it made gets the next Audio number."""
         if not self.messages or self.messages[-1].role != ASSISTANT:
             raise ConversationError("A tool result must follow the reply that called the tool.")
         self._check_new_clips(tuple(clips))
-        message = Message(TOOL, text, tuple(clips), note=tool_name)
+        message = Message(TOOL, text, tuple(clips), tool=tool_name, failed=failed)
         self.messages.append(message)
         return message
+
+    def describe_reply(self, reply: Message, shown: str, calls: tuple[ToolUse, ...] = ()) -> Message:
+        """Record what a person is shown of a recorded reply and the calls it made; returns the new message."""
+        index = next(i for i in range(len(self.messages) - 1, -1, -1) if self.messages[i] is reply)
+        self.messages[index] = replace(reply, shown=shown, calls=calls)
+        return self.messages[index]
 
     def awaiting_reply(self) -> bool:
         """True when the last message is a user turn or a tool result the model has not answered."""

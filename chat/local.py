@@ -1,6 +1,7 @@
-"""The local backend: Qwen2-Audio through transformers, quantized to fit a consumer GPU, streamed from a thread."""
+"""The local backend: any family's checkpoint through transformers, quantized to fit a consumer GPU, streamed from a thread."""
 
 import gc
+import json
 import threading
 import warnings
 from collections import OrderedDict
@@ -9,30 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    Cache,
-    AutoProcessor,
-    BitsAndBytesConfig,
-    Qwen2AudioForConditionalGeneration,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
-)
+from transformers import BitsAndBytesConfig, Cache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers.utils import cached_file
 
-from chat.audio import SAMPLE_RATE
-from chat.backend import DEFAULT_MODEL, QUANTIZATIONS, Backend, GenerationSettings, Stats
+from chat.backend import Backend, Stats
 from chat.errors import BackendError, SettingsError
-from chat.prompts import AudioPart, Prompt, get_renderer
+from chat.families import DEFAULT_FAMILY, Family, LoadOptions, family_for_config
+from chat.loading import QUANTIZATIONS
+from chat.prompts import AudioPart, Prompt
+from chat.settings import GenerationSettings
 
-MODEL_TYPE = "qwen2_audio"
-# Left in bf16 when the language model is quantized. The Whisper-large audio encoder (0.6B weights,
-# 1.3 GB) is what hears: quantization noise there reaches every audio token of every clip, for a small
-# saving. The projector is one small layer that maps audio into the LLM's embedding space. lm_head turns
-# each hidden state into logits, where rounding errors change the sampled token directly (transformers
-# keeps it unquantized by default too). Names are full module paths: transformers 5 matches a skip
-# pattern from the start of the name or as a suffix, so a bare "audio_tower" would match nothing.
-UNQUANTIZED_MODULES = ["model.audio_tower", "model.multi_modal_projector", "lm_head"]
 MAX_CACHED_PARTS = 128  # mel features of one part: 128 bins x 3000 frames x fp32 = 1.5 MB, so about 200 MB
 GENERATION_THREAD = "local-backend-generate"
 BYTES_PER_MB = 2**20
@@ -50,14 +37,15 @@ class KeyValueCache:
     token_ids: torch.Tensor  # (n_cached,) the tokens whose keys and values the cache holds, in order
     part_keys: list[tuple[str, int]]  # (clip id, part index) of each run of audio tokens, in order
     cache: Cache
+    position_encoding: object  # what the keys' positions were encoded with (LocalModel.position_encoding)
 
 
 class LocalBackend(Backend):
-    """Qwen2-Audio-Instruct loaded with from_pretrained from a hub id or a checkpoint folder."""
+    """A checkpoint of any family, from a hub id or a folder; the family is read from the checkpoint's config.json."""
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
+        model: str = DEFAULT_FAMILY.example_checkpoint,
         quantization: str | None = None,  # "4bit" (the default on a GPU), "8bit" or "none" (the default on a CPU)
         device: str | None = None,  # e.g. "cuda:1"; None spreads over the GPUs as needed
         cpu_only: bool = False,
@@ -67,7 +55,6 @@ class LocalBackend(Backend):
         if quantization not in QUANTIZATIONS:
             raise SettingsError(f"Unknown quantization {quantization!r}; choose one of: {', '.join(QUANTIZATIONS)}.")
         self.quantization = quantization
-        dtype = torch.bfloat16 if on_gpu else torch.float32
         if cpu_only or not (device or on_gpu):
             device_map = "cpu"
         else:
@@ -76,45 +63,41 @@ class LocalBackend(Backend):
             device_map = device or "sequential"
         folder = Path(model).expanduser()
         model = str(folder) if folder.exists() else model
-        config = _load_config(model)
+        self.name = model
+        self.family: Family = family_for_config(_read_config(model), model)
+        options = LoadOptions(torch.bfloat16 if on_gpu else torch.float32, device_map,
+                              _quantization_config(quantization, self.family.unquantized_modules))
         try:
-            self.model = Qwen2AudioForConditionalGeneration.from_pretrained(
-                model, dtype=dtype, device_map=device_map, quantization_config=_quantization_config(quantization)
-            ).eval()
-            self.processor = AutoProcessor.from_pretrained(model)
+            self.loaded = self.family.load(model, options)
         except torch.cuda.OutOfMemoryError as e:
             raise BackendError(
                 f"The GPU has too little free memory for {model} with --quantization {quantization}. Use "
-                "--quantization 4bit (about 7 GB), close other programs that use the GPU, or run with --cpu-only."
+                "--quantization 4bit, close other programs that use the GPU, or run with --cpu-only."
             ) from e
-        except (OSError, ValueError, RuntimeError) as e:
-            raise BackendError(f"Could not load {model}: {e}") from e
-        self.tokenizer = self.processor.tokenizer
-        self.context_tokens = config.text_config.max_position_embeddings
-        stop_strings = get_renderer(self.family).stop_strings
-        eos = self.model.generation_config.eos_token_id  # None, an id or a list of ids
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.stop_ids = sorted({*self.tokenizer.convert_tokens_to_ids(list(stop_strings)), *eos})
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise BackendError(f"Could not load {model} as {self.family.title}: {e}") from e
+        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.context_tokens = self.loaded.context_tokens
         self._features_cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._last_reply: KeyValueCache | None = None  # taken by one reply at a time, under _cache_lock
 
     def count_tokens(self, text: str) -> int:
         """Exact token count of text, as the model's tokenizer splits it."""
-        return len(self.tokenizer(text)["input_ids"])
+        return self.loaded.count_tokens(text)
 
     def prepare(self, prompt: Prompt) -> dict[str, torch.Tensor]:
-        """The model's inputs: token ids with each <|AUDIO|> expanded, and the mel features of every audio part.
+        """The model's inputs: token ids with each audio placeholder expanded, and the mel features of every part.
 
-        Equal to processor(text=prompt.text, audio=[part samples], ...), but each part's features are
-        computed once and cached, so a turn costs the same however many clips the history holds.
+        Each part's features are computed once and cached, so a turn costs the same however many
+        clips the history holds.
         """
-        ids = torch.tensor(self.tokenizer(prompt.text)["input_ids"])  # (n_text_tokens,)
-        is_audio = ids == self.model.config.audio_token_id
+        ids = torch.tensor(self.loaded.token_ids(prompt))  # (n_text_tokens,)
+        is_audio = ids == self.loaded.audio_token_id
         if int(is_audio.sum()) != len(prompt.audio_parts):
             raise BackendError(
-                f"The prompt has {int(is_audio.sum())} <|AUDIO|> placeholders for {len(prompt.audio_parts)} audio "
-                "parts; remove the text <|AUDIO|> from your message."
+                f"The prompt has {int(is_audio.sum())} audio placeholders for {len(prompt.audio_parts)} audio "
+                "parts; remove the model's audio tokens from your message."
             )
         inputs = {}
         repeats = torch.ones_like(ids)
@@ -122,9 +105,7 @@ class LocalBackend(Backend):
             features, masks = zip(*(self._features(part) for part in prompt.audio_parts))
             inputs["input_features"] = torch.stack(features)  # (n_parts, n_mels, n_frames)
             inputs["feature_attention_mask"] = torch.stack(masks)  # (n_parts, n_frames)
-            # the encoder's own length rule, so audio tokens and encoder outputs always agree
-            encoder = self.model.model.audio_tower
-            _, n_audio_tokens = encoder._get_feat_extract_output_lengths(inputs["feature_attention_mask"].sum(-1))
+            n_audio_tokens = self.loaded.n_audio_tokens(inputs["feature_attention_mask"].sum(-1))
             repeats[is_audio] = n_audio_tokens.to(repeats.dtype)
         inputs["input_ids"] = ids.repeat_interleave(repeats)[None]  # (1, n_tokens)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
@@ -139,8 +120,9 @@ class LocalBackend(Backend):
         part_keys = [(part.clip.id, part.index) for part in prompt.audio_parts]
         with self._cache_lock:
             last_reply, self._last_reply = self._last_reply, None
-        if last_reply is not None:
-            stats.n_reused_prompt_tokens = continue_from(last_reply, inputs, part_keys, self.model.config.audio_token_id)
+        position_encoding = self.loaded.position_encoding(n_prompt)
+        if last_reply is not None and last_reply.position_encoding == position_encoding:
+            stats.n_reused_prompt_tokens = continue_from(last_reply, inputs, part_keys, self.loaded.audio_token_id)
         finished = threading.Event()  # set when the caller stops listening, however it leaves
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[Exception] = []
@@ -156,12 +138,13 @@ class LocalBackend(Backend):
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)
                 out = self.model.generate(
-                    **inputs, **generate_kwargs(settings, self.stop_ids), return_dict_in_generate=True,
+                    **inputs, **generate_kwargs(settings, self.loaded.stop_ids), return_dict_in_generate=True,
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([CountOrStop()]),
                 )
                 n_cached = out.past_key_values.get_seq_length()
                 with self._cache_lock:
-                    self._last_reply = KeyValueCache(out.sequences[0, :n_cached], part_keys, out.past_key_values)
+                    self._last_reply = KeyValueCache(
+                        out.sequences[0, :n_cached], part_keys, out.past_key_values, position_encoding)
             except Exception as e:
                 errors.append(e)
                 streamer.end()  # wake the consumer, which then raises the error
@@ -190,7 +173,7 @@ class LocalBackend(Backend):
 
     def close(self) -> None:
         """Free the model's memory (GPU memory included)."""
-        self.model = self._last_reply = None
+        self.model = self.loaded = self._last_reply = None
         self._features_cache.clear()
         gc.collect()
         if torch.cuda.is_available():
@@ -203,11 +186,7 @@ class LocalBackend(Backend):
             if key in self._features_cache:
                 self._features_cache.move_to_end(key)
                 return self._features_cache[key]
-        out = self.processor.feature_extractor(
-            part.samples, sampling_rate=SAMPLE_RATE, padding="max_length", return_attention_mask=True,
-            return_tensors="pt",
-        )
-        value = (out["input_features"][0], out["attention_mask"][0])
+        value = self.loaded.features(part.samples)
         with self._cache_lock:
             self._features_cache[key] = value
             while len(self._features_cache) > MAX_CACHED_PARTS:
@@ -275,11 +254,12 @@ def reply_error(error: Exception) -> BackendError:
     return BackendError(f"The model failed while replying: {type(error).__name__}: {error}")
 
 
-def _load_config(model: str) -> AutoConfig:
-    """The checkpoint's config, checked to be Qwen2-Audio; raises BackendError naming what to do."""
+def _read_config(model: str) -> dict:
+    """The checkpoint's config.json (from the folder, or the hub or its cache); raises BackendError naming what to do."""
     exists = Path(model).exists()
     try:
-        config = AutoConfig.from_pretrained(model)
+        path = Path(model) / "config.json" if exists else Path(cached_file(model, "config.json"))
+        return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         if not exists and not model.startswith((".", "/", "~")) and model.count("/") == 1:  # a hub id
             raise BackendError(
@@ -290,18 +270,12 @@ def _load_config(model: str) -> AutoConfig:
         if not exists:
             raise BackendError(
                 f"There is no model folder {model}. Point -c/--checkpoint-path at a folder with the checkpoint "
-                f"(config.json, weights, processor files), or give a hub id such as {DEFAULT_MODEL}."
+                f"(config.json, weights, processor files), or give a hub id such as {DEFAULT_FAMILY.example_checkpoint}."
             ) from e
         raise BackendError(f"{model} does not hold a usable checkpoint: {str(e).splitlines()[0]}") from e
-    if config.model_type != MODEL_TYPE:
-        raise BackendError(
-            f"{model} is a {config.model_type!r} model, but this backend runs Qwen2-Audio "
-            f"(model_type {MODEL_TYPE!r}), such as {DEFAULT_MODEL}."
-        )
-    return config
 
 
-def _quantization_config(quantization: str) -> BitsAndBytesConfig | None:
+def _quantization_config(quantization: str, unquantized_modules: tuple[str, ...]) -> BitsAndBytesConfig | None:
     """bitsandbytes settings for "4bit" (NF4, double quantization, bf16 compute) or "8bit"; None for "none"."""
     if quantization == "none":
         return None
@@ -316,8 +290,8 @@ def _quantization_config(quantization: str) -> BitsAndBytesConfig | None:
             "Install it (`pip install -U bitsandbytes`) or start with --quantization none."
         ) from e
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(unquantized_modules))
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=UNQUANTIZED_MODULES,
+        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(unquantized_modules),
     )

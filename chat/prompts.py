@@ -1,4 +1,4 @@
-"""Prompt renderers: the exact ChatML text each model family was trained on."""
+"""Prompts: exactly what a model sees, and the base of each family's renderer (chat.families)."""
 
 import math
 import re
@@ -7,15 +7,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from chat.audio import SAMPLE_RATE
+from chat.audio import split_windows
 from chat.clip import Clip
-from chat.conversation import ASSISTANT, DEFAULT_SYSTEM_PROMPT, TOOL, USER, Conversation, Message
+from chat.conversation import USER, Conversation, Message
 from chat.errors import PromptTooLongError
 
-AUDIO_TOKEN_S = 0.04  # the Whisper-style encoders emit one audio token per 40 ms
-MAX_AUDIO_TOKENS_PER_PART = 750  # a full 30-s window
 CHARS_PER_TOKEN_ESTIMATE = 3  # used only when no tokenizer is given; errs on the long side
-CONTROL_TOKEN = re.compile(r"<\|(im_start|im_end|endoftext|AUDIO|audio_bos|audio_eos)\|>")
 ZERO_WIDTH_SPACE = "\u200b"
 
 
@@ -26,14 +23,16 @@ class AudioPart:
     clip: Clip
     number: int  # the clip's Audio N
     index: int  # 0-based part of the clip
+    n_parts: int  # how many parts the clip is sent as
     samples: np.ndarray  # (n_samples,) float32 at SAMPLE_RATE, at most one window
+    n_audio_tokens: int  # what the part expands to in the model's input (the family's rule)
 
     @property
-    def n_audio_tokens(self) -> int:
-        """Audio tokens this part expands to in the model's input (exactly the processor's count)."""
-        # 10-ms mel frames, halved by a stride-2 convolution (rounding up), then by a pool of 2 (rounding down)
-        n_half_tokens = -(-len(self.samples) // round(SAMPLE_RATE * AUDIO_TOKEN_S / 2))
-        return min(MAX_AUDIO_TOKENS_PER_PART, n_half_tokens // 2)
+    def label(self) -> str:
+        """`Audio 3`, or `Audio 3 (part 2 of 3)` for a clip longer than one window."""
+        if self.n_parts == 1:
+            return f"Audio {self.number}"
+        return f"Audio {self.number} (part {self.index + 1} of {self.n_parts})"
 
 
 @dataclass(frozen=True)
@@ -47,10 +46,12 @@ class Prompt:
 
 
 class PromptRenderer:
-    """Base for one model family's chat format."""
+    """Base of one model family's chat format; the family supplies the audio window and token rule."""
 
-    family = ""
-    stop_strings: tuple[str, ...] = ("<|im_end|>", "<|im_start|>")
+    def __init__(self, family) -> None:
+        self.family = family  # a chat.families.Family
+        tokens = "|".join(re.escape(token) for token in family.control_tokens) or "(?!)"
+        self.control_token = re.compile(tokens)
 
     def render(
         self,
@@ -68,7 +69,7 @@ class PromptRenderer:
         for n_dropped in range(max(1, len(turns))):
             messages = tuple(m for turn in turns[n_dropped:] for m in turn)
             prompt = self._prompt(conversation.system_prompt, messages, numbers, n_dropped)
-            needed = count_tokens(prompt.text) + sum(p.n_audio_tokens - 1 for p in prompt.audio_parts)
+            needed = count_tokens(prompt.text) + sum(p.n_audio_tokens - 1 for p in prompt.audio_parts)  # one placeholder each
             if max_tokens is None or needed <= max_tokens:
                 return prompt
         raise PromptTooLongError(
@@ -77,120 +78,37 @@ class PromptRenderer:
         )
 
     def _prompt(self, system: str, messages: tuple[Message, ...], numbers: dict[str, int], n_dropped: int) -> Prompt:
-        system, messages = defuse(system), tuple(replace(m, text=defuse(m.text)) for m in messages)
-        parts = tuple(
-            AudioPart(clip, numbers[clip.id], index, samples)
-            for message in messages
-            for clip in message.clips
-            for index, samples in enumerate(clip.parts())
-        )
-        return Prompt(self.render_text(system, messages, numbers), parts, messages, n_dropped)
+        system, messages = self.defuse(system), tuple(replace(m, text=self.defuse(m.text)) for m in messages)
+        parts = {clip.id: self.parts(clip, numbers[clip.id]) for message in messages for clip in message.clips}
+        text = self.render_text(system or self.family.system_prompt, messages, parts)
+        ordered = tuple(part for message in messages for clip in message.clips for part in parts[clip.id])
+        return Prompt(text, ordered, messages, n_dropped)
 
-    def render_text(self, system: str, messages: tuple[Message, ...], numbers: dict[str, int]) -> str:
-        """The prompt text, ending where the assistant's reply begins."""
+    def parts(self, clip: Clip, number: int) -> list[AudioPart]:
+        """The clip as the window-sized parts the model hears, each with its token count."""
+        pieces = split_windows(clip.samples, self.family.window_samples)
+        return [AudioPart(clip, number, index, len(pieces), samples, self.family.n_audio_tokens(len(samples)))
+                for index, samples in enumerate(pieces)]
+
+    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]]) -> str:
+        """The prompt text, ending where the assistant's reply begins; parts maps clip ids to their parts."""
         raise NotImplementedError
 
+    def defuse(self, text: str) -> str:
+        """Text with any control token a person typed (`<|im_end|>`, `<|AUDIO|>`, ...) broken up, so it stays text.
 
-def defuse(text: str) -> str:
-    """Text with any control token a person typed (`<|im_end|>`, `<|AUDIO|>`, ...) broken up, so it stays text.
-
-    Otherwise the tokenizer would read it as the real token: a typed `<|im_end|>` would end the turn
-    and a typed `<|AUDIO|>` would claim a clip that is not there.
-    """
-    return CONTROL_TOKEN.sub(lambda match: f"<{ZERO_WIDTH_SPACE}|{match.group(1)}|>", text)
-
-
-def audio_label(clip: Clip, number: int, index: int) -> str:
-    """`Audio 3`, or `Audio 3 (part 2 of 3)` for a clip longer than one window."""
-    if clip.n_parts == 1:
-        return f"Audio {number}"
-    return f"Audio {number} (part {index + 1} of {clip.n_parts})"
+        Otherwise the tokenizer would read it as the real token: a typed `<|im_end|>` would end the turn
+        and a typed `<|AUDIO|>` would claim a clip that is not there.
+        """
+        return self.control_token.sub(lambda match: f"{match.group()[0]}{ZERO_WIDTH_SPACE}{match.group()[1:]}", text)
 
 
-class Qwen2AudioRenderer(PromptRenderer):
-    """Qwen2-Audio-Instruct: byte-identical to the processor's chat template for clips up to 30 s.
-
-    Clips carry their conversation number rather than a per-prompt counter, so dropped history
-    never renumbers them, and long clips appear as labelled parts.
-    """
-
-    family = "qwen2-audio"
-    audio_placeholder = "<|audio_bos|><|AUDIO|><|audio_eos|>"
-
-    def render_text(self, system: str, messages: tuple[Message, ...], numbers: dict[str, int]) -> str:
-        """The prompt text, ending where the assistant's reply begins."""
-        text = f"<|im_start|>system\n{system or DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
-        for message in messages:
-            if message.role == ASSISTANT and not message.text:
-                continue  # a reply that failed before its first token has nothing to show the model
-            role, body = message.role, self._audio_lines(message, numbers) + message.text
-            if message.role == TOOL:
-                role, body = USER, f"<tool_response>\n{body}\n</tool_response>"
-            text += f"<|im_start|>{role}\n{body}<|im_end|>\n"
-        return text + "<|im_start|>assistant\n"
-
-    def _audio_lines(self, message: Message, numbers: dict[str, int]) -> str:
-        return "".join(
-            f"{audio_label(clip, numbers[clip.id], index)}: {self.audio_placeholder}\n"
-            for clip in message.clips
-            for index in range(clip.n_parts)
-        )
-
-
-class QwenAudioChatRenderer(PromptRenderer):
-    """Qwen-Audio-Chat (first generation): its make_context layout and `Audio N:<audio>ref</audio>` queries.
-
-    Tool results are shown ReAct-style as `Observation:` lines inside the reply, the format the
-    Qwen-7B-Chat family was trained on.
-    """
-
-    family = "qwen-audio-chat"
-
-    def __init__(self, audio_ref: Callable[[Clip, int], str] | None = None) -> None:
-        self.audio_ref = audio_ref or (lambda clip, index: f"{clip.id}-{index}.wav")
-
-    def render_text(self, system: str, messages: tuple[Message, ...], numbers: dict[str, int]) -> str:
-        """The prompt text, ending where the assistant's reply begins (or continues after a tool)."""
-        text = f"<|im_start|>system\n{system or DEFAULT_SYSTEM_PROMPT}<|im_end|>"
-        exchanges = _exchanges(messages)
-        for index, (query, reply) in enumerate(exchanges):
-            text += f"\n<|im_start|>user\n{self._query(query, numbers)}<|im_end|>\n<|im_start|>assistant\n"
-            text += self._reply(reply)
-            if index < len(exchanges) - 1:
-                text += "<|im_end|>"
-        return text
-
-    def _query(self, query: Message, numbers: dict[str, int]) -> str:
-        audio = "".join(
-            f"{audio_label(clip, numbers[clip.id], index)}:<audio>{self.audio_ref(clip, index)}</audio>\n"
-            for clip in query.clips
-            for index in range(clip.n_parts)
-        )
-        return audio + query.text
-
-    def _reply(self, reply: list[Message]) -> str:
-        return "".join(m.text if m.role == ASSISTANT else f"\nObservation: {m.text}\n" for m in reply)
-
-
-def _exchanges(messages: tuple[Message, ...]) -> list[tuple[Message, list[Message]]]:
+def exchanges(messages: tuple[Message, ...]) -> list[tuple[Message, list[Message]]]:
     """(user query, the replies and tool results that followed it) pairs."""
-    exchanges: list[tuple[Message, list[Message]]] = []
+    pairs: list[tuple[Message, list[Message]]] = []
     for message in messages:
         if message.role == USER:
-            exchanges.append((message, []))
-        elif exchanges:
-            exchanges[-1][1].append(message)
-    return exchanges
-
-
-RENDERERS: dict[str, type[PromptRenderer]] = {
-    Qwen2AudioRenderer.family: Qwen2AudioRenderer,
-    QwenAudioChatRenderer.family: QwenAudioChatRenderer,
-}
-
-
-def get_renderer(family: str) -> PromptRenderer:
-    """The renderer of a model family; the error lists the valid names."""
-    if family not in RENDERERS:
-        raise ValueError(f"Unknown model family {family!r}; choose one of: {', '.join(RENDERERS)}.")
-    return RENDERERS[family]()
+            pairs.append((message, []))
+        elif pairs:
+            pairs[-1][1].append(message)
+    return pairs

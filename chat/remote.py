@@ -1,43 +1,26 @@
-"""The remote backend: Qwen2-Audio behind an OpenAI-compatible chat API (vLLM), replies streamed as server-sent events.
+"""The remote backend: a model behind an OpenAI-compatible chat API (vLLM), replies streamed as server-sent events.
 
 Each request carries the prompt the Response rendered, so history fitting is shared with the local
-backend: the system message, then every message of `prompt.messages` with its clips' audio parts as
-`input_audio` content parts (16-bit PCM wav, base64), in the order the local prompt places them.
-
-Audio numbering: vLLM renders the request with the model's own chat template, which writes
-`Audio k: <|audio_bos|><|AUDIO|><|audio_eos|>` with k counting the audio parts of the request, not of
-the conversation. The two agree whenever no history was dropped and no clip is longer than one
-window, and then the server's prompt is byte-identical to the local one. Where they differ (dropped
-turns restart the count; a long clip is several parts) a text part right after the audio says which
-clip it is, e.g. `(Audio 1 is this conversation's Audio 3.)`, so a question about "Audio 3" still
-finds its clip. Replacing the template per request would be exact but needs the server to run with
---trust-request-chat-template, so it is not relied on.
+backend; the family lays the messages out (chat.families) so that the server's chat template
+renders the same prompt the local model would see.
 """
 
-import base64
-import io
 import json
 import threading
-import wave
 from collections.abc import Iterator
-from itertools import islice
 
 import httpx
-import numpy as np
 
-from chat.audio import SAMPLE_RATE
-from chat.backend import Backend, GenerationSettings, Stats
-from chat.conversation import ASSISTANT, TOOL
+from chat.backend import Backend, Stats
 from chat.errors import BackendError
-from chat.prompts import AudioPart, Prompt
+from chat.families import Family, family_for_name
+from chat.prompts import Prompt
+from chat.settings import GenerationSettings
 
-QWEN2_AUDIO_CONTEXT_TOKENS = 8192  # the model's max_position_embeddings, vLLM's default --max-model-len
 DEFAULT_TIMEOUT_S = 120.0  # longest silence from the server: prefill of several clips on a busy GPU
 CONNECT_TIMEOUT_S = 10.0
-SYSTEM_PREFIX = "<|im_start|>system\n"
-END_OF_MESSAGE = "<|im_end|>"
 START_HINT = (
-    "Start one with `vllm serve Qwen/Qwen2-Audio-7B-Instruct --port 8001 --limit-mm-per-prompt '{\"audio\": 5}'` "
+    "Start one with `vllm serve {model} --port 8001 --limit-mm-per-prompt '{{\"audio\": 5}}'` "
     "and pass its address as --api-base (e.g. http://localhost:8001/v1)."
 )
 
@@ -46,6 +29,7 @@ class RemoteBackend(Backend):
     """Streams replies from `POST {api_base}/chat/completions`; one HTTP connection pool, shared by threads.
 
     count_tokens stays None: the tokenizer lives on the server, so the renderer estimates prompt length.
+    The family comes from the served model's name; a name of no known family is served as Qwen2-Audio.
     """
 
     def __init__(
@@ -54,10 +38,19 @@ class RemoteBackend(Backend):
         api_base: str,
         api_key: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        context_tokens: int = QWEN2_AUDIO_CONTEXT_TOKENS,
+        family: Family | None = None,
+        context_tokens: int | None = None,  # the server's --max-model-len, when it is not the model's own
     ) -> None:
         self.model, self.api_base = model, api_base.rstrip("/")
-        self.api_key, self.timeout_s, self.context_tokens = api_key, timeout_s, context_tokens
+        self.family = family or family_for_name(model)
+        if not self.family.served_by_vllm:
+            raise BackendError(
+                f"{model} is {self.family.title}, which OpenAI-compatible servers such as vLLM do not serve. "
+                "Run it in this app instead: leave out --api-base."
+            )
+        self.name = model
+        self.context_tokens = context_tokens or self.family.context_tokens
+        self.api_key, self.timeout_s = api_key, timeout_s
         self.where = f"The model server at {self.api_base}"  # how error messages name it
         self.client = httpx.Client(
             headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
@@ -73,7 +66,7 @@ class RemoteBackend(Backend):
         """
         body = {
             "model": self.model,
-            "messages": chat_messages(prompt),
+            "messages": self.family.request_messages(prompt),
             "stream": True,
             "stream_options": {"include_usage": True},
             **sampling_fields(settings),
@@ -94,7 +87,7 @@ class RemoteBackend(Backend):
                         stats.n_tokens += 1  # counts chunks; the usage event, when sent, is last and corrects it
                         yield text
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            raise BackendError(f"{self.where} is not reachable ({e}). {START_HINT}") from e
+            raise BackendError(f"{self.where} is not reachable ({e}). {START_HINT.format(model=self.model)}") from e
         except httpx.TimeoutException as e:
             raise BackendError(
                 f"{self.where} sent nothing for {self.timeout_s:g} s: it may be overloaded or still loading "
@@ -171,28 +164,6 @@ class RemoteBackend(Backend):
         return BackendError(f"{where} rejected the request (HTTP {status}): {message}")
 
 
-def chat_messages(prompt: Prompt) -> list[dict]:
-    """The prompt as OpenAI chat messages, laid out so the model's chat template renders the local prompt text."""
-    parts = iter(prompt.audio_parts)  # in prompt order: message by message, clip by clip, part by part
-    n_sent = 0
-    messages: list[dict] = [{"role": "system", "content": _system_prompt(prompt)}]
-    for message in prompt.messages:
-        if message.role == ASSISTANT:
-            if message.text:  # as in the local prompt, a reply that failed before its first token is left out
-                messages.append({"role": "assistant", "content": message.text})
-            continue
-        audio: list[dict] = []
-        for part in islice(parts, sum(clip.n_parts for clip in message.clips)):
-            n_sent += 1
-            audio += _audio_content(part, n_sent)
-        if message.role == TOOL:  # the template has no tool role; the local prompt puts the audio inside the tags
-            content = [_text("<tool_response>\n"), *audio, _text(f"{message.text}\n</tool_response>")]
-        else:
-            content = audio + ([_text(message.text)] if message.text else [])
-        messages.append({"role": "user", "content": content})
-    return messages
-
-
 def sampling_fields(settings: GenerationSettings) -> dict:
     """GenerationSettings as request fields: OpenAI's, plus vLLM's top_k and repetition_penalty."""
     fields = {
@@ -207,38 +178,6 @@ def sampling_fields(settings: GenerationSettings) -> dict:
     if settings.seed is not None:
         fields["seed"] = settings.seed
     return fields
-
-
-def wav_base64(samples: np.ndarray) -> str:
-    """Mono float samples at SAMPLE_RATE as a base64 16-bit PCM wav (half the size of float; every reader takes it)."""
-    pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as file:
-        file.setnchannels(1)
-        file.setsampwidth(2)
-        file.setframerate(SAMPLE_RATE)
-        file.writeframes(pcm.tobytes())
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _audio_content(part: AudioPart, server_number: int) -> list[dict]:
-    """The part's input_audio, and a note naming its clip where the server's `Audio k` label would mislead."""
-    content = [{"type": "input_audio", "input_audio": {"data": wav_base64(part.samples), "format": "wav"}}]
-    if part.clip.n_parts > 1:
-        name = f"part {part.index + 1} of {part.clip.n_parts} of this conversation's Audio {part.number}"
-        content.append(_text(f"(Audio {server_number} is {name}.)\n"))
-    elif part.number != server_number:
-        content.append(_text(f"(Audio {server_number} is this conversation's Audio {part.number}.)\n"))
-    return content
-
-
-def _text(text: str) -> dict:
-    return {"type": "text", "text": text}
-
-
-def _system_prompt(prompt: Prompt) -> str:
-    """The system message as the renderer wrote it (the default filled in, anything it adds included)."""
-    return prompt.text.removeprefix(SYSTEM_PREFIX).split(END_OF_MESSAGE, 1)[0]
 
 
 def _error_message(body: object) -> str:

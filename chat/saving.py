@@ -11,10 +11,12 @@ import soundfile
 
 from chat.audio import SAMPLE_RATE
 from chat.clip import Clip
-from chat.conversation import Conversation, Message
+from chat.conversation import TOOL, Conversation, Message, ToolUse
 from chat.errors import StoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added what a reply shows and the calls it made, and a tool message's tool and outcome
+READABLE_VERSIONS = (1, 2)
+V1_ERROR_PREFIX = "Error: "  # how version 1 told a failed tool message
 CONVERSATION_FILE = "conversation.json"
 CLIPS_FOLDER = "clips"
 
@@ -26,12 +28,21 @@ class ClipDict(TypedDict):
     note: str
 
 
+class ToolUseDict(TypedDict):
+    name: str
+    arguments: dict
+
+
 class MessageDict(TypedDict):
     role: str
     text: str
     clips: list[ClipDict]
     status: str
     note: str
+    shown: str | None
+    calls: list[ToolUseDict]
+    tool: str
+    failed: bool
 
 
 class ConversationDict(TypedDict):
@@ -54,6 +65,10 @@ def to_dict(conversation: Conversation) -> ConversationDict:
                 "clips": [{"id": c.id, "name": c.name, "source": c.source, "note": c.note} for c in m.clips],
                 "status": m.status,
                 "note": m.note,
+                "shown": m.shown,
+                "calls": [{"name": call.name, "arguments": call.arguments} for call in m.calls],
+                "tool": m.tool,
+                "failed": m.failed,
             }
             for m in conversation.messages
         ],
@@ -62,15 +77,19 @@ def to_dict(conversation: Conversation) -> ConversationDict:
 
 def from_dict(data: ConversationDict, load_samples) -> Conversation:
     """Rebuild a conversation; load_samples(clip_id) returns that clip's float32 samples."""
-    if data.get("version") != FORMAT_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise StoreError(
             f"This conversation was saved in format version {data.get('version')!r}; "
-            f"this app reads version {FORMAT_VERSION}. Update the app to open it."
+            f"this app reads versions {' and '.join(map(str, READABLE_VERSIONS))}. Update the app to open it."
         )
     messages = []
     for m in data["messages"]:
         clips = tuple(_clip(c, load_samples(c["id"])) for c in m["clips"])
-        messages.append(Message(m["role"], m["text"], clips, m["status"], m["note"]))
+        if data["version"] == 1 and m["role"] == TOOL:  # version 1 kept the tool's name as the note
+            m = m | {"tool": m["note"], "note": "", "failed": m["text"].startswith(V1_ERROR_PREFIX)}
+        calls = tuple(ToolUse(call["name"], call["arguments"]) for call in m.get("calls", []))
+        messages.append(Message(m["role"], m["text"], clips, m["status"], m["note"], m.get("shown"), calls,
+                                m.get("tool", ""), m.get("failed", False)))
     return Conversation(system_prompt=data["system_prompt"], messages=messages, id=data["id"])
 
 

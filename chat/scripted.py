@@ -3,15 +3,18 @@
 import threading
 from collections.abc import Iterator
 
-from chat.backend import Backend, GenerationSettings, Stats
+from chat.backend import Backend, Stats
+from chat.families import DEFAULT_FAMILY, Family
 from chat.prompts import Prompt
+from chat.settings import GenerationSettings
 
 
 class ScriptedBackend(Backend):
     """Replies with the next enqueued list of chunks, one every `interval_s`."""
 
-    def __init__(self, interval_s: float = 0.0) -> None:
-        self.interval_s = interval_s
+    def __init__(self, interval_s: float = 0.0, family: Family = DEFAULT_FAMILY) -> None:
+        self.interval_s, self.family = interval_s, family
+        self.name = "scripted"
         self.replies: list[list[str]] = []
         self.prompts: list[Prompt] = []
 

@@ -1,4 +1,4 @@
-"""Tool calls in a streamed reply: Hermes `<tool_call>` JSON, ReAct `Action:` lines, and timestamp spans.
+"""Tool calls in a streamed reply: Hermes `<tool_call>` JSON and ReAct `Action:` lines.
 
 A parser is fed the reply chunk by chunk and returns the text that is safe to show plus the calls
 completed so far. Text that might be the start of a call is held back until it is clearly not one,
@@ -6,11 +6,9 @@ so a call split anywhere across chunks, even inside its tag, is never shown half
 """
 
 import json
-import re
 import reprlib
 from dataclasses import dataclass, replace
 
-TIMESTAMP_TOKEN = re.compile(r"<\|(\d{1,3}\.\d{1,2})\|>")  # the first generation's <|3.04|> tokens
 
 
 @dataclass(frozen=True)
@@ -23,7 +21,19 @@ class ToolCall:
     end: int = 0  # characters of the reply up to and including the call (set by the parser)
 
 
-class ToolCallParser:
+class ReplyReader:
+    """Reads a streamed reply into the text meant for the person and the tool calls it makes; this base finds none."""
+
+    def feed(self, chunk: str) -> tuple[str, list[ToolCall]]:
+        """Add a chunk; returns (text to show now, the call this chunk completed, if any)."""
+        return chunk, []
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """The reply ended: release held-back text, and read a call left open as far as possible."""
+        return "", []
+
+
+class ToolCallParser(ReplyReader):
     """Base of one call format: finds `marker`, then `_read` decides where the call ends."""
 
     style = ""
@@ -210,7 +220,6 @@ def _checked_call(name: str, arguments: object) -> ToolCall:
 
 
 PARSERS: dict[str, type[ToolCallParser]] = {HermesParser.style: HermesParser, ReActParser.style: ReActParser}
-FAMILY_STYLES = {"qwen2-audio": "hermes", "qwen-audio-chat": "react"}  # the format each family knows best
 
 
 def get_parser(style: str) -> ToolCallParser:
@@ -218,30 +227,3 @@ def get_parser(style: str) -> ToolCallParser:
     if style not in PARSERS:
         raise ValueError(f"Unknown tool-call style {style!r}; choose one of: {', '.join(PARSERS)}.")
     return PARSERS[style]()
-
-
-def style_for(family: str) -> str:
-    """The tool-call style a model family knows best (Hermes for families not listed)."""
-    return FAMILY_STYLES.get(family, HermesParser.style)
-
-
-def visible_text(text: str, style: str) -> str:
-    """A whole reply with its tool calls taken out: what the user is shown."""
-    parser = get_parser(style)
-    pieces = [parser.feed(text)[0]]
-    while True:  # finish() stops at each call left in the buffer
-        shown, calls = parser.finish()
-        pieces.append(shown)
-        if not calls:
-            return "".join(pieces)
-
-
-def timestamp_spans(text: str) -> list[tuple[float, float]]:
-    """(start_s, end_s) pairs from `<|3.04|> ... <|3.23|>` tokens, as the first generation's demo cut them.
-
-    Like that demo, only an even number of tokens counts; pairs that do not run forward are skipped.
-    """
-    times = [float(t) for t in TIMESTAMP_TOKEN.findall(text)]
-    if len(times) % 2:
-        return []
-    return [(start, end) for start, end in zip(times[::2], times[1::2]) if end > start]

@@ -25,6 +25,7 @@ from chat.toolcalls import get_parser
 
 MAX_ITEMS = 50  # longest list a call may pass (ranges, clips to join)
 ERROR_PREFIX = "Error: "  # how a refused or failed call reads in its tool message
+MAX_SPAN_CLIPS = 8  # clips one reply's timestamps may create
 
 
 @dataclass(frozen=True)
@@ -100,22 +101,30 @@ def run_tool_call(
         return ToolResult.failure(f"{tool.name}: {e}")
 
 
-def span_clips(conversation: Conversation, spans: list[tuple[float, float]]) -> tuple[str, list[Clip]]:
-    """Each (start_s, end_s) span of the last clip the user sent as a new clip, as the first generation's demo did."""
+def span_clips(conversation: Conversation, spans: list[tuple[float, float]]) -> tuple[str, list[Clip], bool]:
+    """Each (start_s, end_s) span of the last clip the user sent as a new clip, as the first generation's demo did.
+
+    Returns the tool message's text, the clips, and whether any span failed. At most MAX_SPAN_CLIPS
+    clips come from one reply, like the tool-call limit: a reply full of timestamps cannot flood the chat.
+    """
     user_clips = [clip for message in conversation.messages if message.role == USER for clip in message.clips]
     if not user_clips:
-        return "", []
+        return f"{ERROR_PREFIX}there is no clip of yours to cut these times from.", [], True
     source = Audio(conversation.number(user_clips[-1]), user_clips[-1])
-    lines, clips = [], []
-    for start_s, end_s in dict.fromkeys(spans):  # a repeated span would repeat a clip
+    lines, clips, failed = [], [], False
+    unique = list(dict.fromkeys(spans))  # a repeated span would repeat a clip
+    for start_s, end_s in unique[:MAX_SPAN_CLIPS]:
         try:
             result = _new_clip(conversation, "keep_range", keep_range(source, start_s, end_s), n_pending=len(clips))
         except (ChatError, ValueError) as e:
             lines.append(f"{ERROR_PREFIX}{start_s:g}–{end_s:g} s: {e}")
+            failed = True
             continue
         lines.append(result.text)
         clips.append(result.clip)
-    return "\n".join(lines), clips
+    if len(unique) > MAX_SPAN_CLIPS:
+        lines.append(f"Only the first {MAX_SPAN_CLIPS} of the {len(unique)} spans became clips, the limit per reply.")
+    return "\n".join(lines), clips, failed
 
 
 TOOLS_INTRO = (

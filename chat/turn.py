@@ -5,10 +5,11 @@ import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
-from chat.backend import Backend, GenerationSettings, Response
-from chat.conversation import DONE, Conversation, Message
+from chat.backend import Backend, Response
+from chat.conversation import DONE, Conversation, Message, ToolUse
 from chat.errors import ToolError
-from chat.toolcalls import ToolCall, get_parser, style_for, timestamp_spans
+from chat.settings import GenerationSettings
+from chat.toolcalls import ToolCall
 from chat.tools import ToolBox, ToolResult, run_tool_call, span_clips, tool_system_prompt
 
 POLL_S = 0.02  # how often a waiting reader checks whether the worker has ended
@@ -45,10 +46,12 @@ Event = TextChunk | ToolCallStarted | ToolCallFinished
 class Turn:
     """Drives one or more Responses until the reply is complete; every step lands on the conversation.
 
-    With tools, each Response is read through the family's tool-call parser and only text meant for
-    the user is yielded. A completed call ends its Response (whose message keeps the text up to and
-    including the call), runs, and is recorded as a tool message; then a new Response continues the
-    reply. A call past max_tool_calls is refused with a message the model answers; a second one ends the turn.
+    Each Response is read through the family's reader and only text meant for the person is yielded,
+    and recorded on the reply as `shown`. With tools, a completed call ends its Response (whose
+    message keeps the text up to and including the call), runs, and is recorded as a tool message;
+    then a new Response continues the reply. A call past max_tool_calls is refused with a message the
+    model answers; a second one ends the turn. A family trained on timestamps gets the clips its
+    finished reply names.
     """
 
     def __init__(
@@ -63,10 +66,9 @@ class Turn:
             raise ToolError(f"{type(backend).__name__} does not support tool calls; turn speech editing off.")
         self.backend, self.conversation, self.settings = backend, conversation, settings
         self.tools, self.max_tool_calls = tools, max_tool_calls
-        self.style = style_for(backend.family)
         self.system_prompt = None  # the conversation's own, unless tools are on
         if tools is not None:
-            self.system_prompt = tool_system_prompt(tools, self.style, conversation.system_prompt)
+            self.system_prompt = tool_system_prompt(tools, backend.family.tool_style, conversation.system_prompt)
         self.responses: list[Response] = [self._new_response()]
         self._cancel = threading.Event()
 
@@ -81,9 +83,6 @@ class Turn:
         self.response.cancel()
 
     def __iter__(self) -> Iterator[Event]:
-        if self.tools is None:
-            yield from (TextChunk(chunk) for chunk in self.response)
-            return
         n_calls = 0
         while True:
             call = yield from self._stream()
@@ -103,19 +102,26 @@ class Turn:
 
     def _stream(self) -> Generator[Event, None, ToolCall | None]:
         """Yield the current response's text for the user; return the first tool call it made, if any."""
-        parser, call = get_parser(self.style), None
-        for chunk in self.response:  # never left early: the Response records itself when it ends
-            text, calls = parser.feed(chunk)
-            if text:
-                yield TextChunk(text)
-            if calls and call is None:
-                call = calls[0]
-                self.response.end_at(call.end)
-        if call is None:
-            text, calls = parser.finish()
-            if text:
-                yield TextChunk(text)
-            call = calls[0] if calls and self.response.message.status == DONE else None
+        reader, call, shown = self.backend.family.reader(tools=self.tools is not None), None, []
+        try:
+            for chunk in self.response:  # never left early: the Response records itself when it ends
+                text, calls = reader.feed(chunk)
+                shown.append(text)
+                if text:
+                    yield TextChunk(text)
+                if calls and call is None:
+                    call = calls[0]
+                    self.response.end_at(call.end)
+            if call is None:
+                text, calls = reader.finish()
+                shown.append(text)
+                if text:
+                    yield TextChunk(text)
+                call = calls[0] if calls and self.response.message.status == DONE else None
+        finally:  # a failed or closed reply is described too: what the person saw of it
+            if self.response.message is not None:
+                uses = (ToolUse(call.name, call.arguments),) if call is not None and call.name else ()
+                self.response.message = self.conversation.describe_reply(self.response.message, "".join(shown), uses)
         return call
 
     def _run(self, call: ToolCall, allowed: bool) -> Iterator[Event]:
@@ -130,18 +136,17 @@ class Turn:
         else:
             result = run_tool_call(self.conversation, call.name, call.arguments, self.tools)
         clips = (result.clip,) if result.clip else ()
-        message = self.conversation.add_tool(name, result.text, clips)
+        message = self.conversation.add_tool(name, result.text, clips, failed=bool(result.error))
         yield ToolCallFinished(message, result.error or "")
 
     def _cut_spans(self) -> Iterator[Event]:
         """The first generation's speech editing: clips of the `<|t1|> ... <|t2|>` spans a finished reply names."""
-        spans = timestamp_spans(self.response.text)
+        spans = self.backend.family.timestamp_spans(self.response.text)
         if not spans or self.response.message.status != DONE:
             return
-        text, clips = span_clips(self.conversation, spans)
-        if clips:
-            yield ToolCallStarted(SPANS_TOOL, {"spans": [list(span) for span in spans]})
-            yield ToolCallFinished(self.conversation.add_tool(SPANS_TOOL, text, clips))
+        text, clips, failed = span_clips(self.conversation, spans)
+        yield ToolCallStarted(SPANS_TOOL, {"spans": [list(span) for span in spans]})
+        yield ToolCallFinished(self.conversation.add_tool(SPANS_TOOL, text, clips, failed=failed))
 
 
 def pump(turn: Turn, events: queue.Queue) -> None:

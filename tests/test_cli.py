@@ -19,11 +19,12 @@ import soundfile
 
 from app.cli import EXIT_INTERRUPTED, RECORDING_PROMPT, run_cli
 import launch
-from app.cli_text import BANNER, HELP, tool_result
+from app.cli_text import BANNER, help_text, model_line, tool_result
 from app.recorder import ArrayRecorder, SoundDeviceRecorder
 from chat import BackendError, Clip, ClipError, Conversation, GenerationSettings, saving
 from chat.audio import MAX_CLIP_S, SAMPLE_RATE
 from chat.backend import Backend
+from chat.families import DEFAULT_FAMILY
 from chat.clip import EDITED, UPLOADED
 from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, USER
 from chat.scripted import ScriptedBackend
@@ -79,8 +80,8 @@ def take(seconds: float, sample_rate: int = 48000) -> tuple[np.ndarray, int]:
 
 
 def screen(*lines: str) -> str:
-    """The transcript a session prints: the banner, then the given lines."""
-    return "\n".join([BANNER, *lines]) + "\n"
+    """The transcript a session prints: which model, the banner, then the given lines."""
+    return "\n".join([model_line(ScriptedBackend()), BANNER, *lines]) + "\n"
 
 
 def test_a_typed_message_streams_the_reply_and_both_land_on_the_conversation():
@@ -199,6 +200,8 @@ def test_ctrl_c_at_the_prompt_or_end_of_input_leaves():
 class StuckInPrefill(Backend):
     """A backend that cannot notice a cancel until `release` is set, like a long prefill."""
 
+    family, name = DEFAULT_FAMILY, "scripted"
+
     def __init__(self) -> None:
         self.started, self.release = threading.Event(), threading.Event()
 
@@ -231,6 +234,8 @@ def test_a_second_ctrl_c_leaves_while_the_reply_cannot_stop_yet():
 class FailsMidReply(Backend):
     """A backend whose model fails after the first chunk."""
 
+    family, name = DEFAULT_FAMILY, "scripted"
+
     def execute(self, prompt, settings, stats, cancel):
         yield "Partial"
         raise BackendError("The GPU ran out of memory. Try --quantization 4bit.")
@@ -246,7 +251,7 @@ def test_a_turn_the_model_cannot_take_is_refused_and_the_conversation_is_unchang
     backend = ScriptedBackend()
     backend.context_tokens = 64
     code, transcript, conversation = session(["word " * 200, "/quit"], backend, settings=GenerationSettings(max_new_tokens=8))
-    assert transcript.splitlines()[2].startswith("error: This turn alone needs about ")
+    assert transcript.splitlines()[3].startswith("error: This turn alone needs about ")
     assert conversation.messages == [] and backend.prompts == []
 
 
@@ -282,9 +287,9 @@ def test_save_load_undo_clear_and_the_system_prompt(tmp_path):
              "/undo", f"/load {folder}", f"/load {tmp_path / 'nothing'}", "/quit"]
     code, transcript, _ = session(lines)
     out = transcript.splitlines()
-    assert out[1:7] == ["> /system You answer in one word.", "System prompt set.", "> /system",
+    assert out[2:8] == ["> /system You answer in one word.", "System prompt set.", "> /system",
                         "System prompt: You answer in one word.", "> First?", "This is a scripted reply."]
-    assert out[9:] == [
+    assert out[10:] == [
         "> /undo", "Removed the last exchange (2 messages).",
         f"> /save {folder}", f"Saved to {folder}: 2 messages, 0 clips.",
         "> /clear", "Cleared the conversation; the system prompt stays.",
@@ -305,7 +310,7 @@ def test_a_loaded_conversation_carries_on_where_it_was_saved(tmp_path):
     backend = ScriptedBackend()
     code, transcript, _ = session([f"/load {tmp_path / 'saved'}", "", f"/save {tmp_path / 'after'}", "/quit"], backend)
     # the saved turn still waits for its reply, so Enter sends it
-    assert transcript.splitlines()[3:6] == ["[Audio 1] > ", "This is a scripted reply.", f"> /save {tmp_path / 'after'}"]
+    assert transcript.splitlines()[4:7] == ["[Audio 1] > ", "This is a scripted reply.", f"> /save {tmp_path / 'after'}"]
     assert backend.prompts[0].text.startswith("<|im_start|>system\nBe brief.")
     after = saving.load(tmp_path / "after")
     assert after.id == saved.id and [m.text for m in after.messages] == ["Saved question?", "This is a scripted reply."]
@@ -313,7 +318,7 @@ def test_a_loaded_conversation_carries_on_where_it_was_saved(tmp_path):
 
 def test_help_and_unknown_commands():
     code, transcript, _ = session(["/help", "/frobnicate", "/quit"])
-    assert transcript == screen("> /help", HELP, "> /frobnicate", "error: Unknown command /frobnicate: /help lists the commands.",
+    assert transcript == screen("> /help", help_text(ScriptedBackend()), "> /frobnicate", "error: Unknown command /frobnicate: /help lists the commands.",
                                 "> /quit")
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from chat import Clip, ClipError
-from chat.audio import MAX_CLIP_S, SAMPLE_RATE, WINDOW_SAMPLES
+from chat.audio import MAX_CLIP_S, SAMPLE_RATE
+from chat.families import FAMILIES
 from chat.clip import RECORDED, UPLOADED
 from tests.conftest import FORMATS, tone, write_audio
 
@@ -56,13 +57,15 @@ def test_id_is_derived_from_content_and_samples_are_read_only():
         a.samples[0] = 1.0
 
 
-def test_long_clip_is_split_into_equal_window_sized_parts():
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES.keys())
+def test_long_clip_is_split_into_equal_parts_of_the_familys_window(family):
     clip = Clip.from_array(tone(70.0), SAMPLE_RATE)
-    parts = clip.parts()
-    assert clip.n_parts == 3 and len(parts) == 3
-    assert all(len(p) <= WINDOW_SAMPLES for p in parts)
-    np.testing.assert_array_equal(np.concatenate(parts), clip.samples)
-    assert Clip.from_array(tone(30.0), SAMPLE_RATE).n_parts == 1
+    parts = family.renderer.parts(clip, number=4)
+    assert family.n_parts(clip) == 3 and [(p.number, p.index, p.n_parts) for p in parts] == [(4, 0, 3), (4, 1, 3), (4, 2, 3)]
+    assert all(len(p.samples) <= family.window_samples for p in parts)
+    assert [p.label for p in parts] == ["Audio 4 (part 1 of 3)", "Audio 4 (part 2 of 3)", "Audio 4 (part 3 of 3)"]
+    np.testing.assert_array_equal(np.concatenate([p.samples for p in parts]), clip.samples)
+    assert family.n_parts(Clip.from_array(tone(30.0), SAMPLE_RATE)) == 1
 
 
 def test_over_long_file_is_refused_without_decoding_it_all(tmp_path):

@@ -14,7 +14,7 @@ from chat import BackendError, Clip, Conversation, GenerationSettings, Response,
 from chat.audio import SAMPLE_RATE
 from chat.conversation import DONE, FAILED, STOPPED
 from chat.local import GENERATION_THREAD, LocalBackend, generate_kwargs
-from chat.prompts import Qwen2AudioRenderer
+from chat.families import get_family
 from tests.conftest import tone
 
 SAMPLED = GenerationSettings(seed=0, max_new_tokens=24)  # random weights sampled: several streamed chunks
@@ -78,7 +78,7 @@ def test_token_counts_are_exact(backend):
     response = Response(backend, conversation, greedy)
     inputs = backend.prepare(response.prompt)
     n_prompt = inputs["input_ids"].shape[1]
-    expected = backend.model.generate(**inputs, **generate_kwargs(greedy, backend.stop_ids))[0, n_prompt:]
+    expected = backend.model.generate(**inputs, **generate_kwargs(greedy, backend.loaded.stop_ids))[0, n_prompt:]
     streamed = "".join(response)
     assert response.stats.n_tokens == len(expected)
     assert streamed == backend.tokenizer.decode(expected, skip_special_tokens=True)
@@ -91,7 +91,7 @@ def test_token_counts_are_exact(backend):
 def test_prepared_inputs_match_the_processor_and_carry_every_part(backend):
     conversation = Conversation()
     conversation.add_user("Compare them.", [clip(2.0, 500, "short.wav"), clip(70.0, 250, "long.wav")])
-    prompt = Qwen2AudioRenderer().render(conversation)
+    prompt = get_family("qwen2-audio").renderer.render(conversation)
     assert [(p.number, p.index) for p in prompt.audio_parts] == [(1, 0), (2, 0), (2, 1), (2, 2)]
     assert "Audio 2 (part 3 of 3): <|audio_bos|><|AUDIO|><|audio_eos|>" in prompt.text
 
@@ -100,7 +100,7 @@ def test_prepared_inputs_match_the_processor_and_carry_every_part(backend):
     assert n_audio == sum(part.n_audio_tokens for part in prompt.audio_parts) == 50 + 3 * 583
     assert inputs["input_features"].shape[0] == inputs["feature_attention_mask"].shape[0] == len(prompt.audio_parts)
     # the same tensors the processor builds from scratch (keyword audio=, not the ignored audios=)
-    expected = backend.processor(
+    expected = backend.loaded.processor(
         text=prompt.text, audio=[p.samples for p in prompt.audio_parts], sampling_rate=SAMPLE_RATE, return_tensors="pt"
     )
     assert torch.equal(inputs["input_ids"], expected["input_ids"])
@@ -109,20 +109,20 @@ def test_prepared_inputs_match_the_processor_and_carry_every_part(backend):
 
 
 def test_audio_features_are_computed_once_per_clip_part(backend, monkeypatch):
-    extractor, computed = backend.processor.feature_extractor, []
+    extractor, computed = backend.loaded.processor.feature_extractor, []
 
     def counting(samples, **kwargs):
         computed.append(len(samples))
         return extractor(samples, **kwargs)
 
-    monkeypatch.setattr(backend.processor, "feature_extractor", counting)
+    monkeypatch.setattr(backend.loaded.processor, "feature_extractor", counting)
     conversation = Conversation()
     conversation.add_user("One.", [clip(40.0, 700, "two-parts.wav")])
-    backend.prepare(Qwen2AudioRenderer().render(conversation))
+    backend.prepare(get_family("qwen2-audio").renderer.render(conversation))
     assert len(computed) == 2
     conversation.add_assistant("A tone.")
     conversation.add_user("Two.", [clip(2.0, 710, "d.wav")])
-    longer = Qwen2AudioRenderer().render(conversation)
+    longer = get_family("qwen2-audio").renderer.render(conversation)
     backend.prepare(longer)
     backend.prepare(longer)
     assert len(computed) == 3  # only the new clip was computed; the history came from the cache
@@ -227,7 +227,8 @@ def test_a_hub_id_missing_offline_says_how_to_download():
 
 
 def test_another_architecture_is_refused(tiny_whisper):
-    with pytest.raises(BackendError, match="is a 'whisper' model, but this backend runs Qwen2-Audio"):
+    with pytest.raises(BackendError, match="is a 'whisper' model, which this app cannot run. Supported families: "
+                                           r"Qwen2-Audio \(e.g. Qwen/Qwen2-Audio-7B-Instruct\), Qwen-Audio-Chat"):
         LocalBackend(str(tiny_whisper))
 
 
@@ -308,7 +309,7 @@ GREEDY = GenerationSettings(temperature=0, max_new_tokens=12)
 def fresh_reply(backend: LocalBackend, response: Response) -> str:
     """What the model says to the response's prompt when everything is computed from scratch."""
     inputs = backend.prepare(response.prompt)
-    ids = backend.model.generate(**inputs, **generate_kwargs(GREEDY, backend.stop_ids))[0, inputs["input_ids"].shape[1]:]
+    ids = backend.model.generate(**inputs, **generate_kwargs(GREEDY, backend.loaded.stop_ids))[0, inputs["input_ids"].shape[1]:]
     return backend.tokenizer.decode(ids, skip_special_tokens=True)
 
 

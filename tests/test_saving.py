@@ -47,7 +47,7 @@ def test_saved_file_is_versioned_json_and_clips_are_stored_once(tmp_path):
     c.add_user("q", [clip(1), clip(2)])
     save(c, tmp_path)
     data = json.loads((tmp_path / "conversation.json").read_text())
-    assert data["version"] == 1 and data["messages"][0]["clips"][1]["name"] == "c2.wav"
+    assert data["version"] == 2 and data["messages"][0]["clips"][1]["name"] == "c2.wav"
     assert sorted(p.stem for p in (tmp_path / "clips").iterdir()) == sorted(x.id for x in c.clips())
 
 

@@ -11,10 +11,8 @@ from chat.toolcalls import (
     HermesParser,
     ReActParser,
     get_parser,
-    style_for,
-    timestamp_spans,
-    visible_text,
 )
+from chat.families import get_family
 
 ARGUMENTS = {"audio": 2, "ranges": [[3.04, 3.23]]}
 HERMES_CALL = f'<tool_call>\n{{"name": "delete_ranges", "arguments": {json.dumps(ARGUMENTS)}}}\n</tool_call>'
@@ -139,13 +137,8 @@ def test_react_action_without_input_is_plain_text():
     assert calls == [] and "".join(shown) == reply
 
 
-def test_visible_text_takes_every_call_out():
-    reply = f"a{HERMES_CALL}b{HERMES_CALL}c"
-    assert visible_text(reply, "hermes") == "abc"
-
-
 def test_styles_and_their_registry():
-    assert style_for("qwen2-audio") == "hermes" and style_for("qwen-audio-chat") == "react"
+    assert get_family("qwen2-audio").tool_style == "hermes" and get_family("qwen-audio-chat").tool_style == "react"
     assert isinstance(get_parser("react"), ReActParser)
     with pytest.raises(ValueError, match="choose one of: hermes, react"):
         get_parser("xml")
@@ -157,17 +150,3 @@ def test_the_prompt_example_parses_in_its_own_format(style):
     text = get_parser(style).instructions("Edit clips.", [], example)
     _, calls = stream(style, [text.split("Example, to remove 3.04 to 3.23 s from Audio 2:\n")[1]])
     assert (calls[0].name, calls[0].arguments, calls[0].error) == ("delete_ranges", ARGUMENTS, "")
-
-
-@pytest.mark.parametrize(
-    ("text", "spans"),
-    [
-        ('The word "what" starts at <|3.04|> and ends at <|3.23|>.', [(3.04, 3.23)]),
-        ("<|0.00|><|1.50|> then <|2.00|><|2.75|>", [(0.0, 1.5), (2.0, 2.75)]),
-        ("<|1.00|> alone", []),  # odd count: the first generation's demo ignores them too
-        ("<|3.00|><|2.00|>", []),  # runs backwards
-        ("no timestamps here", []),
-    ],
-)
-def test_timestamp_spans(text, spans):
-    assert timestamp_spans(text) == spans

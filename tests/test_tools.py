@@ -221,8 +221,8 @@ def test_a_toolbox_without_the_example_tool_leaves_the_example_out():
 
 
 def test_timestamp_spans_become_clips_of_the_last_user_clip(conversation):
-    text, clips = span_clips(conversation, [(0.5, 1.0), (0.5, 1.0), (2.0, 2.5), (2.9, 3.5)])
-    assert [clip.note for clip in clips] == ["Audio 3 = Audio 2 cut to 0.5–1 s", "Audio 4 = Audio 2 cut to 2–2.5 s"]
+    text, clips, failed = span_clips(conversation, [(0.5, 1.0), (0.5, 1.0), (2.0, 2.5), (2.9, 3.5)])
+    assert failed and [clip.note for clip in clips] == ["Audio 3 = Audio 2 cut to 0.5–1 s", "Audio 4 = Audio 2 cut to 2–2.5 s"]
     assert np.array_equal(clips[1].samples, A2[n(2.0):n(2.5)])
     assert "Error: 2.9–3.5 s: end_s 3.5 s is past the end of the clip" in text
     assert unchanged(conversation)

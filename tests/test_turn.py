@@ -9,6 +9,7 @@ from chat.audio import SAMPLE_RATE
 from chat.clip import Clip
 from chat.conversation import ASSISTANT, DONE, STOPPED, TOOL, USER, Conversation
 from chat.errors import BackendError, ToolError
+from chat.families import get_family
 from chat.remote import RemoteBackend
 from chat.scripted import ScriptedBackend
 from chat.tools import ToolBox
@@ -106,8 +107,7 @@ def test_calls_past_the_limit_are_refused_and_the_turn_ends(conversation):
 
 
 def test_react_style_for_the_first_generation(conversation):
-    backend = ScriptedBackend()
-    backend.family = "qwen-audio-chat"
+    backend = ScriptedBackend(family=get_family("qwen-audio-chat"))
     backend.enqueue(["Thought: cut it\nAction: delete", "_ranges\nAction Input: {\"audio\": 2, ",
                      '"ranges": [[1.0, 1.5]]}\nObservation: made up'])
     backend.enqueue(["Final Answer: done."])
@@ -115,15 +115,20 @@ def test_react_style_for_the_first_generation(conversation):
     assert "".join(e.text for e in events if isinstance(e, TextChunk)) == "Thought: cut it\nFinal Answer: done."
     assert conversation.clip(3).note == NOTE
     assert "Action: the action to take" in backend.prompts[0].text
-    assert backend.prompts[1].text.endswith(f"\nObservation: {NOTE} (2.50 s).\n")
+    clip_heard = "Audio 3: <audio>[[[AUDIO:modality]]]</audio>\n"  # the model hears the clip the tool made
+    assert backend.prompts[1].text.endswith(f"\nObservation: {clip_heard}{NOTE} (2.50 s).\n")
 
 
 def test_timestamps_in_a_reply_become_clips_of_the_last_user_clip(conversation):
-    backend = ScriptedBackend()
-    backend.enqueue(['The word "what" starts at <|1.00|> and ends at <|1.50|>.'])
-    events = list(Turn(backend, conversation, tools=ToolBox()))
-    assert kinds(events) == ["TextChunk", "ToolCallStarted", "ToolCallFinished"]
-    assert events[1] == ToolCallStarted(SPANS_TOOL, {"spans": [[1.0, 1.5]]})
+    backend = ScriptedBackend(family=get_family("qwen-audio-chat"))  # trained on timestamps; no tools needed
+    backend.enqueue(['The word "what" starts at <|1.0', '0|> and ends at <|1.50|>.'])
+    events = list(Turn(backend, conversation))
+    assert kinds(events) == ["TextChunk", "TextChunk", "ToolCallStarted", "ToolCallFinished"]
+    shown = 'The word "what" starts at 1.00 s and ends at 1.50 s.'
+    assert "".join(e.text for e in events if isinstance(e, TextChunk)) == shown
+    reply = conversation.messages[-2]
+    assert reply.text == 'The word "what" starts at <|1.00|> and ends at <|1.50|>.' and reply.shown == shown
+    assert events[2] == ToolCallStarted(SPANS_TOOL, {"spans": [[1.0, 1.5]]})
     assert conversation.clip(3).note == "Audio 3 = Audio 2 cut to 1–1.5 s"
     assert np.array_equal(conversation.clip(3).samples, tone(3.0, 220.0)[SAMPLE_RATE:SAMPLE_RATE * 3 // 2])
 

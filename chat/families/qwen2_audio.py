@@ -1,0 +1,155 @@
+"""Qwen2-Audio-Instruct (Qwen/Qwen2-Audio-7B-Instruct): transformers' own model and processor."""
+
+import numpy as np
+import torch
+
+from chat.audio import SAMPLE_RATE
+from chat.conversation import ASSISTANT, TOOL, USER, Message
+from chat.families.base import Family, LoadOptions, LocalModel
+from chat.prompts import AudioPart, Prompt, PromptRenderer
+from chat.openai_content import audio_content, text_content
+
+MODEL_TYPE = "qwen2_audio"
+AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+FRAMES_PER_HALF_TOKEN = 2  # 10-ms mel frames per encoder step before the pool of 2
+SAMPLES_PER_FRAME = 160
+MAX_AUDIO_TOKENS_PER_PART = 750  # a full 30-s window
+
+
+class Qwen2AudioRenderer(PromptRenderer):
+    """Byte-identical to the processor's chat template for clips up to 30 s.
+
+    Clips carry their conversation number rather than a per-prompt counter, so dropped history
+    never renumbers them, and long clips appear as labelled parts. Tool results go back as the
+    user turn `<tool_response>...</tool_response>`, the Qwen2.5 convention.
+    """
+
+    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]]) -> str:
+        """The prompt text, ending where the assistant's reply begins."""
+        text = f"<|im_start|>system\n{system}<|im_end|>\n"
+        for message in messages:
+            if message.role == ASSISTANT and not message.text:
+                continue  # a reply that failed before its first token has nothing to show the model
+            audio = "".join(f"{part.label}: {AUDIO_PLACEHOLDER}\n" for clip in message.clips for part in parts[clip.id])
+            role, body = message.role, audio + message.text
+            if message.role == TOOL:
+                role, body = USER, f"<tool_response>\n{body}\n</tool_response>"
+            text += f"<|im_start|>{role}\n{body}<|im_end|>\n"
+        return text + "<|im_start|>assistant\n"
+
+
+class Qwen2AudioModel(LocalModel):
+    """Qwen2AudioForConditionalGeneration and its processor, from_pretrained."""
+
+    def __init__(self, checkpoint: str, options: LoadOptions) -> None:
+        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+        self.model = Qwen2AudioForConditionalGeneration.from_pretrained(
+            checkpoint, dtype=options.dtype, device_map=options.device_map,
+            quantization_config=options.quantization_config,
+        ).eval()
+        self.processor = AutoProcessor.from_pretrained(checkpoint)
+        self.tokenizer = self.processor.tokenizer
+        self.audio_token_id = self.model.config.audio_token_id
+        self.context_tokens = self.model.config.text_config.max_position_embeddings
+        eos = self.model.generation_config.eos_token_id  # None, an id or a list of ids
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.stop_ids = sorted({*self.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"]), *eos})
+
+    def token_ids(self, prompt: Prompt) -> list[int]:
+        """The tokenizer's ids of the prompt text (one <|AUDIO|> per part)."""
+        return self.tokenizer(prompt.text)["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        """Exact token count of text."""
+        return len(self.tokenizer(text)["input_ids"])
+
+    def features(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processor's mel features of one part, padded to the 30-s window, with its frame mask."""
+        out = self.processor.feature_extractor(
+            samples, sampling_rate=SAMPLE_RATE, padding="max_length", return_attention_mask=True, return_tensors="pt",
+        )
+        return out["input_features"][0], out["attention_mask"][0]
+
+    def n_audio_tokens(self, n_frames: torch.Tensor) -> torch.Tensor:
+        """The encoder's own length rule, so audio tokens and encoder outputs always agree."""
+        return self.model.model.audio_tower._get_feat_extract_output_lengths(n_frames)[1]
+
+
+class Qwen2Audio(Family):
+    """Qwen2-Audio-Instruct: Whisper-large-v3 encoder, Qwen-7B, ChatML with `Audio N:` lines."""
+
+    name = "qwen2-audio"
+    title = "Qwen2-Audio"
+    example_checkpoint = "Qwen/Qwen2-Audio-7B-Instruct"
+    control_tokens = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+    # Left in bf16 when the language model is quantized. The Whisper-large audio encoder (0.6B weights,
+    # 1.3 GB) is what hears: quantization noise there reaches every audio token of every clip, for a small
+    # saving. The projector is one small layer that maps audio into the LLM's embedding space. lm_head turns
+    # each hidden state into logits, where rounding errors change the sampled token directly (transformers
+    # keeps it unquantized by default too). Names are full module paths: transformers 5 matches a skip
+    # pattern from the start of the name or as a suffix, so a bare "audio_tower" would match nothing.
+    unquantized_modules = ("model.audio_tower", "model.multi_modal_projector", "lm_head")
+    served_by_vllm = True
+    renderer_class = Qwen2AudioRenderer
+
+    def recognizes(self, config: dict) -> bool:
+        """config.json's model_type is qwen2_audio."""
+        return config.get("model_type") == MODEL_TYPE
+
+    def recognizes_name(self, model_name: str) -> bool:
+        """Names such as Qwen/Qwen2-Audio-7B-Instruct."""
+        return "qwen2-audio" in model_name.lower()
+
+    def n_audio_tokens(self, n_samples: int) -> int:
+        """10-ms mel frames, halved by a stride-2 convolution (rounding up), then by a pool of 2 (rounding down)."""
+        n_half_tokens = -(-n_samples // (SAMPLES_PER_FRAME * FRAMES_PER_HALF_TOKEN))
+        return min(MAX_AUDIO_TOKENS_PER_PART, n_half_tokens // 2)
+
+    def load(self, checkpoint: str, options: LoadOptions) -> LocalModel:
+        """Qwen2AudioForConditionalGeneration.from_pretrained, quantized as options say."""
+        return Qwen2AudioModel(checkpoint, options)
+
+    def request_messages(self, prompt: Prompt) -> list[dict]:
+        """The prompt as OpenAI chat messages, laid out so the model's chat template renders the local prompt text.
+
+        vLLM renders the request with the model's chat template, which writes `Audio k:` with k
+        counting the audio of the request. That is the conversation's numbering while no history was
+        dropped and no clip is longer than one window; otherwise a note after the audio names the clip.
+        """
+        n_sent = 0
+        messages: list[dict] = [{"role": "system", "content": _system_prompt(prompt)}]
+        for message in prompt.messages:
+            if message.role == ASSISTANT:
+                if message.text:  # as in the local prompt, a reply that failed before its first token is left out
+                    messages.append({"role": "assistant", "content": message.text})
+                continue
+            audio: list[dict] = []
+            clip_ids = {clip.id for clip in message.clips}
+            for part in (part for part in prompt.audio_parts if part.clip.id in clip_ids):  # a clip is in one message
+                n_sent += 1
+                audio += [audio_content(part.samples), *_clip_note(part, n_sent)]
+            if message.role == TOOL:  # the template has no tool role; the local prompt puts the audio inside the tags
+                content = [text_content("<tool_response>\n"), *audio, text_content(f"{message.text}\n</tool_response>")]
+            else:
+                content = audio + ([text_content(message.text)] if message.text else [])
+            messages.append({"role": "user", "content": content})
+        return messages
+
+
+def _clip_note(part: AudioPart, server_number: int) -> list[dict]:
+    """A note naming the part's clip where the server's `Audio k` label would mislead."""
+    if part.n_parts > 1:
+        name = f"part {part.index + 1} of {part.n_parts} of this conversation's Audio {part.number}"
+        return [text_content(f"(Audio {server_number} is {name}.)\n")]
+    if part.number != server_number:
+        return [text_content(f"(Audio {server_number} is this conversation's Audio {part.number}.)\n")]
+    return []
+
+
+def _system_prompt(prompt: Prompt) -> str:
+    """The system message as the renderer wrote it (the default filled in, anything it adds included)."""
+    return prompt.text.removeprefix("<|im_start|>system\n").split("<|im_end|>", 1)[0]
+
+
+FAMILY = Qwen2Audio()

@@ -13,6 +13,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from chat.audio import SAMPLE_RATE  # noqa: E402
 from tests.tiny_models import build_tiny_qwen2_audio, build_tiny_whisper  # noqa: E402
+from tests.tiny_qwen_audio_chat import build_tiny_qwen_audio_chat  # noqa: E402
 
 FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "webm")
 
@@ -56,6 +57,12 @@ def speech_wav(tmp_path_factory) -> Path:
 def tiny_qwen2_audio(tmp_path_factory) -> Path:
     """A tiny random-weight Qwen2-Audio checkpoint folder with the real 30-s audio window."""
     return build_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny-qwen2-audio"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_audio_chat(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen-Audio-Chat checkpoint in the original on-disk format (real qwen.tiktoken)."""
+    return build_tiny_qwen_audio_chat(tmp_path_factory.mktemp("tiny-qwen-audio-chat"))
 
 
 @pytest.fixture(scope="session")

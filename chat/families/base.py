@@ -18,6 +18,9 @@ from chat.settings import GenerationSettings
 from chat.toolcalls import ReplyReader, get_parser
 
 TIMESTAMP_TOKEN = re.compile(r"<\|(\d{1,2}\.\d{2})\|>")  # the first generation's <|3.04|> tokens
+# The end of a streamed text that may still change how it reads: timestamps that a second one may pair
+# with, and the start of a token still arriving (`<`, `<|3.`, `<|3.04|`).
+UNFINISHED_TIMESTAMPS = re.compile(r"(<\|\d{1,2}\.\d{2}\|>\s*)*(<(\|(\d{1,2}(\.(\d{1,2}(\|>?)?)?)?)?)?)?$")
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ class FormattedReader(ReplyReader):
     def __init__(self, inner: ReplyReader, timestamps: bool) -> None:
         super().__init__()
         self.inner, self.timestamps = inner, timestamps
-        self.held = ""  # the start of a timestamp token that may still be arriving
+        self.held = ""  # the end of the text so far, while UNFINISHED_TIMESTAMPS may still change it
 
     def feed(self, chunk: str) -> tuple[str, list]:
         text, calls = self.inner.feed(chunk)
@@ -157,10 +160,9 @@ class FormattedReader(ReplyReader):
     def _format(self, text: str, final: bool) -> str:
         if not self.timestamps:
             return text
-        text, self.held = self.held + text, ""
-        start = text.rfind("<|")
-        if not final and start >= 0 and "|>" not in text[start:] and len(text) - start <= len("<|30.00|>"):
-            text, self.held = text[:start], text[start:]
+        text = self.held + text
+        n_shown = len(text) if final else UNFINISHED_TIMESTAMPS.search(text).start()
+        text, self.held = text[:n_shown], text[n_shown:]
         return format_timestamps(text)
 
 

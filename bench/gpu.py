@@ -1,6 +1,7 @@
-"""GPU benchmark: the real Qwen2-Audio-7B architecture with random weights, through LocalBackend.
+"""GPU benchmark: a family's real 7B architecture with random weights, through LocalBackend.
 
-Builds the model from the real config on the GPU (no download), saves it as a checkpoint folder, then
+--family qwen2-audio (default) or qwen-audio-chat: builds the model from the real config on the GPU (no
+download), saves it as a checkpoint folder in that family's own format, then
 for each route loads it the product's way (LocalBackend, from_pretrained) and answers a short question
 about a fresh 30 s clip with 256 generated tokens (min_new_tokens forces the length; the product's
 default sampling settings). Per route: load time, memory, time to first token (Response's own measure:
@@ -10,7 +11,7 @@ Routes: none (bf16 on a GPU), nf4 (bitsandbytes, the default on a GPU), nf4-comp
 static cache and torch.compile), int4-torchao-compiled (torchao int4 weight-only, tinygemm kernels;
 CUDA only, needs torchao).
 Without a GPU, or with --tiny, it runs the tiny test model on the CPU: that checks the script, not speed.
-Run: .venv/bin/python -m bench.gpu [--tiny] [--quick] [--routes nf4,none] [--checkpoint DIR]
+Run: .venv/bin/python -m bench.gpu [--family NAME] [--tiny] [--quick] [--routes nf4,none] [--checkpoint DIR]
 """
 
 import argparse
@@ -41,8 +42,10 @@ from chat.audio import SAMPLE_RATE  # noqa: E402
 from chat.backend import GenerationSettings, Response, Stats  # noqa: E402
 from chat.clip import Clip  # noqa: E402
 from chat.conversation import Conversation  # noqa: E402
+from chat.families import FAMILIES, get_family  # noqa: E402
 from chat.local import LocalBackend  # noqa: E402
 from tests.tiny_models import build_tiny_qwen2_audio  # noqa: E402
+from tests.tiny_qwen_audio_chat import FULL_SIZE, build_qwen_audio_chat, build_tiny_qwen_audio_chat  # noqa: E402
 
 # Qwen/Qwen2-Audio-7B(-Instruct) config.json, as checked against public copies of it and the
 # Qwen2AudioEncoderConfig defaults (which are documented as that checkpoint's): 8.40 B parameters, 16.8 GB in bf16.
@@ -87,7 +90,17 @@ def full_vocab_tokenizer() -> Qwen2Tokenizer:
     return Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=list(SPECIAL_TOKENS)[1:])
 
 
-def build_full_checkpoint(folder: Path, device: torch.device) -> Path:
+def build_checkpoint(folder: Path, family: str, device: torch.device, tiny: bool) -> Path:
+    """The family's checkpoint folder: full size with random bf16 weights made on the device, or the tiny test one."""
+    if family == "qwen-audio-chat":
+        if tiny:
+            return build_tiny_qwen_audio_chat(folder)
+        return build_qwen_audio_chat(folder, FULL_SIZE, spread=False, device=device.type, dtype=torch.bfloat16,
+                                     n_shards=9)  # the official files are 9 shards too
+    return build_tiny_qwen2_audio(folder) if tiny else build_full_qwen2_audio(folder, device)
+
+
+def build_full_qwen2_audio(folder: Path, device: torch.device) -> Path:
     """Save the full-size model with random bf16 weights, initialized directly on the device, and its processor."""
     config = Qwen2AudioConfig(audio_config=AUDIO_CONFIG, text_config=TEXT_CONFIG,
                               audio_token_index=SPECIAL_TOKENS["<|AUDIO|>"])
@@ -113,9 +126,9 @@ def load(route: str, checkpoint: Path, on_gpu: bool) -> LocalBackend:
     if route == "int4-torchao-compiled":
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-        # only the language model's layers become int4: what chat.local.UNQUANTIZED_MODULES keeps in bf16 stays so
+        # only the language model's layers become int4: what the family keeps unquantized stays in bf16
         config = Int4WeightOnlyConfig(group_size=TORCHAO_GROUP_SIZE, int4_packing_format="tile_packed_to_4d")
-        quantize_(model.model.language_model, config)
+        quantize_(language_model(model), config)
     if route.endswith("compiled"):
         # generate() compiles the decoding step when the cache has a fixed shape
         model.generation_config.cache_implementation = "static"
@@ -166,13 +179,18 @@ def module_bytes(module: torch.nn.Module, skip: tuple[torch.nn.Module, ...] = ()
     return sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()] if id(t) not in skipped)
 
 
-def bytes_per_token(model: Qwen2AudioForConditionalGeneration, mean_positions: float) -> float:
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (embeddings, layers, norm) of either family's model."""
+    return getattr(model.model, "language_model", model.model)
+
+
+def bytes_per_token(model: torch.nn.Module, mean_positions: float) -> float:
     """Bytes one decode step must read: every language-model weight but the embedding table (one row of it is
     read), lm_head, and the KV cache of the positions so far."""
-    language_model = model.model.language_model
-    weights = module_bytes(language_model, skip=(language_model.embed_tokens,)) + module_bytes(model.lm_head)
-    text = model.config.text_config
-    head_dim = text.hidden_size // text.num_attention_heads
+    decoder = language_model(model)
+    weights = module_bytes(decoder, skip=(decoder.embed_tokens,)) + module_bytes(model.lm_head)
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_bytes = model.lm_head.weight.element_size()  # the cache is kept in the unquantized layers' dtype
     kv_per_position = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * kv_bytes
     return weights + kv_per_position * mean_positions
@@ -259,6 +277,7 @@ def verdicts(row: list) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="qwen2-audio", choices=list(FAMILIES), help="which architecture")
     parser.add_argument("--tiny", action="store_true",
                         help="the tiny test model on the CPU (the default without a GPU)")
     parser.add_argument("--quick", action="store_true", help=f"routes {','.join(QUICK_ROUTES)}, "
@@ -280,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = args.checkpoint or Path(scratch) / "checkpoint"
         if not (checkpoint / "config.json").exists():
             start = time.perf_counter()
-            build_full_checkpoint(checkpoint, device) if on_gpu else build_tiny_qwen2_audio(checkpoint)
+            build_checkpoint(checkpoint, args.family, device, tiny=not on_gpu)
             print(f"built the random checkpoint in {time.perf_counter() - start:.1f} s: {checkpoint}")
         rows = []
         for route in routes:
@@ -294,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
                 free_memory()
     name = torch.cuda.get_device_name(device) if on_gpu else "CPU, tiny model (checks the script, not speed)"
     print_table(
-        f"Qwen2-Audio {'7B, random weights' if on_gpu else 'tiny'} on {name}: {CLIP_S} s clip + question, "
+        f"{get_family(args.family).title} {'7B, random weights' if on_gpu else 'tiny'} on {name}: {CLIP_S} s clip + question, "
         f"{n_new_tokens} new tokens, median of {repeats}; copy bandwidth {bandwidth / GB:.0f} GB/s (read + write)",
         ["route", "weights", "load s", "first reply s", "resident GB", "reply peak GB", "prompt tokens", "TTFT ms",
          "tokens/s", "read/token GB", "limit tokens/s", "of limit"],

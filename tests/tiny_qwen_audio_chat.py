@@ -8,6 +8,9 @@ names (`transformer.h.N.attn.c_attn`, `transformer.audio.blocks.N.attn.query`, .
 
 Run as a script to write one for the parity run of the original code:
     python tests/tiny_qwen_audio_chat.py /tmp/tiny-qwen-audio-chat
+
+build_qwen_audio_chat(folder, FULL_SIZE, ...) writes the real 7B architecture with random weights the
+same way, for bench/gpu.py.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ CONFIG = {
     "transformers_version": "4.31.0", "use_cache": True, "vocab_size": VOCAB, "use_dynamic_ntk": True,
     "use_logn_attn": True, "use_flash_attn": False, "audio": AUDIO,
 }
+# Qwen/Qwen-Audio-Chat's config.json (the same in GitHub QwenLM/Qwen-Audio): 8.4 B parameters
+FULL_SIZE = CONFIG | {
+    "hidden_size": 4096, "num_attention_heads": 32, "kv_channels": 128, "num_hidden_layers": 32,
+    "intermediate_size": 22016, "layer_norm_epsilon": 1e-5, "rotary_emb_base": 10000,
+    "audio": AUDIO | {"n_state": 1280, "n_head": 20, "n_layer": 32, "output_dim": 4096},
+}
 GENERATION_CONFIG = {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
                      "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.5,
                      "transformers_version": "4.31.0"}
@@ -59,40 +68,46 @@ def _sinusoids(length: int, channels: int, max_timescale: float = 10000) -> torc
     return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
 
 
-def tensors(seed: int = SEED) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint under its original name, fp32, random but spread enough that greedy
-    choices are far apart (the logits span several units)."""
-    generator = torch.Generator().manual_seed(seed)
+def tensors(config: dict = CONFIG, seed: int = SEED, spread: bool = True, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint under its original name.
+
+    spread: random but spread enough that greedy choices are far apart (the logits span several units),
+    for parity tests; otherwise a small init (std 0.02) that keeps a deep model's activations finite.
+    """
+    generator = torch.Generator(device).manual_seed(seed)
+    hidden, audio = config["hidden_size"], config["audio"]
+    width, n_mels = audio["n_state"], audio["n_mels"]
 
     def normal(*shape: int, std: float) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) * std
+        std = std if spread else 0.02
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype) * std
 
     def norm_weight(n: int) -> torch.Tensor:
         return 1.0 + normal(n, std=0.1)
 
-    out = {"transformer.wte.weight": normal(VOCAB, HIDDEN, std=1.0),
-           "transformer.ln_f.weight": norm_weight(HIDDEN),
-           "lm_head.weight": normal(VOCAB, HIDDEN, std=0.5)}
-    half = INTERMEDIATE // 2
-    for n in range(N_LAYERS):
+    out = {"transformer.wte.weight": normal(config["vocab_size"], hidden, std=1.0),
+           "transformer.ln_f.weight": norm_weight(hidden),
+           "lm_head.weight": normal(config["vocab_size"], hidden, std=0.5)}
+    half = config["intermediate_size"] // 2
+    for n in range(config["num_hidden_layers"]):
         layer = f"transformer.h.{n}"
-        out |= {f"{layer}.ln_1.weight": norm_weight(HIDDEN), f"{layer}.ln_2.weight": norm_weight(HIDDEN),
-                f"{layer}.attn.c_attn.weight": normal(3 * HIDDEN, HIDDEN, std=0.3),
-                f"{layer}.attn.c_attn.bias": normal(3 * HIDDEN, std=0.1),
-                f"{layer}.attn.c_proj.weight": normal(HIDDEN, HIDDEN, std=0.1),
-                f"{layer}.mlp.w1.weight": normal(half, HIDDEN, std=0.1),
-                f"{layer}.mlp.w2.weight": normal(half, HIDDEN, std=0.1),
-                f"{layer}.mlp.c_proj.weight": normal(HIDDEN, half, std=0.1)}
-    width, n_mels = AUDIO["n_state"], AUDIO["n_mels"]
-    audio = "transformer.audio"
-    out |= {f"{audio}.conv1.weight": normal(width, n_mels, 3, std=0.1), f"{audio}.conv1.bias": normal(width, std=0.1),
-            f"{audio}.conv2.weight": normal(width, width, 3, std=0.1), f"{audio}.conv2.bias": normal(width, std=0.1),
-            f"{audio}.positional_embedding": _sinusoids(AUDIO["n_ctx"], width),
-            f"{audio}.ln_post.weight": norm_weight(width), f"{audio}.ln_post.bias": normal(width, std=0.1),
-            f"{audio}.proj.weight": normal(HIDDEN, width, std=0.3), f"{audio}.proj.bias": normal(HIDDEN, std=0.1),
-            f"{audio}.audio_bos_eos_token.weight": normal(2, HIDDEN, std=1.0)}
-    for n in range(AUDIO["n_layer"]):
-        block = f"{audio}.blocks.{n}"
+        out |= {f"{layer}.ln_1.weight": norm_weight(hidden), f"{layer}.ln_2.weight": norm_weight(hidden),
+                f"{layer}.attn.c_attn.weight": normal(3 * hidden, hidden, std=0.3),
+                f"{layer}.attn.c_attn.bias": normal(3 * hidden, std=0.1),
+                f"{layer}.attn.c_proj.weight": normal(hidden, hidden, std=0.1),
+                f"{layer}.mlp.w1.weight": normal(half, hidden, std=0.1),
+                f"{layer}.mlp.w2.weight": normal(half, hidden, std=0.1),
+                f"{layer}.mlp.c_proj.weight": normal(hidden, half, std=0.1)}
+    prefix = "transformer.audio"
+    out |= {f"{prefix}.conv1.weight": normal(width, n_mels, 3, std=0.1), f"{prefix}.conv1.bias": normal(width, std=0.1),
+            f"{prefix}.conv2.weight": normal(width, width, 3, std=0.1), f"{prefix}.conv2.bias": normal(width, std=0.1),
+            f"{prefix}.positional_embedding": _sinusoids(audio["n_ctx"], width).to(device, dtype),
+            f"{prefix}.ln_post.weight": norm_weight(width), f"{prefix}.ln_post.bias": normal(width, std=0.1),
+            f"{prefix}.proj.weight": normal(hidden, width, std=0.3), f"{prefix}.proj.bias": normal(hidden, std=0.1),
+            f"{prefix}.audio_bos_eos_token.weight": normal(2, hidden, std=1.0)}
+    for n in range(audio["n_layer"]):
+        block = f"{prefix}.blocks.{n}"
         for name in ("query", "value", "out"):
             out |= {f"{block}.attn.{name}.weight": normal(width, width, std=0.15),
                     f"{block}.attn.{name}.bias": normal(width, std=0.1)}
@@ -105,20 +120,26 @@ def tensors(seed: int = SEED) -> dict[str, torch.Tensor]:
 
 
 def build_tiny_qwen_audio_chat(folder: Path) -> Path:
-    """Write the checkpoint folder; deterministic, a few seconds, about 80 MB."""
+    """Write the tiny checkpoint folder; deterministic, a few seconds, about 80 MB."""
+    return build_qwen_audio_chat(folder)
+
+
+def build_qwen_audio_chat(folder: Path, config: dict = CONFIG, spread: bool = True, device: str = "cpu",
+                          dtype: torch.dtype = torch.float32, n_shards: int = N_SHARDS) -> Path:
+    """Write a checkpoint folder of the given config in the original format."""
     folder.mkdir(parents=True, exist_ok=True)
-    weights = tensors()
+    weights = tensors(config, spread=spread, device=device, dtype=dtype)
     names = sorted(weights)
-    shards = [names[i::N_SHARDS] for i in range(N_SHARDS)]
-    weight_map = {}
-    for index, shard in enumerate(shards, start=1):
-        file = f"model-{index:05d}-of-{N_SHARDS:05d}.safetensors"
-        save_file({name: weights[name].contiguous() for name in shard}, folder / file, metadata={"format": "pt"})
+    weight_map, total = {}, 0
+    for index in range(1, n_shards + 1):
+        file = f"model-{index:05d}-of-{n_shards:05d}.safetensors"
+        shard = {name: weights.pop(name).contiguous().cpu() for name in names[index - 1::n_shards]}
+        save_file(shard, folder / file, metadata={"format": "pt"})
         weight_map |= {name: file for name in shard}
-    total = sum(t.numel() * t.element_size() for t in weights.values())
+        total += sum(t.numel() * t.element_size() for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    for name, content in (("config.json", CONFIG), ("generation_config.json", GENERATION_CONFIG),
+    for name, content in (("config.json", config), ("generation_config.json", GENERATION_CONFIG),
                           ("tokenizer_config.json", TOKENIZER_CONFIG)):
         (folder / name).write_text(json.dumps(content, indent=2))
     for name in ("qwen.tiktoken", "mel_filters.npz"):

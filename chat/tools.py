@@ -7,6 +7,7 @@ and a bad call comes back as an error message for the model instead of an except
 
 import inspect
 import math
+import re
 import reprlib
 import types
 import typing
@@ -26,6 +27,7 @@ from chat.toolcalls import get_parser
 MAX_ITEMS = 50  # longest list a call may pass (ranges, clips to join)
 ERROR_PREFIX = "Error: "  # how a refused or failed call reads in its tool message
 MAX_SPAN_CLIPS = 8  # clips one reply's timestamps may create
+AUDIO_REFERENCE = re.compile(r"\bAudio (\d+)\b")  # how a person names a clip
 
 
 @dataclass(frozen=True)
@@ -102,15 +104,14 @@ def run_tool_call(
 
 
 def span_clips(conversation: Conversation, spans: list[tuple[float, float]]) -> tuple[str, list[Clip], bool]:
-    """Each (start_s, end_s) span of the last clip the user sent as a new clip, as the first generation's demo did.
+    """Each (start_s, end_s) span of the clip the question was about as a new clip, as the first generation's demo did.
 
     Returns the tool message's text, the clips, and whether any span failed. At most MAX_SPAN_CLIPS
     clips come from one reply, like the tool-call limit: a reply full of timestamps cannot flood the chat.
     """
-    user_clips = [clip for message in conversation.messages if message.role == USER for clip in message.clips]
-    if not user_clips:
+    source = _asked_about(conversation)
+    if source is None:
         return f"{ERROR_PREFIX}there is no clip of yours to cut these times from.", [], True
-    source = Audio(conversation.number(user_clips[-1]), user_clips[-1])
     lines, clips, failed = [], [], False
     unique = list(dict.fromkeys(spans))  # a repeated span would repeat a clip
     for start_s, end_s in unique[:MAX_SPAN_CLIPS]:
@@ -125,6 +126,24 @@ def span_clips(conversation: Conversation, spans: list[tuple[float, float]]) -> 
     if len(unique) > MAX_SPAN_CLIPS:
         lines.append(f"Only the first {MAX_SPAN_CLIPS} of the {len(unique)} spans became clips, the limit per reply.")
     return "\n".join(lines), clips, failed
+
+
+def _asked_about(conversation: Conversation) -> Audio | None:
+    """The clip the last question was about: the one `Audio N` it names, else its last clip, else the last one sent.
+
+    The first generation's demo always took the last clip sent; a question such as "when is 'hello'
+    said in Audio 1?" after more clips came means Audio 1.
+    """
+    user_clips = [clip for message in conversation.messages if message.role == USER for clip in message.clips]
+    if not user_clips:
+        return None
+    question = next(message for message in reversed(conversation.messages) if message.role == USER)
+    named = {int(n) for n in AUDIO_REFERENCE.findall(question.text) if 1 <= int(n) <= len(conversation.clips())}
+    if len(named) == 1:
+        number = named.pop()
+        return Audio(number, conversation.clip(number))
+    clip = question.clips[-1] if question.clips else user_clips[-1]
+    return Audio(conversation.number(clip), clip)
 
 
 TOOLS_INTRO = (

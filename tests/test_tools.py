@@ -228,6 +228,21 @@ def test_timestamp_spans_become_clips_of_the_last_user_clip(conversation):
     assert unchanged(conversation)
 
 
+def test_timestamp_spans_cut_the_one_clip_the_question_names(conversation):
+    conversation.add_assistant("Two clips.")
+    conversation.add_user("When is the first word said in Audio 1?")
+    _, clips, failed = span_clips(conversation, [(0.5, 1.0)])
+    assert not failed and clips[0].note == "Audio 3 = Audio 1 cut to 0.5–1 s"
+    assert np.array_equal(clips[0].samples, A1[n(0.5):n(1.0)])
+
+
+def test_timestamp_spans_with_no_clip_to_cut_are_an_error():
+    conversation = Conversation()
+    conversation.add_user("When?")
+    text, clips, failed = span_clips(conversation, [(0.5, 1.0)])
+    assert failed and clips == [] and text == "Error: there is no clip of yours to cut these times from."
+
+
 def test_audio_reads_as_its_label():
     assert str(Audio(3, Clip(A1, name="a.wav"))) == "Audio 3"
 

@@ -300,7 +300,7 @@ def build_demo(
             buttons=["copy_all"], elem_id="chatbot", elem_classes="keeps-content",
         )
         with gr.Row(equal_height=True):
-            recorder = gr.Audio(sources=["microphone"], type="filepath", format="wav", label="Record a clip", scale=1,
+            recorder = gr.Audio(sources=["microphone"], type="filepath", format=None, label="Record a clip", scale=1,
                                 elem_id="recorder", elem_classes="keeps-content")
             chat_input = gr.MultimodalTextbox(
                 file_count="multiple", file_types=["audio"], sources=["upload"], show_label=False, scale=3,

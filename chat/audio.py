@@ -1,4 +1,10 @@
-"""Decoding any audio a person brings into 16 kHz mono float32, once, with checks."""
+"""Decoding any audio a person brings into 16 kHz mono float32, once, through one gate with limits.
+
+Every way audio comes in (uploads, recordings, the API, imports, the terminal, edits) ends here, so
+the limits hold everywhere and are checked before the expensive work: the format is recognised from
+the file's first bytes (only real audio containers pass, never a playlist or a list of other files),
+the declared length is checked before decoding, and decoding stops a second past the limit.
+"""
 
 import re
 import shutil
@@ -6,47 +12,119 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import soundfile
+import soxr
 
 from chat.errors import ClipError
 
 SAMPLE_RATE = 16000  # what the Whisper-style feature extractors of every supported model expect
 MAX_CLIP_S = 600  # ten minutes: 20 windows, already more audio than the context comfortably holds
 MIN_CLIP_S = 0.1  # the encoder emits one token per 40 ms; shorter clips carry nothing
+MAX_FILE_BYTES = 1024**3  # 10 minutes of 32-bit 192 kHz stereo is 0.9 GB; anything larger is not one clip
 SILENCE_PEAK = 1e-4  # -80 dBFS: below this a recording is a muted or missing microphone
 MIN_SOURCE_RATE = 1000
 MAX_SOURCE_RATE = 384000
+HEADER_BYTES = 12
+# Containers libsndfile reads in-process (milliseconds, no subprocess); ffmpeg's demuxer for each format
+IN_PROCESS = {"wav", "flac", "ogg", "mp3", "aiff"}
+DEMUXERS = {"wav": "wav", "flac": "flac", "ogg": "ogg", "mp3": "mp3", "aiff": "aiff", "aac": "aac", "mp4": "mov",
+            "webm": "matroska"}
+FORMATS_HINT = "wav, mp3, flac, ogg/opus, m4a, aac, aiff or webm"
 
 FFMPEG_INSTALL_HINT = "Install ffmpeg (Debian/Ubuntu: `apt-get install ffmpeg`) and try again."
 
 
+def sniff(header: bytes) -> str | None:
+    """The audio container a file's first bytes announce, or None for anything else."""
+    if header[:4] in (b"RIFF", b"RF64") and header[8:12] == b"WAVE":
+        return "wav"
+    if header[:4] == b"FORM" and header[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if header[:4] == b"fLaC":
+        return "flac"
+    if header[:4] == b"OggS":
+        return "ogg"
+    if header[:3] == b"ID3":
+        return "mp3"
+    if header[4:8] == b"ftyp":
+        return "mp4"  # m4a, mp4, 3gp
+    if header[:4] == b"\x1aE\xdf\xa3":
+        return "webm"  # and Matroska
+    if len(header) > 1 and header[0] == 0xFF and header[1] & 0xE0 == 0xE0:  # an MPEG audio frame sync
+        return "aac" if header[1] & 0x06 == 0 else "mp3"  # layer bits 00 are ADTS AAC
+    return None
+
+
 def decode_file(path: str | Path) -> np.ndarray:
-    """Decode a file of any format ffmpeg reads into 16 kHz mono float32 samples."""
+    """Decode an audio file into 16 kHz mono float32 samples; raises ClipError saying what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise ClipError(f"{path.name}: no such file. Check the path and try again.")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise ClipError(f"{path.name} is empty (0 bytes). Record or upload the audio again.")
+    if size > MAX_FILE_BYTES:
+        raise ClipError(f"{path.name} is {size / 1024**3:.1f} GB, more than one clip of up to "
+                        f"{MAX_CLIP_S // 60} minutes can be. Cut it into shorter pieces.")
+    with path.open("rb") as file:
+        container = sniff(file.read(HEADER_BYTES))
+    if container is None:
+        raise ClipError(f"{path.name} is not an audio file this app reads. Export it as {FORMATS_HINT}.")
+    if container in IN_PROCESS:
+        try:
+            return check_samples(_read_in_process(path, container), path.name)
+        except soundfile.LibsndfileError:
+            pass  # a codec libsndfile lacks (e.g. ADPCM wav): ffmpeg reads more
+    return check_samples(_read_with_ffmpeg(path, DEMUXERS[container]), path.name)
+
+
+def _read_in_process(path: Path, container: str) -> np.ndarray:
+    """libsndfile's decoding, checked against the header's length first; at most the limit plus a second is read."""
+    with soundfile.SoundFile(path) as file:
+        rate, n_declared = file.samplerate, file.frames
+        if n_declared / rate > MAX_CLIP_S + 1:
+            raise ClipError(_too_long(path.name))
+        samples = file.read(min(n_declared, (MAX_CLIP_S + 1) * rate), dtype="float32", always_2d=True)
+    # libsndfile returns what it could decode: less than the header states is a truncated file
+    if len(samples) < n_declared - max(0.5 * rate, 0.1 * n_declared) or (container == "wav" and _riff_truncated(path)):
+        raise ClipError(_unreadable(path.name, f"only part of its {n_declared / rate:.1f} s could be decoded"))
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    return resample(mono, rate) if rate != SAMPLE_RATE else mono
+
+
+def _read_with_ffmpeg(path: Path, demuxer: str) -> np.ndarray:
+    """ffmpeg's decoding with the demuxer of the sniffed format and local files only, so it opens nothing else."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise ClipError(f"Cannot decode {path.name}: ffmpeg is not installed. {FFMPEG_INSTALL_HINT}")
     # Decoding stops a second past the limit, so a 2-hour file costs no more than a 10-minute one.
     command = [
-        ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "level+info", "-i", str(path), "-t", str(MAX_CLIP_S + 1),
-        "-f", "f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "-",
+        ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "level+info", "-protocol_whitelist", "file",
+        "-f", demuxer, "-i", f"file:{path}", "-t", str(MAX_CLIP_S + 1), "-f", "f32le", "-ac", "1",
+        "-ar", str(SAMPLE_RATE), "-",
     ]
     result = subprocess.run(command, capture_output=True, check=False)
     log = result.stderr.decode(errors="replace").splitlines()
     # ffmpeg starts some errors with the file's full path, which says nothing to a person who uploaded it
-    errors = [line.split("] ", 1)[-1].removeprefix(f"{path}: ") for line in log if line.startswith(("[error]", "[fatal]"))]
+    errors = [line.split("] ", 1)[-1].replace(f"file:{path}: ", "").replace(f"{path}: ", "")
+              for line in log if line.startswith(("[error]", "[fatal]"))]
     samples = np.frombuffer(result.stdout, dtype=np.float32).copy()
     declared_s = _declared_duration_s(log)
-    if result.returncode != 0 or errors or _is_truncated(path, len(samples) / SAMPLE_RATE, declared_s):
-        reason = errors[0] if errors else f"only part of its {declared_s or 0:.1f} s could be decoded"
-        raise ClipError(
-            f"{path.name} could not be read as audio ({reason}). The file may be damaged, "
-            "truncated or not audio at all: export it again as wav, mp3, flac, ogg or m4a."
-        )
-    return check_samples(samples, path.name)
+    truncated = declared_s is not None and len(samples) / SAMPLE_RATE < (
+        min(declared_s, MAX_CLIP_S) - max(0.5, 0.1 * declared_s))
+    if result.returncode != 0 or errors or truncated:
+        raise ClipError(_unreadable(path.name, errors[0] if errors else
+                                    f"only part of its {declared_s or 0:.1f} s could be decoded"))
+    return samples
+
+
+def _unreadable(name: str, reason: str) -> str:
+    return (f"{name} could not be read as audio ({reason}). The file may be damaged, truncated or not audio "
+            f"at all: export it again as {FORMATS_HINT}.")
+
+
+def _too_long(name: str) -> str:
+    return f"{name} is longer than the {MAX_CLIP_S // 60}-minute limit per clip. Cut it into shorter pieces and add them one by one."
 
 
 def from_array(samples: np.ndarray, sample_rate: int, name: str = "recording") -> np.ndarray:
@@ -79,10 +157,7 @@ def check_samples(samples: np.ndarray, name: str) -> np.ndarray:
     if duration_s < MIN_CLIP_S:
         raise ClipError(f"{name} is only {duration_s * 1000:.0f} ms long; clips need at least {MIN_CLIP_S:g} s.")
     if duration_s > MAX_CLIP_S:
-        raise ClipError(
-            f"{name} is longer than the {MAX_CLIP_S // 60}-minute limit per clip. "
-            "Cut it into shorter pieces and add them one by one."
-        )
+        raise ClipError(_too_long(name))
     if not np.all(np.isfinite(samples)):
         raise ClipError(f"{name} contains invalid samples (NaN or infinity). Export it again.")
     if np.max(np.abs(samples)) < SILENCE_PEAK:
@@ -92,18 +167,8 @@ def check_samples(samples: np.ndarray, name: str) -> np.ndarray:
 
 
 def resample(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Resample float32 audio to 16 kHz with ffmpeg's resampler (the same one files go through)."""
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise ClipError(f"Cannot resample {sample_rate} Hz audio: ffmpeg is not installed. {FFMPEG_INSTALL_HINT}")
-    command = [
-        ffmpeg, "-nostdin", "-v", "error", "-f", "f32le", "-ar", str(sample_rate), "-ac", "1", "-i", "-",
-        "-f", "f32le", "-ar", str(SAMPLE_RATE), "-",
-    ]
-    result = subprocess.run(command, input=samples.astype(np.float32).tobytes(), capture_output=True, check=False)
-    if result.returncode != 0:
-        raise ClipError(f"Resampling failed: {result.stderr.decode(errors='replace').strip()}")
-    return np.frombuffer(result.stdout, dtype=np.float32).copy()
+    """Resample float32 audio to 16 kHz with libsoxr (high quality, in-process)."""
+    return soxr.resample(samples, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
 
 
 def split_windows(samples: np.ndarray, window_samples: int) -> list[np.ndarray]:
@@ -126,13 +191,10 @@ def _declared_duration_s(ffmpeg_log: list[str]) -> float | None:
     return None
 
 
-def _is_truncated(path: Path, decoded_s: float, declared_s: float | None) -> bool:
-    """True when less audio came out than the file's header promised."""
-    if declared_s is not None and decoded_s < min(declared_s, MAX_CLIP_S) - max(0.5, 0.1 * declared_s):
-        return True
+def _riff_truncated(path: Path) -> bool:
+    """True when a RIFF (wav) file is shorter than the size its header states (streaming writers leave 0 or ~0)."""
     with path.open("rb") as file:
         header = file.read(8)
-    # a RIFF (wav) header states the file's size; streaming writers leave it 0 or 0xFFFFFFFF
     riff_size = int.from_bytes(header[4:8], "little") if header[:4] == b"RIFF" and len(header) == 8 else 0
     return 0 < riff_size < 0xFFFFFFFF and path.stat().st_size < riff_size + 8
 

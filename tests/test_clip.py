@@ -68,23 +68,58 @@ def test_long_clip_is_split_into_equal_parts_of_the_familys_window(family):
     assert family.n_parts(Clip.from_array(tone(30.0), SAMPLE_RATE)) == 1
 
 
-def test_over_long_file_is_refused_without_decoding_it_all(tmp_path):
-    path = tmp_path / "two-hours.wav"
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=300:duration=7200",
-                    "-ar", "8000", str(path)], check=True)
+def test_an_over_long_wav_is_refused_by_its_header_before_decoding(tmp_path, monkeypatch):
+    import soundfile
+
+    path = tmp_path / "eleven-minutes.wav"
+    soundfile.write(path, tone(660.0, 100, sample_rate=1000), 1000, subtype="PCM_U8")  # 660 kB
+    reads = []
+    monkeypatch.setattr(soundfile.SoundFile, "read", lambda *a, **k: reads.append(a) or np.zeros((1, 1)))
+    with pytest.raises(ClipError, match=f"longer than the {MAX_CLIP_S // 60}-minute limit"):
+        Clip.from_file(path)
+    assert reads == []
+
+
+def test_an_over_long_low_bitrate_mp3_is_decoded_only_to_the_limit(tmp_path):
+    path = tmp_path / "lecture.mp3"  # 15 minutes in 0.9 MB
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=300:duration=900",
+                    "-ar", "8000", "-b:a", "8k", str(path)], check=True)
     with pytest.raises(ClipError, match=f"longer than the {MAX_CLIP_S // 60}-minute limit"):
         Clip.from_file(path)
 
 
 @pytest.mark.parametrize(
+    "content",
+    [
+        "#EXTM3U\n#EXTINF:2,tone\n{target}\n",  # a playlist naming a file on the server
+        "ffconcat version 1.0\nfile '{target}'\n",  # ffmpeg's concatenation list
+        "{target}\n",  # a bare path
+    ],
+    ids=["m3u", "ffconcat", "path"],
+)
+def test_a_list_that_names_a_server_file_is_refused(tmp_path, audio_files, content):
+    path = tmp_path / "playlist.m3u"
+    path.write_text(content.format(target=audio_files["wav"]))
+    with pytest.raises(ClipError, match=r"^playlist\.m3u is not an audio file this app reads"):
+        Clip.from_file(path)
+
+
+def test_the_content_decides_the_format_not_the_name(tmp_path, audio_files):
+    disguised = tmp_path / "really-m4a.wav"
+    disguised.write_bytes(audio_files["m4a"].read_bytes())
+    assert Clip.from_file(disguised).duration_s == pytest.approx(2.0, abs=0.08)
+
+
+@pytest.mark.parametrize(
     "make, message",
     [
-        (lambda p: p.write_text("this is not audio"), r"^bad\.wav could not be read as audio \(Invalid data"),
+        (lambda p: p.write_text("this is not audio"), r"^bad\.wav is not an audio file this app reads\. Export it as wav"),
+        (lambda p: p.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt garbage"), r"^bad\.wav could not be read as audio"),
         (lambda p: p.write_bytes(b""), "empty"),
         (lambda p: write_audio(p, np.zeros(SAMPLE_RATE, dtype=np.float32)), "silent"),
         (lambda p: None, "no such file"),
     ],
-    ids=["not-audio", "zero-bytes", "silent", "missing"],
+    ids=["not-audio", "broken-wav", "zero-bytes", "silent", "missing"],
 )
 def test_bad_files_are_refused_with_a_message(tmp_path, make, message):
     path = tmp_path / "bad.wav"

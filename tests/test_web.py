@@ -139,7 +139,7 @@ def test_a_file_that_is_not_audio_is_refused_and_changes_nothing(scripted, speec
     before = list(session.conversation.messages)
     fake = tmp_path / "notes.wav"
     fake.write_text("these are my notes, not audio")
-    with pytest.raises(gr.Error, match="notes.wav could not be read as audio"):
+    with pytest.raises(gr.Error, match="notes.wav is not an audio file this app reads"):
         page.add_message(session, {"text": "What is this?", "files": [str(fake)]}, *SETTINGS)
     assert session.conversation.messages == before and session.turn is None
     assert page.store.load(session.id).messages == before

@@ -20,7 +20,7 @@ from chat.toolcalls import ReplyReader, get_parser
 TIMESTAMP_TOKEN = re.compile(r"<\|(\d{1,2}\.\d{2})\|>")  # the first generation's <|3.04|> tokens
 # The end of a streamed text that may still change how it reads: timestamps that a second one may pair
 # with, and the start of a token still arriving (`<`, `<|3.`, `<|3.04|`).
-UNFINISHED_TIMESTAMPS = re.compile(r"(<\|\d{1,2}\.\d{2}\|>\s*)*(<(\|(\d{1,2}(\.(\d{1,2}(\|>?)?)?)?)?)?)?$")
+UNFINISHED_TIMESTAMPS = re.compile(r"(<\|\d{1,2}\.\d{2}\|>\s*)*(<(\|(\d{1,2}(\.(\d{1,2}(\|>?)?)?)?)?)?)?\Z")
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class FormattedReader(ReplyReader):
 
     def feed(self, chunk: str) -> tuple[str, list]:
         text, calls = self.inner.feed(chunk)
-        return self._format(text, final=False), calls
+        return self._format(text, final=bool(calls)), calls  # a call ends the text shown
 
     def finish(self) -> tuple[str, list]:
         text, calls = self.inner.finish()

@@ -5,9 +5,9 @@ import subprocess
 
 import numpy as np
 
-from chat.audio import SAMPLE_RATE
+from chat.audio import MAX_CLIP_S, SAMPLE_RATE
 
-MAX_RESULT_S = 600.0  # longest clip any edit may produce
+MAX_RESULT_S = float(MAX_CLIP_S)  # longest clip any edit may produce: the clip limit
 MIN_GAIN_DB = -60.0
 MAX_GAIN_DB = 30.0
 MIN_SPEED = 0.25

@@ -1,5 +1,6 @@
 """Save a conversation with its clips to a folder, and load it back identical."""
 
+import io
 import json
 import os
 import uuid
@@ -9,9 +10,9 @@ from typing import TypedDict
 import numpy as np
 import soundfile
 
-from chat.audio import SAMPLE_RATE
-from chat.clip import Clip
-from chat.conversation import TOOL, Conversation, Message, ToolUse
+from chat.audio import MAX_CLIP_S, SAMPLE_RATE
+from chat.clip import SOURCES, Clip
+from chat.conversation import ROLES, STATUSES, TOOL, Conversation, Message, ToolUse
 from chat.errors import StoreError
 
 FORMAT_VERSION = 2  # 2 added what a reply shows and the calls it made, and a tool message's tool and outcome
@@ -19,6 +20,8 @@ READABLE_VERSIONS = (1, 2)
 V1_ERROR_PREFIX = "Error: "  # how version 1 told a failed tool message
 CONVERSATION_FILE = "conversation.json"
 CLIPS_FOLDER = "clips"
+MAX_CONVERSATION_BYTES = 16 * 2**20  # conversation.json: far more text than any context holds
+MAX_CLIP_FILE_BYTES = MAX_CLIP_S * SAMPLE_RATE * 4 + 2**16  # a stored clip: float32 samples and a wav header
 
 
 class ClipDict(TypedDict):
@@ -75,22 +78,47 @@ def to_dict(conversation: Conversation) -> ConversationDict:
     }
 
 
-def from_dict(data: ConversationDict, load_samples) -> Conversation:
-    """Rebuild a conversation; load_samples(clip_id) returns that clip's float32 samples."""
+def from_dict(data: object, load_samples) -> Conversation:
+    """Rebuild a conversation, checking every field's type; load_samples(clip_id) returns that clip's samples.
+
+    Raises StoreError naming the first field that is wrong: a file from elsewhere is not trusted.
+    """
+    data = _field(data, dict, "the file")
     if data.get("version") not in READABLE_VERSIONS:
         raise StoreError(
             f"This conversation was saved in format version {data.get('version')!r}; "
             f"this app reads versions {' and '.join(map(str, READABLE_VERSIONS))}. Update the app to open it."
         )
     messages = []
-    for m in data["messages"]:
-        clips = tuple(_clip(c, load_samples(c["id"])) for c in m["clips"])
-        if data["version"] == 1 and m["role"] == TOOL:  # version 1 kept the tool's name as the note
-            m = m | {"tool": m["note"], "note": "", "failed": m["text"].startswith(V1_ERROR_PREFIX)}
-        calls = tuple(ToolUse(call["name"], call["arguments"]) for call in m.get("calls", []))
-        messages.append(Message(m["role"], m["text"], clips, m["status"], m["note"], m.get("shown"), calls,
-                                m.get("tool", ""), m.get("failed", False)))
-    return Conversation(system_prompt=data["system_prompt"], messages=messages, id=data["id"])
+    for n, m in enumerate(_field(data.get("messages"), list, "messages"), start=1):
+        where = f"message {n}"
+        m = _field(m, dict, where)
+        if data["version"] == 1 and m.get("role") == TOOL:  # version 1 kept the tool's name as the note
+            text = m.get("text")
+            m = m | {"tool": m.get("note"), "note": "", "failed": isinstance(text, str) and text.startswith(V1_ERROR_PREFIX)}
+        role, status = _field(m.get("role"), str, f"{where}'s role"), _field(m.get("status"), str, f"{where}'s status")
+        if role not in ROLES or status not in STATUSES:
+            raise StoreError(f"The saved conversation is damaged: {where} has role {role!r} and status {status!r}.")
+        clips = tuple(_clip(_field(c, dict, f"a clip of {where}"), load_samples) for c in _field(m.get("clips"), list, f"{where}'s clips"))
+        calls = tuple(
+            ToolUse(_field(call.get("name"), str, f"a call of {where}"), _field(call.get("arguments"), dict, f"a call of {where}"))
+            for call in (_field(c, dict, f"a call of {where}") for c in _field(m.get("calls", []), list, f"{where}'s calls"))
+        )
+        shown = m.get("shown")
+        messages.append(Message(
+            role, _field(m.get("text"), str, f"{where}'s text"), clips, status, _field(m.get("note"), str, f"{where}'s note"),
+            None if shown is None else _field(shown, str, f"{where}'s shown text"), calls,
+            _field(m.get("tool", ""), str, f"{where}'s tool"), _field(m.get("failed", False), bool, f"{where}'s failed"),
+        ))
+    return Conversation(system_prompt=_field(data.get("system_prompt"), str, "the system prompt"), messages=messages,
+                        id=_field(data.get("id"), str, "the conversation id"))
+
+
+def _field(value: object, kind: type, what: str):
+    """value, if it is of kind; else StoreError naming the field."""
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise StoreError(f"The saved conversation is damaged: {what} should be a {kind.__name__}, not {value!r:.40}.")
+    return value
 
 
 def save(conversation: Conversation, folder: str | Path) -> Path:
@@ -109,6 +137,8 @@ def load(folder: str | Path) -> Conversation:
     path = folder / CONVERSATION_FILE
     if not path.is_file():
         raise StoreError(f"{CONVERSATION_FILE} is missing from {folder}: this is not a saved conversation.")
+    if path.stat().st_size > MAX_CONVERSATION_BYTES:
+        raise StoreError(f"{path} is over {MAX_CONVERSATION_BYTES // 2**20} MB: it is not a saved conversation.")
     try:
         data = json.loads(path.read_text())
         return from_dict(data, lambda clip_id: read_clip(clip_file(folder / CLIPS_FOLDER, clip_id)))
@@ -136,17 +166,28 @@ def read_clip(path: Path) -> np.ndarray:
     """A stored clip's float32 samples; raises StoreError when the file is missing or damaged."""
     if not path.is_file():
         raise StoreError(f"{CLIPS_FOLDER}/{path.name} is missing from {path.parent.parent}: the save is incomplete.")
+    return read_clip_bytes(path.read_bytes() if path.stat().st_size <= MAX_CLIP_FILE_BYTES else b"", path.name)
+
+
+def read_clip_bytes(data: bytes, name: str) -> np.ndarray:
+    """The samples of a stored clip's wav bytes, checked against the clip limits before they are decoded."""
     try:
-        samples, rate = soundfile.read(path, dtype="float32")
+        with soundfile.SoundFile(io.BytesIO(data)) as file:
+            if file.samplerate != SAMPLE_RATE or file.channels != 1:
+                raise StoreError(f"{name} is not 16 kHz mono as stored clips are: the save is damaged.")
+            if file.frames > MAX_CLIP_S * SAMPLE_RATE:
+                raise StoreError(f"{name} is longer than the {MAX_CLIP_S // 60}-minute clip limit: the save is damaged.")
+            return file.read(dtype="float32")
     except soundfile.LibsndfileError as e:
-        raise StoreError(f"{CLIPS_FOLDER}/{path.name} is damaged ({e}); the save cannot be loaded.") from e
-    if rate != SAMPLE_RATE:
-        raise StoreError(f"{path.name} is stored at {rate} Hz, not {SAMPLE_RATE} Hz: the save is damaged.")
-    return samples
+        raise StoreError(f"{CLIPS_FOLDER}/{name} is damaged or too large ({e}); the save cannot be loaded.") from e
 
 
-def _clip(data: ClipDict, samples) -> Clip:
-    clip = Clip(samples, name=data["name"], source=data["source"], note=data["note"])
+def _clip(data: dict, load_samples) -> Clip:
+    name, clip_id = _field(data.get("name"), str, "a clip's name"), _field(data.get("id"), str, "a clip's id")
+    source, note = _field(data.get("source"), str, f"{name}'s source"), _field(data.get("note"), str, f"{name}'s note")
+    if source not in SOURCES or not clip_id.isalnum():
+        raise StoreError(f"The saved conversation is damaged: clip {name!r} has source {source!r} and id {clip_id!r}.")
+    clip = Clip(load_samples(clip_id), name=name, source=source, note=note)
     if clip.id != data["id"]:
         raise StoreError(f"The audio of {data['name']} does not match its id: the save is damaged.")
     return clip

@@ -16,10 +16,11 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from contextlib import closing
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 
 from chat import saving
+from chat.audio import SAMPLE_RATE
 from chat.clip import Clip
 from chat.conversation import Conversation
 from chat.errors import StoreError
@@ -28,7 +29,8 @@ DATA_DIR_ENV = "AUDIO_CHAT_DATA_DIR"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DB_FILE = "chat.db"
 LOCK_TIMEOUT_S = 30.0  # how long a writer waits for another process or thread holding the database
-MAX_ZIP_BYTES = 4 * 1024**3  # uncompressed size of an uploaded conversation: 100 clips of the 10-minute limit fit
+MAX_ZIP_ENTRIES = 1000  # files in an uploaded conversation: its json and one wav per clip
+MAX_IMPORT_AUDIO_S = 2 * 3600  # all clips of one uploaded conversation: 460 MB of samples in memory at most
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = []
 migration = MIGRATIONS.append  # append-only: fix a shipped migration with a new one, never by editing it
@@ -132,21 +134,56 @@ def to_zip(conversation: Conversation, path: str | Path) -> Path:
 
 
 def from_zip(path: str | Path) -> Conversation:
-    """Read a zip written by to_zip (also one whose files sit in a single top folder); raises StoreError."""
+    """Read a zip written by to_zip (also one whose files sit in a single top folder); raises StoreError.
+
+    Nothing is extracted: conversation.json and each clip it names are read from the archive in
+    memory, each checked against its limit by its stated size before it is read.
+    """
     path = Path(path)
     try:
-        with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as folder:
-            if sum(info.file_size for info in archive.infolist()) > MAX_ZIP_BYTES:
-                raise StoreError(
-                    f"{path.name} unpacks to more than {MAX_ZIP_BYTES // 1024**3} GB; it is not a saved conversation."
-                )
-            archive.extractall(folder)  # extractall drops absolute paths and `..`, so nothing lands outside folder
-            found = list(Path(folder).rglob(saving.CONVERSATION_FILE))
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+            if len(entries) > MAX_ZIP_ENTRIES:
+                raise StoreError(f"{path.name} holds {len(entries)} files, more than a saved conversation can "
+                                 f"({MAX_ZIP_ENTRIES}).")
+            found = [e for e in entries if PurePosixPath(e.filename).name == saving.CONVERSATION_FILE]
             if not found:
                 raise StoreError(f"{path.name} holds no {saving.CONVERSATION_FILE}: it is not a saved conversation.")
-            return saving.load(min(found, key=lambda file: len(file.parts)).parent)
+            main = min(found, key=lambda e: len(PurePosixPath(e.filename).parts))
+            top = PurePosixPath(main.filename).parent
+            by_name = {e.filename: e for e in entries}
+            data = json.loads(_read_entry(archive, main, saving.MAX_CONVERSATION_BYTES))
+
+            n_samples = [0]
+
+            def load_samples(clip_id: str):
+                entry = by_name.get(str(top / saving.CLIPS_FOLDER / f"{clip_id}.wav"))
+                if entry is None:
+                    raise StoreError(f"{path.name} lacks the audio of clip {clip_id}: the download is incomplete.")
+                samples = saving.read_clip_bytes(_read_entry(archive, entry, saving.MAX_CLIP_FILE_BYTES), entry.filename)
+                n_samples[0] += len(samples)
+                if n_samples[0] > MAX_IMPORT_AUDIO_S * SAMPLE_RATE:
+                    raise StoreError(f"{path.name} holds more than {MAX_IMPORT_AUDIO_S // 3600} hours of audio, more "
+                                     "than one conversation may. Split it, or keep it as a file.")
+                return samples
+
+            return saving.from_dict(data, load_samples)
     except (zipfile.BadZipFile, OSError) as e:
         raise StoreError(f"{path.name} is not a readable zip file ({e}). Download the conversation again.") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path.name} holds a damaged {saving.CONVERSATION_FILE} ({e}).") from e
+
+
+def _read_entry(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, max_bytes: int) -> bytes:
+    """An archive member's bytes, refused when it states or turns out to be larger than max_bytes."""
+    if entry.file_size > max_bytes:
+        raise StoreError(f"{entry.filename} unpacks to {entry.file_size / 2**20:.0f} MB, more than the "
+                         f"{max_bytes / 2**20:.0f} MB it may have.")
+    with archive.open(entry) as file:
+        data = file.read(max_bytes + 1)  # a member whose header lies about its size is cut here
+    if len(data) > max_bytes:
+        raise StoreError(f"{entry.filename} unpacks to more than the {max_bytes / 2**20:.0f} MB it may have.")
+    return data
 
 
 def _now() -> str:

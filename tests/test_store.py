@@ -1,11 +1,16 @@
 """The session store: conversations and clips survive a restart, sessions stay apart, migrations run once."""
 
+import io
 import json
+import re
 import sqlite3
+import tempfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 
 from chat import store as store_module
 from chat.clip import Clip
@@ -163,3 +168,66 @@ def test_a_file_that_is_not_a_saved_conversation_is_refused(tmp_path, content, m
         path.write_bytes(content)
     with pytest.raises(StoreError, match=message):
         from_zip(path)
+
+
+def zip_of(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return path
+
+
+def saved_files(conversation) -> dict[str, bytes]:
+    """The files of to_zip, by name."""
+    with tempfile.TemporaryDirectory() as folder:
+        with zipfile.ZipFile(to_zip(conversation, Path(folder) / "c.zip")) as archive:
+            return {name: archive.read(name) for name in archive.namelist()}
+
+
+@pytest.mark.parametrize(("seconds", "message"), [
+    (660, "unpacks to 40 MB, more than the 37 MB it may have"),  # refused by the size the zip states
+    (600.5, "longer than the 10-minute clip limit"),  # fits the size, refused by the wav header
+])
+def test_an_over_long_clip_in_a_small_zip_is_refused_before_it_is_decoded(tmp_path, seconds, message):
+    conversation = conversation_with_clips()
+    files = saved_files(conversation)
+    clip_name = next(name for name in files if name.endswith(".wav"))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(int(seconds * 16000), dtype=np.float32), 16000, subtype="FLOAT", format="WAV")
+    files[clip_name] = buffer.getvalue()  # tens of MB of silence: a few kB deflated
+    path = zip_of(tmp_path / "long.zip", files)
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(StoreError, match=message):
+        from_zip(path)
+
+
+def test_a_huge_conversation_json_is_refused_by_its_size(tmp_path):
+    path = zip_of(tmp_path / "huge.zip", {"conversation.json": b'{"version": 2, "x": "' + b"a" * 20 * 2**20 + b'"}'})
+    with pytest.raises(StoreError, match="conversation.json unpacks to 20 MB, more than the 16 MB"):
+        from_zip(path)
+
+
+def test_too_many_files_are_refused(tmp_path):
+    path = zip_of(tmp_path / "many.zip", {f"clips/{k}.wav": b"" for k in range(1001)})
+    with pytest.raises(StoreError, match="holds 1001 files, more than a saved conversation can"):
+        from_zip(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["messages"][0].update(text=42), "message 1's text should be a str, not 42"),
+        (lambda d: d["messages"][0].update(role="admin"), "message 1 has role 'admin'"),
+        (lambda d: d.update(messages={}), "messages should be a list"),
+        (lambda d: d["messages"][0]["clips"][0].update(id="../../etc"), "has source 'uploaded' and id '../../etc'"),
+        (lambda d: d.update(system_prompt=None), "the system prompt should be a str"),
+    ],
+    ids=["number-text", "bad-role", "messages-not-a-list", "path-as-id", "no-system-prompt"],
+)
+def test_every_field_of_an_import_is_checked(tmp_path, change, message):
+    files = saved_files(conversation_with_clips())
+    data = json.loads(files["conversation.json"])
+    change(data)
+    files["conversation.json"] = json.dumps(data).encode()
+    with pytest.raises(StoreError, match=re.escape(message)):
+        from_zip(zip_of(tmp_path / "edited.zip", files))

@@ -243,6 +243,14 @@ def test_timestamp_spans_with_no_clip_to_cut_are_an_error():
     assert failed and clips == [] and text == "Error: there is no clip of yours to cut these times from."
 
 
+def test_an_edit_longer_than_the_clip_limit_is_refused():
+    conversation = Conversation()
+    minutes = [Clip.from_array(tone(240.0, 200 + 50 * k), SAMPLE_RATE, name=f"{k}.wav") for k in range(3)]
+    conversation.add_user("Join them.", minutes)
+    result = run_tool_call(conversation, "concatenate", {"clips": [1, 2, 3]})
+    assert result.clip is None and result.error == "concatenate: the result would be 720 s long; the limit is 600 s"
+
+
 def test_audio_reads_as_its_label():
     assert str(Audio(3, Clip(A1, name="a.wav"))) == "Audio 3"
 

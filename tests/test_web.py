@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -367,5 +368,22 @@ def test_login_is_required_when_auth_is_on(tmp_path):
             Client(demo.local_url, auth=("ann", "wrong"), verbose=False)
         client = Client(demo.local_url, auth=("ann", "secret"), verbose=False)
         assert client.predict(None, api_name="/open_session")[1] == []
+    finally:
+        demo.close()
+
+
+def test_the_recording_api_refuses_an_over_long_file_without_decoding_it(tmp_path):
+    path = tmp_path / "hours.mp3"  # 15 minutes in 0.9 MB; gradio passes the file on as it is, the gate refuses it
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=300:duration=900",
+                    "-ar", "8000", "-b:a", "8k", str(path)], check=True)
+    store = Store(tmp_path / "data")
+    demo = build_demo(ScriptedBackend(), store)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        session_id = client.predict(None, api_name="/open_session")[0]
+        with pytest.raises(Exception, match="longer than the 10-minute limit per clip"):
+            client.predict(handle_file(str(path)), api_name="/add_recording")
+        assert store.load(session_id) is None and not any(store.clips_folder.iterdir())
     finally:
         demo.close()

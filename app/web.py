@@ -22,7 +22,7 @@ from app.render import render
 from chat.backend import Backend, GenerationSettings
 from chat.clip import RECORDED, Clip
 from chat.conversation import DEFAULT_SYSTEM_PROMPT, Conversation
-from chat.errors import BackendError, ChatError, SettingsError, StoreError
+from chat.errors import BackendError, ChatError, ClipError, SettingsError, StoreError
 from chat.store import Store, from_zip, to_zip
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for
@@ -117,7 +117,14 @@ class ChatPage:
         """Add the text and attached files to the open user turn and ask for a reply, which /respond streams."""
         settings = generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         text, files = (message or {}).get("text", "").strip(), (message or {}).get("files") or []
-        clips = [Clip.from_file(path) for path in files]  # a file that does not decode fails here, changing nothing
+        clips, refused = [], []
+        for path in files:  # decoded before anything changes: a file that fails leaves the conversation as it was
+            try:
+                clips.append(Clip.from_file(path))
+            except ClipError as e:
+                refused.append((path, str(e)))
+        if refused:
+            return self._refuse(session, text, [path for path in files if path not in dict(refused)], refused)
 
         def add(conversation: Conversation) -> None:
             if text or clips:  # else it is a send of the clips already waiting: a spoken question
@@ -231,6 +238,13 @@ class ChatPage:
             session.turn = Turn(self.backend, conversation, settings, tools=self.tools)
         self.store.save(session.id, conversation)
         return self._render(session), *self._inputs(session, busy=True)
+
+    def _refuse(self, session: Session, text: str, kept: list[str], refused: list[tuple[str, str]]):
+        """Send nothing; say which files were refused and why, and leave the text and the good files in the box."""
+        for _, reason in refused:
+            gr.Warning(f"Not sent: {reason}", duration=None)  # stays until closed: it says what to do
+        box = gr.MultimodalTextbox(value={"text": text, "files": kept}, interactive=True, submit_btn=True, stop_btn=False)
+        return self._render(session), box, gr.Audio(interactive=True)
 
     def _stop(self, session: Session) -> None:
         """Cancel the reply being written, if any, and wait until it is recorded on the conversation."""

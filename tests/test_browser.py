@@ -262,3 +262,19 @@ def test_a_tool_call_shows_its_step_and_the_edited_clip(apps, browser, speech_wa
     assert len(openai.requests) == 2
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "tool-call.png", full_page=True)
+
+
+def test_a_refused_file_is_named_and_taken_out_while_the_text_and_good_files_stay(apps, browser, tmp_path, audio_files):
+    app, page = apps["local"], new_page(browser)
+    page.goto(app.url)
+    set_settings(page, max_new_tokens="20")
+    bad = tmp_path / "notes.wav"
+    bad.write_text("my notes, not audio")
+    send(page, "What is this?", [audio_files["flac"], bad])
+    expect(page.get_by_test_id("toast-body")).to_contain_text("Not sent: notes.wav is not an audio file this app reads")
+    expect(page.locator("#chat-input textarea")).to_have_value("What is this?")
+    expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(0)
+    page.locator("#chat-input textarea").press("Enter")  # the good file and the text are still there: send again
+    wait_for_replies(page, 1)
+    expect(page.locator("#chatbot")).to_contain_text("Audio 1 · tone.flac")
+    expect(page.locator("#chatbot")).to_contain_text("What is this?")

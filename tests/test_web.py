@@ -140,10 +140,16 @@ def test_a_file_that_is_not_audio_is_refused_and_changes_nothing(scripted, speec
     before = list(session.conversation.messages)
     fake = tmp_path / "notes.wav"
     fake.write_text("these are my notes, not audio")
-    with pytest.raises(gr.Error, match="notes.wav is not an audio file this app reads"):
-        page.add_message(session, {"text": "What is this?", "files": [str(fake)]}, *SETTINGS)
+    good = write_audio(tmp_path / "tone.flac", tone(1.0))
+    with pytest.warns(UserWarning, match="Not sent: notes.wav is not an audio file this app reads"):
+        chat, box, recorder = page.add_message(session, {"text": "What is this?", "files": [str(good), str(fake)]},
+                                               *SETTINGS)
     assert session.conversation.messages == before and session.turn is None
     assert page.store.load(session.id).messages == before
+    # the text and the good file stay in the box, the refused one is taken out: the next send works
+    assert box.value["text"] == "What is this?" and box.interactive
+    assert [file["orig_name"] for file in box.value["files"]] == ["tone.flac"]
+    assert list(page.respond(session)) == []  # nothing was asked
 
 
 @pytest.mark.parametrize(

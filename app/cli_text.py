@@ -57,6 +57,8 @@ def added(n: int, clip: Clip, backend: Backend) -> list[str]:
 
 def describe_clip(n: int, clip: Clip, backend: Backend) -> str:
     """`Audio 2: question.wav, 4.2 s, recorded, 2 parts (note)`."""
+    if clip.missing:
+        return f"Audio {n}: {clip.name}, missing (its audio file is gone; the model no longer hears it)"
     line = ", ".join([f"Audio {n}: {clip.name}", duration(clip.duration_s), clip.source])
     n_parts = backend.family.n_parts(clip)
     line += f", {n_parts} parts" if n_parts > 1 else ""

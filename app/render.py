@@ -12,10 +12,13 @@ from chat.families import Family
 from chat.turn import ToolCallStarted
 
 ClipPath = Callable[[Clip], Path]  # where a clip's audio file is (chat.store.Store.clip_path)
+MISSING = "missing: its audio file is gone from the data folder, so the model no longer hears it"
 
 
 def caption(clip: Clip, number: int, family: Family) -> str:
     """`Audio 2 · question.wav · 4.2 s`, plus how a long clip is sent and how an edited one was made."""
+    if clip.missing:
+        return f"Audio {number} · {clip.name} · {MISSING}"
     parts = [f"Audio {number}", clip.name, duration(clip.duration_s)]
     n_parts = family.n_parts(clip)
     if n_parts > 1:
@@ -70,4 +73,5 @@ def _render(message: Message, numbers: dict[str, int], clip_path: ClipPath, fami
 def _player(clip: Clip, number: int, clip_path: ClipPath, family: Family) -> list[dict | str]:
     # a file part, not a gr.Audio: building a component costs ~0.1 s, and a streaming reply re-renders every chunk
     label, rest = caption(clip, number, family).split(" · ", 1)
-    return [{"path": str(clip_path(clip))}, f"**{label}** · {rest}"]
+    player = [] if clip.missing else [{"path": str(clip_path(clip))}]
+    return [*player, f"**{label}** · {rest}"]

@@ -24,6 +24,7 @@ class Clip:
     source: str = UPLOADED
     note: str = ""  # how an edited clip was made, e.g. "Audio 2 with 3.04–3.23 s removed"
     id: str = field(init=False)
+    missing: bool = field(default=False, init=False)  # its audio was lost from storage (see Clip.lost)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -33,6 +34,17 @@ class Clip:
         object.__setattr__(self, "samples", samples)
         digest = hashlib.sha256(samples.data).hexdigest()[:ID_HEX_CHARS]
         object.__setattr__(self, "id", digest)
+
+    @classmethod
+    def lost(cls, clip_id: str, name: str, source: str = UPLOADED, note: str = "") -> "Clip":
+        """A clip whose stored audio is gone: it keeps its place, number and id, and holds no samples.
+
+        The conversation stays usable: the clip is shown as missing and the model no longer hears it.
+        """
+        clip = cls(np.zeros(0, dtype=np.float32), name, source, note)
+        object.__setattr__(clip, "id", clip_id)
+        object.__setattr__(clip, "missing", True)
+        return clip
 
     @classmethod
     def from_file(cls, path: str | Path, name: str | None = None, source: str = UPLOADED) -> "Clip":

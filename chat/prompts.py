@@ -85,7 +85,9 @@ class PromptRenderer:
         return Prompt(text, ordered, messages, n_dropped)
 
     def parts(self, clip: Clip, number: int) -> list[AudioPart]:
-        """The clip as the window-sized parts the model hears, each with its token count."""
+        """The clip as the window-sized parts the model hears, each with its token count; none for a lost clip."""
+        if clip.missing:
+            return []
         pieces = split_windows(clip.samples, self.family.window_samples)
         return [AudioPart(clip, number, index, len(pieces), samples, self.family.n_audio_tokens(len(samples)))
                 for index, samples in enumerate(pieces)]

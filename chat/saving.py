@@ -79,7 +79,8 @@ def to_dict(conversation: Conversation) -> ConversationDict:
 
 
 def from_dict(data: object, load_samples) -> Conversation:
-    """Rebuild a conversation, checking every field's type; load_samples(clip_id) returns that clip's samples.
+    """Rebuild a conversation, checking every field's type; load_samples(clip_id) returns that clip's samples,
+    or None when its audio is lost (the clip is then kept as Clip.lost).
 
     Raises StoreError naming the first field that is wrong: a file from elsewhere is not trusted.
     """
@@ -154,7 +155,7 @@ def clip_file(clips_folder: Path, clip_id: str) -> Path:
 def write_clip(clip: Clip, clips_folder: Path) -> Path:
     """The clip's float32 wav in clips_folder, written the first time; returns its path."""
     path = clip_file(clips_folder, clip.id)
-    if not path.exists():
+    if not path.exists() and not clip.missing:
         # write aside, then rename: a crash or a second thread never leaves a half-written clip under its id
         partial = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.partial.wav")
         soundfile.write(partial, clip.samples, SAMPLE_RATE, subtype="FLOAT")
@@ -187,7 +188,10 @@ def _clip(data: dict, load_samples) -> Clip:
     source, note = _field(data.get("source"), str, f"{name}'s source"), _field(data.get("note"), str, f"{name}'s note")
     if source not in SOURCES or not clip_id.isalnum():
         raise StoreError(f"The saved conversation is damaged: clip {name!r} has source {source!r} and id {clip_id!r}.")
-    clip = Clip(load_samples(clip_id), name=name, source=source, note=note)
+    samples = load_samples(clip_id)
+    if samples is None:
+        return Clip.lost(clip_id, name, source, note)
+    clip = Clip(samples, name=name, source=source, note=note)
     if clip.id != data["id"]:
         raise StoreError(f"The audio of {data['name']} does not match its id: the save is damaged.")
     return clip

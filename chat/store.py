@@ -115,7 +115,9 @@ class Store:
         return saving.write_clip(clip, self.clips_folder)
 
     def _read_clip(self, clip_id: str):
-        return saving.read_clip(saving.clip_file(self.clips_folder, clip_id))
+        """A stored clip's samples; None when its file is gone, so the conversation still opens."""
+        path = saving.clip_file(self.clips_folder, clip_id)
+        return saving.read_clip(path) if path.exists() else None
 
     def _connect(self) -> closing[sqlite3.Connection]:
         # one short-lived connection per operation: sqlite3 connections must not be shared across threads

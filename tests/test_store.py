@@ -16,6 +16,7 @@ from chat import store as store_module
 from chat.clip import Clip
 from chat.conversation import STOPPED, Conversation
 from chat.errors import StoreError
+from chat.families import get_family
 from chat.store import DATA_DIR_ENV, DB_FILE, Store, from_zip, to_zip
 from tests.conftest import tone
 
@@ -99,13 +100,21 @@ def test_rows_hold_the_versioned_json_of_chat_saving(tmp_path):
     assert [c["name"] for m in data["messages"] for c in m["clips"]] == ["a.wav", "b.wav"]
 
 
-def test_a_missing_clip_file_is_reported_by_name(tmp_path):
+def test_a_missing_clip_file_keeps_the_conversation_with_the_clip_marked_missing(tmp_path):
     store = Store(tmp_path)
     conversation = conversation_with_clips()
     store.save("s", conversation)
-    store.clip_path(conversation.clips()[0]).unlink()
-    with pytest.raises(StoreError, match=f"{conversation.clips()[0].id}.wav is missing"):
-        store.load("s")
+    lost = conversation.clips()[0]
+    store.clip_path(lost).unlink()
+    loaded = store.load("s")
+    assert [m.text for m in loaded.messages] == [m.text for m in conversation.messages]
+    first, second = loaded.clips()
+    assert first.missing and (first.id, first.name) == (lost.id, "a.wav") and len(first.samples) == 0
+    assert not second.missing and np.array_equal(second.samples, conversation.clips()[1].samples)
+    store.save("s", loaded)  # saving again writes no empty file under the lost clip's id
+    assert not store.clip_path(first).exists()
+    prompt = get_family("qwen2-audio").renderer.render(loaded)
+    assert [p.number for p in prompt.audio_parts] == [2] and "Audio 1:" not in prompt.text
 
 
 def test_migrations_run_once_and_new_ones_are_applied_to_an_existing_store(tmp_path, monkeypatch):

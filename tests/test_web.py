@@ -393,3 +393,16 @@ def test_the_recording_api_refuses_an_over_long_file_without_decoding_it(tmp_pat
         assert store.load(session_id) is None and not any(store.clips_folder.iterdir())
     finally:
         demo.close()
+
+
+def test_a_conversation_whose_clip_file_is_gone_still_opens_and_carries_on(scripted, speech_wav):
+    backend, page, session = scripted
+    send(page, session, "What is said?", [speech_wav])
+    lost = session.conversation.clips()[0]
+    page.store.clip_path(lost).unlink()
+    _, reopened, chat, *_ = page.open_session(session.id)  # a reload after the file went
+    assert reopened.conversation.clips()[0].missing
+    assert f"**Audio 1** · {lost.name} · missing: its audio file is gone" in all_text(chat)
+    assert bot_texts(chat) == ["This is a scripted reply."]
+    renders = send(page, reopened, "And now?")
+    assert bot_texts(renders[-1])[-1] == "This is a scripted reply." and backend.prompts[-1].audio_parts == ()

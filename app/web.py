@@ -60,6 +60,7 @@ class Session:
 
     id: str
     conversation: Conversation
+    user: str = ""  # the login that owns it; empty without logins
     turn: Turn | None = None
     streaming: bool = False  # respond() is iterating turn (else it is still queued, or never will be)
 
@@ -99,16 +100,21 @@ class ChatPage:
     def __init__(self, backend: Backend, store: Store, tools: ToolBox | None) -> None:
         self.backend, self.store, self.tools = backend, store, tools
 
-    def open_session(self, session_id: str | None):
-        """Reconnect a browser to its stored conversation; a missing or malformed id starts a new session."""
+    def open_session(self, session_id: str | None, request: gr.Request | None = None):
+        """Reconnect a browser to its stored conversation; a missing or malformed id starts a new session.
+
+        With logins, a conversation belongs to the user who wrote it: another login that presents the
+        same session id gets a conversation of its own.
+        """
         if not (isinstance(session_id, str) and SESSION_ID.fullmatch(session_id)):
             session_id = uuid.uuid4().hex
+        user = (request.username if request is not None else None) or ""
         try:
-            conversation = self.store.load(session_id) or Conversation()
+            conversation = self.store.load(session_id, user) or Conversation()
         except StoreError as e:
             gr.Warning(str(e))
             conversation = Conversation()
-        session = Session(session_id, conversation)
+        session = Session(session_id, conversation, user)
         return session_id, session, self._render(session), conversation.system_prompt, *self._inputs(session)
 
     @handler
@@ -161,7 +167,7 @@ class ChatPage:
             pass  # the reply is on the conversation as failed, with the error as its note; finish() shows it
         finally:
             batches.close()  # when gradio closes us mid-reply (Stop), this stops the turn and records the partial reply
-            self.store.save(session.id, session.conversation)
+            self.store.save(session.id, session.conversation, session.user)
             session.turn, session.streaming = None, False
 
     @handler
@@ -183,7 +189,7 @@ class ChatPage:
         clip = Clip.from_file(recording, name="recording", source=RECORDED)
         self._stop(session)
         session.conversation.add_user("", [clip])
-        self.store.save(session.id, session.conversation)
+        self.store.save(session.id, session.conversation, session.user)
         return self._render(session), None
 
     @handler
@@ -191,7 +197,7 @@ class ChatPage:
         """Remove the last exchange and put its text back in the message box, before anything typed since."""
         self._stop(session)
         removed = session.conversation.undo()
-        self.store.save(session.id, session.conversation)
+        self.store.save(session.id, session.conversation, session.user)
         message = message or {}
         text = "\n".join(t for t in (removed[0].text, message.get("text", "")) if t)
         return self._render(session), {"text": text, "files": message.get("files") or []}
@@ -201,7 +207,7 @@ class ChatPage:
         """Remove every message; the system prompt stays."""
         self._stop(session)
         session.conversation.clear()
-        self.store.save(session.id, session.conversation)
+        self.store.save(session.id, session.conversation, session.user)
         return self._render(session), *self._inputs(session)
 
     @handler
@@ -217,7 +223,7 @@ class ChatPage:
         # a fresh id: the file may come from another session, which keeps its own copy
         conversation = replace(from_zip(path), id=uuid.uuid4().hex)
         self._stop(session)
-        self.store.save(session.id, conversation)
+        self.store.save(session.id, conversation, session.user)
         session.conversation = conversation
         return self._render(session), conversation.system_prompt, *self._inputs(session)
 
@@ -236,7 +242,7 @@ class ChatPage:
             change(conversation)
             # the prompt is rendered here: a turn too long for the context fails before any model work
             session.turn = Turn(self.backend, conversation, settings, tools=self.tools)
-        self.store.save(session.id, conversation)
+        self.store.save(session.id, conversation, session.user)
         return self._render(session), *self._inputs(session, busy=True)
 
     def _refuse(self, session: Session, text: str, kept: list[str], refused: list[tuple[str, str]]):

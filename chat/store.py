@@ -2,7 +2,7 @@
 
 Layout of the data folder:
 
-    chat.db               conversations(id, session_id, data, created_at, updated_at); data is chat.saving's JSON
+    chat.db               conversations(id, session_id, user, data, created_at, updated_at); data is chat.saving's JSON
     clips/{clip id}.wav   float32 16 kHz audio, written once and never changed (the id is a hash of the samples)
 
 The folder is an argument, else $AUDIO_CHAT_DATA_DIR, else `data/` beside the code.
@@ -50,6 +50,13 @@ def m001_conversations(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX conversations_by_session ON conversations (session_id, updated_at)")
 
 
+@migration
+def m002_owners(conn: sqlite3.Connection) -> None:
+    """Conversations belong to a login (empty without logins); a session id alone no longer opens one."""
+    conn.execute("ALTER TABLE conversations ADD COLUMN user TEXT NOT NULL DEFAULT ''")
+    conn.execute("CREATE INDEX conversations_by_owner ON conversations (user, session_id, updated_at)")
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     """Apply, in order, each migration not yet recorded in the _migrations table."""
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
@@ -81,27 +88,31 @@ class Store:
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"Cannot use {self.folder} as the data folder ({e}). Choose a writable folder.") from e
 
-    def save(self, session_id: str, conversation: Conversation) -> None:
-        """Write the conversation (clips first, so a row never names a missing clip) as the session's latest."""
+    def save(self, session_id: str, conversation: Conversation, user: str = "") -> None:
+        """Write the conversation (clips first, so a row never names a missing clip) as the session's latest.
+
+        user is the login it belongs to; a conversation of another session or login is never overwritten.
+        """
         for clip in conversation.clips():
             self.clip_path(clip)
         now = _now()
         data = json.dumps(saving.to_dict(conversation), ensure_ascii=False)
         with self._connect() as conn, conn:
             saved = conn.execute(
-                """INSERT INTO conversations (id, session_id, data, created_at, updated_at) VALUES (?, ?, ?, ?, ?)
+                """INSERT INTO conversations (id, session_id, user, data, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)
                 ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at
-                WHERE conversations.session_id = excluded.session_id""",
-                (conversation.id, session_id, data, now, now),
+                WHERE conversations.session_id = excluded.session_id AND conversations.user = excluded.user""",
+                (conversation.id, session_id, user, data, now, now),
             ).rowcount
         if not saved:
             raise StoreError(f"Conversation {conversation.id} belongs to another session and was not overwritten.")
 
-    def load(self, session_id: str) -> Conversation | None:
-        """The session's most recently saved conversation, or None for a new session."""
+    def load(self, session_id: str, user: str = "") -> Conversation | None:
+        """The session's most recently saved conversation of this login, or None for a new session."""
         with self._connect() as conn:
             row = conn.execute(
-                "SELECT data FROM conversations WHERE session_id = ? ORDER BY updated_at DESC LIMIT 1", (session_id,)
+                "SELECT data FROM conversations WHERE session_id = ? AND user = ? ORDER BY updated_at DESC LIMIT 1",
+                (session_id, user),
             ).fetchone()
         if row is None:
             return None

@@ -117,6 +117,17 @@ def test_a_missing_clip_file_keeps_the_conversation_with_the_clip_marked_missing
     assert [p.number for p in prompt.audio_parts] == [2] and "Audio 1:" not in prompt.text
 
 
+def test_a_conversation_belongs_to_its_login(tmp_path):
+    store = Store(tmp_path)
+    mine = conversation_with_clips()
+    store.save("s", mine, user="ann")
+    assert store.load("s", user="bob") is None and store.load("s") is None  # the session id alone opens nothing
+    assert_same(store.load("s", user="ann"), mine)
+    with pytest.raises(StoreError, match="belongs to another session"):
+        store.save("s", mine, user="bob")  # nor can another login overwrite it
+    assert_same(store.load("s", user="ann"), mine)
+
+
 def test_migrations_run_once_and_new_ones_are_applied_to_an_existing_store(tmp_path, monkeypatch):
     Store(tmp_path)
     Store(tmp_path)  # a second start applies nothing twice (a CREATE TABLE would fail)
@@ -129,7 +140,7 @@ def test_migrations_run_once_and_new_ones_are_applied_to_an_existing_store(tmp_p
     with sqlite3.connect(tmp_path / DB_FILE) as conn:
         names = [row[0] for row in conn.execute("SELECT name FROM _migrations ORDER BY rowid")]
         columns = [row[1] for row in conn.execute("PRAGMA table_info(conversations)")]
-    assert names == ["m001_conversations", "m999_add_title"]
+    assert names == ["m001_conversations", "m002_owners", "m999_add_title"]
     assert "title" in columns
 
 

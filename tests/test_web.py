@@ -406,3 +406,22 @@ def test_a_conversation_whose_clip_file_is_gone_still_opens_and_carries_on(scrip
     assert bot_texts(chat) == ["This is a scripted reply."]
     renders = send(page, reopened, "And now?")
     assert bot_texts(renders[-1])[-1] == "This is a scripted reply." and backend.prompts[-1].audio_parts == ()
+
+
+def test_another_login_with_the_same_session_id_cannot_open_the_conversation(tmp_path):
+    store = Store(tmp_path)
+    demo = build_demo(ScriptedBackend(), store)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                auth=[("ann", "secret"), ("bob", "hunter2")])
+    try:
+        ann = Client(demo.local_url, auth=("ann", "secret"), verbose=False)
+        session_id = ann.predict(None, api_name="/open_session")[0]
+        ann.predict({"text": "My private question", "files": []}, "", *SAMPLED.values(), api_name="/add_message")
+        ann.predict(api_name="/respond")
+        bob = Client(demo.local_url, auth=("bob", "hunter2"), verbose=False)
+        assert bob.predict(session_id, api_name="/open_session")[1] == []  # a new, empty conversation for bob
+        assert "My private question" in str(Client(demo.local_url, auth=("ann", "secret"), verbose=False).predict(
+            session_id, api_name="/open_session")[1])
+        assert store.load(session_id, "ann").messages[0].text == "My private question"
+    finally:
+        demo.close()

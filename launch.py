@@ -1,8 +1,10 @@
 """Start the browser chat (or, with --cli, the terminal client): `python launch.py --help` lists the flags."""
 
 import argparse
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from chat.families import FAMILIES
@@ -11,7 +13,10 @@ from chat.errors import ChatError
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.store import DATA_DIR_ENV, Store
 
+LOG_FILE = "audio-chat.log"  # in the data folder: loads, refusals, failures and every reply's figures
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEFAULT_PORT = 8000
+log = logging.getLogger("launch")
 DEFAULT_MAX_UPLOAD_MB = 200  # a 10-minute clip (the limit per clip) is 100-200 MB as 16-bit wav
 
 
@@ -97,11 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         where = "on the CPU" if args.cpu_only else "on this machine"
     print(f"Loading {args.checkpoint_path} ({args.api_base or where})...", file=sys.stderr, flush=True)
     try:
-        backend = load_backend(args.checkpoint_path, api_base=args.api_base, **options)
         store = Store(args.data_dir)
+        # the terminal chat keeps its screen: there only warnings reach the console, everything reaches the file
+        log_to(store.folder / LOG_FILE, console_level=logging.WARNING if args.cli else logging.INFO)
+        start = time.monotonic()
+        backend = load_backend(args.checkpoint_path, api_base=args.api_base, **options)
     except ChatError as e:
+        log.error("could not start: %s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    log.info("loaded %s as %s (%s) in %.1f s", backend.name, backend.family.title, backend.quantization,
+             time.monotonic() - start)
     try:
         if args.cli:
             from app.cli import run_cli
@@ -112,6 +123,21 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args, backend, store, model)
     finally:
         backend.close()
+
+
+def log_to(path: Path, console_level: int) -> None:
+    """Send the app's log records (loggers chat.* and app.*) to path and, from console_level up, to stderr."""
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_console = logging.StreamHandler(sys.stderr)
+    to_console.setLevel(console_level)
+    for handler in (to_file, to_console):
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    for name in ("chat", "app", "launch"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # the libraries' own records stay with their own settings
+        for handler in (to_file, to_console):
+            logger.addHandler(handler)
 
 
 def serve(args: argparse.Namespace, backend, store: Store, description: str) -> int:

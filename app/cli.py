@@ -57,6 +57,7 @@ class Terminal:
     stdin: TextIO
     stdout: TextIO
     at_line_start: bool = True  # whether the cursor is at the start of a line
+    show_figures: bool = False  # print each reply's figures after it (on a terminal, not into a pipe)
 
     def __post_init__(self) -> None:
         self.commands: dict[str, Callable[[str], None]] = {
@@ -135,6 +136,9 @@ class Terminal:
         self.end_line()
         if turn.response.history_note:
             self.say(f"[{turn.response.history_note}]")
+        message = turn.response.message
+        if self.show_figures and message is not None and message.figures is not None:
+            self.say(f"[{message.figures.summary()}]")
 
     def show(self, worker: threading.Thread, events: queue.Queue) -> None:
         """Print the worker's events until it ends; raise the error the turn ended with, if any."""
@@ -311,6 +315,7 @@ def run_cli(
     if system_prompt:
         conversation.system_prompt = system_prompt
     toolbox = toolbox_for(backend, tools, word_model)
+    stdout = stdout or sys.stdout
     terminal = Terminal(backend, settings or GenerationSettings(), conversation, toolbox, recorder, player,
-                        stdin or sys.stdin, stdout or sys.stdout)
+                        stdin or sys.stdin, stdout, show_figures=stdout.isatty())
     return terminal.run()

@@ -66,6 +66,8 @@ def _render(message: Message, numbers: dict[str, int], clip_path: ClipPath, fami
             text += f"\n\n*{message.note}*"
         elif message.status == FAILED:
             text += f"\n\n**The reply failed:** {message.note}"
+        if message.figures is not None and text:
+            text += f"\n\n<sub>{message.figures.summary()}</sub>"  # small, under the reply
         return [gr.ChatMessage(text.strip(), role="assistant")] if text else []  # empty: it only called a tool
     return [gr.ChatMessage(players + ([message.text] if message.text else []), role="user")]
 

@@ -8,6 +8,7 @@ holds the conversation and the reply being written. API clients call /open_sessi
 
 import datetime
 import functools
+import logging
 import re
 import tempfile
 import time
@@ -51,6 +52,7 @@ CSS = """
 #header h1 { margin-bottom: 0; }
 #header p { margin-top: 4px; color: var(--body-text-color-subdued); }
 """
+log = logging.getLogger(__name__)
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 
 
@@ -76,6 +78,7 @@ def handler(fn: Callable) -> Callable:
         try:
             return fn(page, session, *args)
         except ChatError as e:
+            log.warning("%s refused: %s", fn.__name__, e)
             raise gr.Error(str(e), print_exception=False) from e
 
     return wrapper
@@ -248,6 +251,7 @@ class ChatPage:
     def _refuse(self, session: Session, text: str, kept: list[str], refused: list[tuple[str, str]]):
         """Send nothing; say which files were refused and why, and leave the text and the good files in the box."""
         for _, reason in refused:
+            log.warning("attachment refused: %s", reason)
             gr.Warning(f"Not sent: {reason}", duration=None)  # stays until closed: it says what to do
         box = gr.MultimodalTextbox(value={"text": text, "files": kept}, interactive=True, submit_btn=True, stop_btn=False)
         return self._render(session), box, gr.Audio(interactive=True)

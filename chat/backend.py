@@ -1,18 +1,20 @@
 """The backend interface: a conversation in, a streamed, cancellable, measured reply out."""
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from chat.audio import SAMPLE_RATE
-from chat.conversation import DONE, FAILED, STOPPED, Conversation, Message
+from chat.conversation import DONE, FAILED, STOPPED, Conversation, Figures, Message
 from chat.errors import ChatError, ConversationError
 from chat.families import Family
 from chat.prompts import Prompt
 from chat.settings import GenerationSettings
 
 STOPPED_NOTE = "Stopped by the user."
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Backend:
 
     family: Family  # how its prompts are written and its replies read
     name = ""  # the checkpoint or served model, as the page and the terminal name it
+    quantization = "none"  # how its weights are stored, as the figures of a reply say
     context_tokens = 8192
     supports_tools = True
 
@@ -146,5 +149,15 @@ class Response:
             if self._end_at is not None and status == STOPPED:
                 self.chunks, status, note = [self.text[: self._end_at]], DONE, self.history_note
             self.stats.duration_s = time.monotonic() - start
-            self.message = self.conversation.add_assistant(self.text, status=status, note=note)
+            self.message = self.conversation.add_assistant(self.text, status=status, note=note, figures=self.figures())
+            failure = f" ({note})" if status == FAILED else ""
+            log.log(logging.WARNING if failure else logging.INFO, "reply %s%s: %s", status, failure,
+                    self.message.figures.summary())
+
+    def figures(self) -> Figures:
+        """This reply's figures, as they stand."""
+        stats, backend = self.stats, self.backend
+        return Figures(backend.name, backend.family.title, backend.quantization, self.settings, stats.n_prompt_tokens,
+                       stats.n_reused_prompt_tokens, stats.n_tokens, stats.time_to_first_token_s, stats.tokens_per_s,
+                       stats.peak_gpu_memory_mb)
 

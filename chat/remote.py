@@ -48,7 +48,7 @@ class RemoteBackend(Backend):
                 f"{model} is {self.family.title}, which OpenAI-compatible servers such as vLLM do not serve. "
                 "Run it in this app instead: leave out --api-base."
             )
-        self.name = model
+        self.name, self.quantization = model, "server"
         self.context_tokens = context_tokens or self.family.context_tokens
         self.api_key, self.timeout_s = api_key, timeout_s
         self.where = f"The model server at {self.api_base}"  # how error messages name it

@@ -1,5 +1,6 @@
 """Save a conversation with its clips to a folder, and load it back identical."""
 
+import dataclasses
 import io
 import json
 import os
@@ -12,8 +13,9 @@ import soundfile
 
 from chat.audio import MAX_CLIP_S, SAMPLE_RATE
 from chat.clip import SOURCES, Clip
-from chat.conversation import ROLES, STATUSES, TOOL, Conversation, Message, ToolUse
-from chat.errors import StoreError
+from chat.conversation import ROLES, STATUSES, TOOL, Conversation, Figures, Message, ToolUse
+from chat.errors import SettingsError, StoreError
+from chat.settings import GenerationSettings
 
 FORMAT_VERSION = 2  # 2 added what a reply shows and the calls it made, and a tool message's tool and outcome
 READABLE_VERSIONS = (1, 2)
@@ -46,6 +48,7 @@ class MessageDict(TypedDict):
     calls: list[ToolUseDict]
     tool: str
     failed: bool
+    figures: dict | None  # Figures, its settings a dict of GenerationSettings
 
 
 class ConversationDict(TypedDict):
@@ -72,6 +75,7 @@ def to_dict(conversation: Conversation) -> ConversationDict:
                 "calls": [{"name": call.name, "arguments": call.arguments} for call in m.calls],
                 "tool": m.tool,
                 "failed": m.failed,
+                "figures": None if m.figures is None else dataclasses.asdict(m.figures),
             }
             for m in conversation.messages
         ],
@@ -110,15 +114,35 @@ def from_dict(data: object, load_samples) -> Conversation:
             role, _field(m.get("text"), str, f"{where}'s text"), clips, status, _field(m.get("note"), str, f"{where}'s note"),
             None if shown is None else _field(shown, str, f"{where}'s shown text"), calls,
             _field(m.get("tool", ""), str, f"{where}'s tool"), _field(m.get("failed", False), bool, f"{where}'s failed"),
+            _figures(m.get("figures"), where),
         ))
     return Conversation(system_prompt=_field(data.get("system_prompt"), str, "the system prompt"), messages=messages,
                         id=_field(data.get("id"), str, "the conversation id"))
 
 
-def _field(value: object, kind: type, what: str):
+FIGURE_TYPES = {"model": str, "family": str, "quantization": str, "prompt_tokens": int, "reused_tokens": int,
+                 "new_tokens": int, "time_to_first_token_s": (int, float, type(None)),
+                 "tokens_per_s": (int, float, type(None)), "peak_gpu_memory_mb": (int, float, type(None))}
+
+
+def _figures(data: object, where: str) -> Figures | None:
+    """A reply's Figures from its saved dict, every field checked; None when there are none."""
+    if data is None:
+        return None
+    data = _field(data, dict, f"{where}'s figures")
+    values = {name: _field(data.get(name), kind, f"{where}'s {name}") for name, kind in FIGURE_TYPES.items()}
+    try:
+        settings = GenerationSettings(**_field(data.get("settings"), dict, f"{where}'s settings"))
+    except (TypeError, SettingsError) as e:
+        raise StoreError(f"The saved conversation is damaged: {where}'s settings are not valid ({e}).") from e
+    return Figures(settings=settings, **values)
+
+
+def _field(value: object, kind: type | tuple, what: str):
     """value, if it is of kind; else StoreError naming the field."""
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise StoreError(f"The saved conversation is damaged: {what} should be a {kind.__name__}, not {value!r:.40}.")
+        name = kind.__name__ if isinstance(kind, type) else "number"
+        raise StoreError(f"The saved conversation is damaged: {what} should be a {name}, not {value!r:.40}.")
     return value
 
 

@@ -8,6 +8,7 @@ import _thread
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -369,7 +370,8 @@ def test_the_client_in_a_real_terminal_with_the_tiny_model(tiny_qwen2_audio, spe
     config["suppress_tokens"] = sorted({*config["suppress_tokens"], config["eos_token_id"]})
     config_path.write_text(json.dumps(config))
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb", "PYTHONPATH": str(REPO),
+           "AUDIO_CHAT_DATA_DIR": str(tmp_path / "data")}
     child = pexpect.spawn(sys.executable, ["launch.py", "--cli", "-c", str(checkpoint), "--cpu-only"], cwd=REPO, env=env,
                           encoding="utf-8", timeout=120, dimensions=(24, 400))
     try:
@@ -379,14 +381,15 @@ def test_the_client_in_a_real_terminal_with_the_tiny_model(tiny_qwen2_audio, spe
         child.expect(r"Audio 1: question\.wav, \d+\.\d s\r\n\[Audio 1\] > ")
         child.sendline("What is said?")
         child.expect_exact("What is said?\r\n")
-        child.expect(r"(.+)\r\n> ")  # the streamed reply, then the prompt again
+        # the streamed reply, its figures (on a terminal), then the prompt again
+        child.expect(r"(.+)\r\n\[Qwen2-Audio · none · \d+ prompt tokens · \d+ new · first token [\d.]+ s.*\]\r\n> ")
         assert child.match.group(1).strip() and "[stopped]" not in child.match.group(1)
 
         child.sendline("And now?")
         child.expect_exact("And now?\r\n")
         child.expect(r"\S")  # the reply has started streaming
         child.sendcontrol("c")
-        child.expect_exact("[stopped]\r\n> ")
+        child.expect(r"\[stopped\]\r\n\[Qwen2-Audio · none · \d+ prompt tokens \(\d+ cached\) .*\]\r\n> ")
         child.sendline("/clips")
         child.expect_exact("Audio 1: question.wav, ")
         child.expect_exact(", uploaded\r\n> ")
@@ -395,3 +398,7 @@ def test_the_client_in_a_real_terminal_with_the_tiny_model(tiny_qwen2_audio, spe
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+    log = (tmp_path / "data" / "audio-chat.log").read_text()
+    assert re.search(r"INFO launch: loaded .* as Qwen2-Audio \(none\) in [\d.]+ s", log)
+    assert re.search(r"INFO chat.backend: reply done: Qwen2-Audio · none · \d+ prompt tokens", log)
+    assert re.search(r"INFO chat.backend: reply stopped: .*\(\d+ cached\)", log)

@@ -2,6 +2,7 @@
 
 import socket
 import threading
+from dataclasses import replace
 import time
 
 import numpy as np
@@ -166,7 +167,12 @@ def test_remote_and_scripted_backends_leave_identical_conversations(server):
             conversation.add_user(question, clips)
             response = Response(backend, conversation)
             assert list(response) == chunks and response.stats.n_tokens == len(chunks)
-    assert conversations[remote] == conversations[scripted]
+    # the same conversation; the figures say which backend wrote each reply and how fast, so only they differ
+    without_figures = {b: [replace(m, figures=None) for m in c.messages] for b, c in conversations.items()}
+    assert without_figures[remote] == without_figures[scripted]
+    figures = {b: [m.figures for m in c.messages if m.figures] for b, c in conversations.items()}
+    assert [(f.model, f.quantization, f.new_tokens) for f in figures[remote]] == [(server.model, "server", 3)] * 2
+    assert [(f.model, f.new_tokens) for f in figures[scripted]] == [("scripted", 3)] * 2
     remote.close()
 
 

@@ -6,6 +6,7 @@ by gradio_client, a second real client, against the page serving the tiny Qwen2-
 
 import functools
 import json
+import re
 import os
 import shutil
 import socket
@@ -51,15 +52,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+FIGURES = re.compile(r"\n\n<sub>(.*)</sub>$")  # a reply's figures, under its text
+
+
 def bot_texts(chat: list) -> list[str]:
-    """The text of each assistant message of a rendered chat (gr.ChatMessage list or API dicts)."""
+    """The text of each assistant message of a rendered chat (gr.ChatMessage list or API dicts), figures left out."""
     texts = []
     for message in chat:
         role, content = (message.role, message.content) if isinstance(message, gr.ChatMessage) else (
             message["role"], [part.get("text", "") for part in message["content"]])
         if role == "assistant":
-            texts.append(content if isinstance(content, str) else " ".join(str(part) for part in content))
+            texts.append(FIGURES.sub("", content if isinstance(content, str) else " ".join(map(str, content))))
     return texts
+
+
+def figures_shown(chat: list) -> list[str]:
+    """The figures line under each reply that has one."""
+    return [m.group(1) for m in (FIGURES.search(str(message.content)) for message in chat) if m]
 
 
 def all_text(chat: list) -> str:
@@ -91,6 +100,10 @@ def test_a_reply_streams_as_the_whole_chat_and_is_saved(scripted):
     backend.enqueue(["Hel", "lo ", "there."])
     renders = send(page, session, "hi")
     assert [bot_texts(r) for r in renders] == [["Hel"], ["Hello "], ["Hello there."], ["Hello there."]]
+    # once recorded, the reply shows how it was made, small, under its text
+    assert [figures_shown(r) for r in renders[-2:]] == [[session.conversation.messages[-1].figures.summary()]] * 2
+    assert re.fullmatch(r"Qwen2-Audio · none · \d+ prompt tokens · 3 new · first token 0\.\d\d s · \d+\.\d tokens/s",
+                        figures_shown(renders[-1])[0])
     assert all(r[0].role == "user" and r[0].content == ["hi"] for r in renders)
     saved = page.store.load(session.id)
     assert [(m.role, m.text, m.status) for m in saved.messages] == [
@@ -343,7 +356,8 @@ def test_an_api_client_chats_with_streamed_replies_about_numbered_clips(served, 
     assert len(saved.clips()) == 2 and saved.messages[0].text == "What is in Audio 2?"
     # the same session from a second client (another tab, or the page after a restart) shows the same chat
     again = Client(url, verbose=False).predict(session_id, api_name="/open_session")[1]
-    assert all_text(again) == all_text(chat).replace("What is in Audio 2?", f"What is in Audio 2?\n{partials[-1]}")
+    reply = f"{partials[-1]}\n\n<sub>{saved.messages[1].figures.summary()}</sub>"
+    assert all_text(again) == all_text(chat).replace("What is in Audio 2?", f"What is in Audio 2?\n{reply}")
 
 
 def test_an_api_client_can_stop_a_reply(served):

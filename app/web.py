@@ -10,7 +10,6 @@ import datetime
 import functools
 import logging
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from chat.backend import Backend, GenerationSettings
 from chat.clip import RECORDED, Clip
 from chat.conversation import DEFAULT_SYSTEM_PROMPT, Conversation
 from chat.errors import BackendError, ChatError, ClipError, SettingsError, StoreError
-from chat.store import Store, from_zip, to_zip
+from chat.store import Store, from_zip
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for
 from chat.turn import TextChunk, ToolCallStarted, Turn, in_batches
@@ -217,8 +216,7 @@ class ChatPage:
     def download(self, session: Session) -> gr.File:
         """The conversation as a zip of conversation.json and its clips (chat.saving's folder)."""
         stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-        path = to_zip(session.conversation, Path(tempfile.mkdtemp()) / f"conversation-{stamp}.zip")
-        return gr.File(str(path), visible=True)
+        return gr.File(str(self.store.export(session.conversation, f"conversation-{stamp}.zip")), visible=True)
 
     @handler
     def upload(self, session: Session, path: str):

@@ -4,6 +4,8 @@ Layout of the data folder:
 
     chat.db               conversations(id, session_id, user, data, created_at, updated_at); data is chat.saving's JSON
     clips/{clip id}.wav   float32 16 kHz audio, written once and never changed (the id is a hash of the samples)
+    downloads/*/*.zip     conversations being downloaded, removed after an hour
+    audio-chat.log        what the app did: loads, refusals, failures, every reply's figures (launch.py)
 
 The folder is an argument, else $AUDIO_CHAT_DATA_DIR, else `data/` beside the code.
 """
@@ -11,8 +13,11 @@ The folder is an argument, else $AUDIO_CHAT_DATA_DIR, else `data/` beside the co
 import datetime
 import json
 import os
+import shutil
 import sqlite3
 import tempfile
+import time
+import uuid
 import zipfile
 from collections.abc import Callable
 from contextlib import closing
@@ -29,6 +34,8 @@ DATA_DIR_ENV = "AUDIO_CHAT_DATA_DIR"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DB_FILE = "chat.db"
 LOCK_TIMEOUT_S = 30.0  # how long a writer waits for another process or thread holding the database
+DOWNLOADS_FOLDER = "downloads"
+DOWNLOADS_KEPT_S = 3600  # a download is fetched at once; an hour is plenty
 MAX_ZIP_ENTRIES = 1000  # files in an uploaded conversation: its json and one wav per clip
 MAX_IMPORT_AUDIO_S = 2 * 3600  # all clips of one uploaded conversation: 460 MB of samples in memory at most
 
@@ -120,6 +127,20 @@ class Store:
             return saving.from_dict(json.loads(row[0]), self._read_clip)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:  # chat.saving reports clip files itself
             raise StoreError(f"The saved conversation of this session is damaged ({e}); start a new one.") from e
+
+    def export(self, conversation: Conversation, name: str) -> Path:
+        """The conversation as a zip named name in the data folder's downloads/, for a browser to fetch.
+
+        Downloads older than DOWNLOADS_KEPT_S are removed first, so they never pile up.
+        """
+        downloads = self.folder / DOWNLOADS_FOLDER
+        now = time.time()
+        for old in downloads.glob("*/*.zip"):
+            if now - old.stat().st_mtime > DOWNLOADS_KEPT_S:
+                shutil.rmtree(old.parent, ignore_errors=True)
+        folder = downloads / uuid.uuid4().hex  # a folder each, so the file keeps its plain name
+        folder.mkdir(parents=True)
+        return to_zip(conversation, folder / name)
 
     def clip_path(self, clip: Clip) -> Path:
         """The clip's wav file in the store, written the first time the clip is seen."""

@@ -2,9 +2,11 @@
 
 import io
 import json
+import os
 import re
 import sqlite3
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -251,3 +253,14 @@ def test_every_field_of_an_import_is_checked(tmp_path, change, message):
     files["conversation.json"] = json.dumps(data).encode()
     with pytest.raises(StoreError, match=re.escape(message)):
         from_zip(zip_of(tmp_path / "edited.zip", files))
+
+
+def test_downloads_are_removed_after_an_hour(tmp_path):
+    store = Store(tmp_path)
+    first = store.export(conversation_with_clips(), "conversation.zip")
+    assert first.name == "conversation.zip" and from_zip(first).messages[0].text == "What is in Audio 1?"
+    hour_ago = time.time() - store_module.DOWNLOADS_KEPT_S - 1
+    os.utime(first, (hour_ago, hour_ago))
+    second = store.export(conversation_with_clips(), "conversation.zip")
+    assert not first.parent.exists() and second.is_file()
+    assert [p.name for p in (tmp_path / "downloads").iterdir()] == [second.parent.name]

@@ -21,7 +21,7 @@ import gradio as gr
 from app.render import render
 from chat.backend import Backend, GenerationSettings
 from chat.clip import RECORDED, Clip
-from chat.conversation import DEFAULT_SYSTEM_PROMPT, Conversation
+from chat.conversation import ASSISTANT, DEFAULT_SYSTEM_PROMPT, STOPPED, Conversation, Message
 from chat.errors import BackendError, ChatError, ClipError, SettingsError, StoreError
 from chat.store import Store, from_zip
 from chat.timestamps import DEFAULT_WORD_MODEL
@@ -51,6 +51,8 @@ CSS = """
 #header h1 { margin-bottom: 0; }
 #header p { margin-top: 4px; color: var(--body-text-color-subdued); }
 """
+SAVE_EVERY_S = 1.0  # how often a reply being written is saved, so a crash loses at most this much of it
+INTERRUPTED_NOTE = "Interrupted: the app stopped while writing this reply."
 log = logging.getLogger(__name__)
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 
@@ -154,6 +156,8 @@ class ChatPage:
             return
         session.streaming = True
         batches, streaming, running = in_batches(turn), "", None
+        self._save_as_interrupted(session, turn, streaming)
+        saved_at = time.monotonic()
         try:
             for batch in batches:
                 for event in batch:
@@ -163,6 +167,9 @@ class ChatPage:
                         streaming, running = "", event
                     else:
                         running = None
+                if time.monotonic() - saved_at >= SAVE_EVERY_S:
+                    self._save_as_interrupted(session, turn, streaming)
+                    saved_at = time.monotonic()
                 yield self._render(session, streaming if turn.response.message is None else "", running)
             yield self._render(session)  # the worker has ended: everything is on the conversation
         except ChatError:
@@ -253,6 +260,18 @@ class ChatPage:
             gr.Warning(f"Not sent: {reason}", duration=None)  # stays until closed: it says what to do
         box = gr.MultimodalTextbox(value={"text": text, "files": kept}, interactive=True, submit_btn=True, stop_btn=False)
         return self._render(session), box, gr.Audio(interactive=True)
+
+    def _save_as_interrupted(self, session: Session, turn: Turn, shown: str) -> None:
+        """Save the reply written so far as it would read if the app stopped now: marked interrupted.
+
+        The finished reply replaces it; a server killed mid-reply loses at most SAVE_EVERY_S of text,
+        and after a restart the next question starts a turn of its own instead of joining this one.
+        """
+        if turn.response.message is not None:
+            return  # between a tool call and the next part of the reply: all of it is recorded already
+        partial = Message(ASSISTANT, turn.response.text, status=STOPPED, note=INTERRUPTED_NOTE, shown=shown)
+        self.store.save(session.id, replace(session.conversation, messages=[*session.conversation.messages, partial]),
+                        session.user)
 
     def _stop(self, session: Session) -> None:
         """Cancel the reply being written, if any, and wait until it is recorded on the conversation."""

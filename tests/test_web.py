@@ -23,7 +23,7 @@ import gradio as gr  # noqa: E402
 import pytest  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
-from app.web import ChatPage, build_demo  # noqa: E402
+from app.web import INTERRUPTED_NOTE, ChatPage, build_demo  # noqa: E402
 from chat.local import GENERATION_THREAD, LocalBackend  # noqa: E402
 from chat.scripted import ScriptedBackend  # noqa: E402
 from chat.store import Store  # noqa: E402
@@ -439,3 +439,24 @@ def test_another_login_with_the_same_session_id_cannot_open_the_conversation(tmp
         assert store.load(session_id, "ann").messages[0].text == "My private question"
     finally:
         demo.close()
+
+
+def test_a_reply_is_saved_as_it_streams_and_reads_as_interrupted_if_the_app_dies(scripted):
+    backend, page, session = scripted
+    backend.interval_s = 0.25
+    backend.enqueue([f"w{i} " for i in range(12)])  # 3 s
+    page.add_message(session, {"text": "Talk.", "files": []}, *SETTINGS)
+    stream = page.respond(session)
+    next(stream)
+    after_crash = page.store.load(session.id)  # what a restart would find right after the reply began
+    assert after_crash.messages[-1].role == "assistant" and after_crash.messages[-1].note == INTERRUPTED_NOTE
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(page.store.load(session.id).messages[-1].text.split()) < 5:
+        next(stream)
+    partial = page.store.load(session.id).messages[-1]
+    assert (partial.status, partial.note) == ("stopped", INTERRUPTED_NOTE) and partial.text.startswith("w0 w1 w2 w3 ")
+    assert "*Interrupted: the app stopped while writing this reply.*" in bot_texts(
+        page.open_session(session.id)[2])[-1]  # as the page shows it after a restart
+    list(stream)
+    final = page.store.load(session.id).messages[-1]
+    assert (final.status, final.note, final.text) == ("done", "", "".join(f"w{i} " for i in range(12)))

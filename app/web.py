@@ -197,16 +197,18 @@ class ChatPage:
             return self._render(session), None
         clip = Clip.from_file(recording, name="recording", source=RECORDED)
         self._stop(session)
-        session.conversation.add_user("", [clip])
-        self.store.save(session.id, session.conversation, session.user)
+        with session.conversation.unchanged_on_error():  # not saved, not changed: nothing is sent later by surprise
+            session.conversation.add_user("", [clip])
+            self.store.save(session.id, session.conversation, session.user)
         return self._render(session), None
 
     @handler
     def undo(self, session: Session, message: dict | None):
         """Remove the last exchange and put its text back in the message box, before anything typed since."""
         self._stop(session)
-        removed = session.conversation.undo()
-        self.store.save(session.id, session.conversation, session.user)
+        with session.conversation.unchanged_on_error():
+            removed = session.conversation.undo()
+            self.store.save(session.id, session.conversation, session.user)
         message = message or {}
         text = "\n".join(t for t in (removed[0].text, message.get("text", "")) if t)
         return self._render(session), {"text": text, "files": message.get("files") or []}
@@ -215,8 +217,9 @@ class ChatPage:
     def clear(self, session: Session):
         """Remove every message; the system prompt stays."""
         self._stop(session)
-        session.conversation.clear()
-        self.store.save(session.id, session.conversation, session.user)
+        with session.conversation.unchanged_on_error():
+            session.conversation.clear()
+            self.store.save(session.id, session.conversation, session.user)
         return self._render(session), *self._inputs(session)
 
     @handler
@@ -249,8 +252,9 @@ class ChatPage:
             conversation.system_prompt = system_prompt.strip() or DEFAULT_SYSTEM_PROMPT
             change(conversation)
             # the prompt is rendered here: a turn too long for the context fails before any model work
-            session.turn = Turn(self.backend, conversation, settings, tools=self.tools)
-        self.store.save(session.id, conversation, session.user)
+            turn = Turn(self.backend, conversation, settings, tools=self.tools)
+            self.store.save(session.id, conversation, session.user)  # a full disk refuses the step here
+        session.turn = turn
         return self._render(session), *self._inputs(session, busy=True)
 
     def _refuse(self, session: Session, text: str, kept: list[str], refused: list[tuple[str, str]]):

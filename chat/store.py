@@ -11,7 +11,9 @@ The folder is an argument, else $AUDIO_CHAT_DATA_DIR, else `data/` beside the co
 """
 
 import datetime
+import errno
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -38,6 +40,8 @@ DOWNLOADS_FOLDER = "downloads"
 DOWNLOADS_KEPT_S = 3600  # a download is fetched at once; an hour is plenty
 MAX_ZIP_ENTRIES = 1000  # files in an uploaded conversation: its json and one wav per clip
 MAX_IMPORT_AUDIO_S = 2 * 3600  # all clips of one uploaded conversation: 460 MB of samples in memory at most
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = []
 migration = MIGRATIONS.append  # append-only: fix a shipped migration with a new one, never by editing it
@@ -99,18 +103,29 @@ class Store:
         """Write the conversation (clips first, so a row never names a missing clip) as the session's latest.
 
         user is the login it belongs to; a conversation of another session or login is never overwritten.
+        A full disk raises StoreError naming the data folder; what was stored before stays as it was.
         """
-        for clip in conversation.clips():
-            self.clip_path(clip)
-        now = _now()
-        data = json.dumps(saving.to_dict(conversation), ensure_ascii=False)
-        with self._connect() as conn, conn:
-            saved = conn.execute(
-                """INSERT INTO conversations (id, session_id, user, data, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)
-                ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at
-                WHERE conversations.session_id = excluded.session_id AND conversations.user = excluded.user""",
-                (conversation.id, session_id, user, data, now, now),
-            ).rowcount
+        try:
+            for clip in conversation.clips():
+                self.clip_path(clip)
+            now = _now()
+            data = json.dumps(saving.to_dict(conversation), ensure_ascii=False)
+            with self._connect() as conn, conn:
+                saved = conn.execute(
+                    """INSERT INTO conversations (id, session_id, user, data, created_at, updated_at)
+                    VALUES (?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at
+                    WHERE conversations.session_id = excluded.session_id AND conversations.user = excluded.user""",
+                    (conversation.id, session_id, user, data, now, now),
+                ).rowcount
+        except (OSError, sqlite3.Error) as e:
+            log.error("could not save to %s: %s", self.folder, e)  # the path goes to the log, not to the browser
+            full = getattr(e, "errno", None) == errno.ENOSPC or "full" in str(e)
+            raise StoreError(
+                "Nothing was changed: the app's data folder could not be written "
+                + ("(the disk is full). Free some space on it, then try again." if full
+                   else "(see the app's log). Try again; if it repeats, ask whoever runs the app.")
+            ) from e
         if not saved:
             raise StoreError(f"Conversation {conversation.id} belongs to another session and was not overwritten.")
 

@@ -4,12 +4,14 @@ Plumbing that needs exact text runs the handlers with the scripted backend; the 
 by gradio_client, a second real client, against the page serving the tiny Qwen2-Audio model.
 """
 
+import errno
 import functools
 import json
 import re
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -460,3 +462,25 @@ def test_a_reply_is_saved_as_it_streams_and_reads_as_interrupted_if_the_app_dies
     list(stream)
     final = page.store.load(session.id).messages[-1]
     assert (final.status, final.note, final.text) == ("done", "", "".join(f"w{i} " for i in range(12)))
+
+
+@pytest.mark.parametrize("failure", ["clip file", "database"])
+def test_a_full_disk_changes_nothing_and_says_so(scripted, speech_wav, monkeypatch, failure):
+    backend, page, session = scripted
+    send(page, session, "First question.")
+    before = list(session.conversation.messages)
+    if failure == "clip file":
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr("chat.saving.soundfile.write", full)
+    else:
+        monkeypatch.setattr(page.store, "_connect", lambda: (_ for _ in ()).throw(
+            sqlite3.OperationalError("database or disk is full")))
+    with pytest.raises(gr.Error, match="Nothing was changed: the app's data folder could not be written "
+                                       r"\(the disk is full\)\. Free some space"):
+        page.add_message(session, {"text": "Lost?", "files": [str(speech_wav)]}, *SETTINGS)
+    assert session.conversation.messages == before and session.turn is None
+    monkeypatch.undo()
+    assert page.store.load(session.id).messages == before
+    send(page, session, "Second question.")  # the refused message is not sent along with the next one
+    assert [m.text for m in session.conversation.messages if m.role == "user"] == ["First question.", "Second question."]

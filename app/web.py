@@ -46,6 +46,8 @@ EXAMPLES = [  # shown in the empty chat; a click puts the example in the message
 ]
 CSS = """
 .gradio-container { max-width: 1100px !important; margin: auto; }
+#history label { width: 100%; }
+#history label.selected { color: var(--body-text-color); }
 /* a failed step's message is in its toast; gradio's "Error" overlay would also hide the conversation */
 .keeps-content > [data-testid="status-tracker"]:has(> .error) { display: none; }
 #header h1 { margin-bottom: 0; }
@@ -119,7 +121,7 @@ class ChatPage:
             gr.Warning(str(e))
             conversation = Conversation()
         session = Session(session_id, conversation, user)
-        return session_id, session, self._render(session), conversation.system_prompt, *self._inputs(session)
+        return session_id, session, *self._opened(session)
 
     @handler
     def add_message(self, session: Session, message: dict | None, system_prompt: str,
@@ -181,8 +183,8 @@ class ChatPage:
 
     @handler
     def finish(self, session: Session):
-        """Show the conversation as recorded and unlock the inputs."""
-        return self._render(session), *self._inputs(session)
+        """Show the conversation as recorded, unlock the inputs, and list it under its (perhaps new) title."""
+        return self._render(session), *self._inputs(session), self._history(session)
 
     @handler
     def stop(self, session: Session):
@@ -230,13 +232,44 @@ class ChatPage:
 
     @handler
     def upload(self, session: Session, path: str):
-        """Open a downloaded conversation in place of this one (which stays in the store)."""
+        """Open a downloaded conversation as one more of yours; the one open before stays in the list."""
         # a fresh id: the file may come from another session, which keeps its own copy
         conversation = replace(from_zip(path), id=uuid.uuid4().hex)
         self._stop(session)
         self.store.save(session.id, conversation, session.user)
         session.conversation = conversation
-        return self._render(session), conversation.system_prompt, *self._inputs(session)
+        return self._opened(session)
+
+    @handler
+    def open_conversation(self, session: Session, conversation_id: str):
+        """Switch to one of this person's stored conversations."""
+        self._stop(session)
+        session.conversation = self.store.open(conversation_id, session.id, session.user)
+        return self._opened(session)
+
+    @handler
+    def new_conversation(self, session: Session):
+        """Start an empty conversation; the one open before stays in the list."""
+        self._stop(session)
+        conversation = Conversation()
+        self.store.save(session.id, conversation, session.user)
+        session.conversation = conversation
+        return self._opened(session)
+
+    @handler
+    def rename(self, session: Session, title: str):
+        """Give the open conversation a title (empty: named after its first question again)."""
+        self.store.rename(session.conversation.id, title or "", session.id, session.user)
+        return self._history(session)
+
+    @handler
+    def delete(self, session: Session):
+        """Delete the open conversation and open the newest one left, or a new one."""
+        self._stop(session)
+        self.store.delete(session.conversation.id, session.id, session.user)
+        left = self.store.history(session.id, session.user)
+        session.conversation = self.store.open(left[0].id, session.id, session.user) if left else Conversation()
+        return self._opened(session)
 
     def example(self, selected: gr.SelectData) -> dict:
         """Put a clicked example into the message box."""
@@ -292,6 +325,17 @@ class ChatPage:
                 raise BackendError(f"The reply did not stop within {STOP_WAIT_S:.0f} s. Wait a moment and try again.")
             time.sleep(POLL_S)
 
+    def _opened(self, session: Session) -> tuple:
+        """Everything the page shows of a conversation just opened: chat, system prompt, inputs, the list."""
+        return self._render(session), session.conversation.system_prompt, *self._inputs(session), self._history(session)
+
+    def _history(self, session: Session) -> gr.Radio:
+        """This person's conversations, newest first, the open one selected."""
+        saved = self.store.history(session.id, session.user)
+        choices = [(f"{s.title} · {s.updated_at[:16].replace('T', ' ')}", s.id) for s in saved]
+        current = session.conversation.id if any(s.id == session.conversation.id for s in saved) else None
+        return gr.Radio(choices=choices, value=current)
+
     def _render(self, session: Session, streaming: str = "", running: ToolCallStarted | None = None) -> list:
         return render(session.conversation, self.store.clip_path, self.backend.family, streaming, running)
 
@@ -318,6 +362,16 @@ def build_demo(
         session_id = gr.BrowserState(None, storage_key=SESSION_KEY, secret=SESSION_SECRET)
         state = gr.State(None)
         with gr.Sidebar(label="Settings", open=False, position="right"):
+            gr.Markdown("### Conversations")
+            new_button = gr.Button("New conversation", size="sm")
+            history = gr.Radio([], label="Yours, newest first (times in UTC)", elem_id="history")
+            with gr.Row():
+                title = gr.Textbox(label="Title", placeholder="empty: its first question", scale=3)
+                rename_button = gr.Button("Rename", size="sm", scale=1)
+            delete_button = gr.Button("Delete this conversation", size="sm", variant="stop")
+            download_button = gr.Button("Download conversation (.zip)", size="sm")
+            download_file = gr.File(label="Download", visible=False)
+            upload_button = gr.UploadButton("Open a downloaded conversation", file_types=[".zip"], size="sm")
             gr.Markdown("### Generation")
             system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=3)
             settings = [
@@ -330,10 +384,6 @@ def build_demo(
                 gr.Textbox("", label="Seed", placeholder="random",
                            info="a whole number repeats a reply; empty = random"),
             ]
-            gr.Markdown("### Conversation")
-            download_button = gr.Button("Download conversation (.zip)", size="sm")
-            download_file = gr.File(label="Download", visible=False)
-            upload_button = gr.UploadButton("Open a downloaded conversation", file_types=[".zip"], size="sm")
         gr.Markdown(
             f"# {TITLE}\nChat about speech, sounds and music. Record or attach clips, then refer to them as "
             f"*Audio 1*, *Audio 2*, … {description}",
@@ -357,11 +407,11 @@ def build_demo(
         # Quick steps go through the queue too (only a queued event's gr.Error reaches the page as a toast), but
         # run at once, without a progress overlay. Replies wait their turn in a queue that shows a person's place.
         quick = {"show_progress": "hidden", "concurrency_limit": None}
-        demo.load(page.open_session, [session_id], [session_id, state, chatbot, system_prompt, *inputs],
-                  api_name="open_session", **quick)
+        opened = [chatbot, system_prompt, *inputs, history]
+        demo.load(page.open_session, [session_id], [session_id, state, *opened], api_name="open_session", **quick)
         reply = {"fn": page.respond, "inputs": [state], "outputs": [chatbot], "concurrency_limit": concurrency,
                  "concurrency_id": "reply", "show_progress": "minimal"}
-        unlock = {"fn": page.finish, "inputs": [state], "outputs": [chatbot, *inputs], "api_visibility": "private",
+        unlock = {"fn": page.finish, "inputs": [state], "outputs": [chatbot, *inputs, history], "api_visibility": "private",
                   "queue": False}
         sent = chat_input.submit(page.add_message, [state, chat_input, system_prompt, *settings], [chatbot, *inputs],
                                  api_name="add_message", **quick)
@@ -379,6 +429,10 @@ def build_demo(
         recorder.stop_recording(page.add_recording, [state, recorder], [chatbot, recorder], api_name="add_recording",
                                 **quick)
         download_button.click(page.download, [state], [download_file], api_name="download", **quick)
-        upload_button.upload(page.upload, [state, upload_button], [chatbot, system_prompt, *inputs], cancels=replies,
-                             api_name="upload", **quick)
+        upload_button.upload(page.upload, [state, upload_button], opened, cancels=replies, api_name="upload", **quick)
+        history.input(page.open_conversation, [state, history], opened, cancels=replies, api_name="open_conversation",
+                      **quick)
+        new_button.click(page.new_conversation, [state], opened, cancels=replies, api_name="new_conversation", **quick)
+        rename_button.click(page.rename, [state, title], [history], api_name="rename", **quick)
+        delete_button.click(page.delete, [state], opened, cancels=replies, api_name="delete", **quick)
     return demo

@@ -2,7 +2,7 @@
 
 Layout of the data folder:
 
-    chat.db               conversations(id, session_id, user, data, created_at, updated_at); data is chat.saving's JSON
+    chat.db               conversations(id, session_id, user, data, created_at, updated_at, title); data is chat.saving's JSON
     clips/{clip id}.wav   float32 16 kHz audio, written once and never changed (the id is a hash of the samples)
     downloads/*/*.zip     conversations being downloaded, removed after an hour
     audio-chat.log        what the app did: loads, refusals, failures, every reply's figures (launch.py)
@@ -23,6 +23,7 @@ import uuid
 import zipfile
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 
@@ -36,6 +37,7 @@ DATA_DIR_ENV = "AUDIO_CHAT_DATA_DIR"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DB_FILE = "chat.db"
 LOCK_TIMEOUT_S = 30.0  # how long a writer waits for another process or thread holding the database
+MAX_TITLE_CHARS = 60
 DOWNLOADS_FOLDER = "downloads"
 DOWNLOADS_KEPT_S = 3600  # a download is fetched at once; an hour is plenty
 MAX_ZIP_ENTRIES = 1000  # files in an uploaded conversation: its json and one wav per clip
@@ -68,6 +70,12 @@ def m002_owners(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX conversations_by_owner ON conversations (user, session_id, updated_at)")
 
 
+@migration
+def m003_titles(conn: sqlite3.Connection) -> None:
+    """A title a person gave the conversation; empty means it is named after its first question."""
+    conn.execute("ALTER TABLE conversations ADD COLUMN title TEXT NOT NULL DEFAULT ''")
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     """Apply, in order, each migration not yet recorded in the _migrations table."""
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
@@ -84,6 +92,15 @@ def migrate(conn: sqlite3.Connection) -> None:
 def default_folder() -> Path:
     """$AUDIO_CHAT_DATA_DIR if set, else data/ beside the code."""
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A stored conversation as history() lists it."""
+
+    id: str
+    title: str
+    updated_at: str  # ISO 8601, UTC
 
 
 class Store:
@@ -115,7 +132,8 @@ class Store:
                     """INSERT INTO conversations (id, session_id, user, data, created_at, updated_at)
                     VALUES (?, ?, ?, ?, ?, ?)
                     ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at
-                    WHERE conversations.session_id = excluded.session_id AND conversations.user = excluded.user""",
+                    WHERE conversations.user = excluded.user
+                        AND (excluded.user != '' OR conversations.session_id = excluded.session_id)""",
                     (conversation.id, session_id, user, data, now, now),
                 ).rowcount
         except (OSError, sqlite3.Error) as e:
@@ -143,6 +161,38 @@ class Store:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:  # chat.saving reports clip files itself
             raise StoreError(f"The saved conversation of this session is damaged ({e}); start a new one.") from e
 
+    def history(self, session_id: str, user: str = "") -> list[Saved]:
+        """The conversations this login (else this browser session) has, newest first."""
+        where, args = _owned(session_id, user)
+        with self._connect() as conn:
+            rows = conn.execute(
+                f"SELECT id, title, data, updated_at FROM conversations WHERE {where} ORDER BY updated_at DESC", args
+            ).fetchall()
+        return [Saved(id, title or _title(data), updated_at) for id, title, data, updated_at in rows]
+
+    def open(self, conversation_id: str, session_id: str, user: str = "") -> Conversation:
+        """One of history()'s conversations, which becomes the session's current one."""
+        where, args = _owned(session_id, user)
+        with self._connect() as conn, conn:
+            opened = conn.execute(f"UPDATE conversations SET session_id = ?, updated_at = ? WHERE id = ? AND {where}",
+                                  (session_id, _now(), conversation_id, *args)).rowcount
+        if not opened:
+            raise StoreError("There is no such conversation among yours: it may have been deleted.")
+        return self.load(session_id, user)
+
+    def rename(self, conversation_id: str, title: str, session_id: str, user: str = "") -> None:
+        """Give a conversation a title; an empty one names it after its first question again."""
+        where, args = _owned(session_id, user)
+        with self._connect() as conn, conn:
+            conn.execute(f"UPDATE conversations SET title = ? WHERE id = ? AND {where}",
+                         (" ".join(title.split())[:MAX_TITLE_CHARS], conversation_id, *args))
+
+    def delete(self, conversation_id: str, session_id: str, user: str = "") -> None:
+        """Remove a conversation (its clips stay: other conversations may hold them)."""
+        where, args = _owned(session_id, user)
+        with self._connect() as conn, conn:
+            conn.execute(f"DELETE FROM conversations WHERE id = ? AND {where}", (conversation_id, *args))
+
     def export(self, conversation: Conversation, name: str) -> Path:
         """The conversation as a zip named name in the data folder's downloads/, for a browser to fetch.
 
@@ -169,6 +219,23 @@ class Store:
     def _connect(self) -> closing[sqlite3.Connection]:
         # one short-lived connection per operation: sqlite3 connections must not be shared across threads
         return closing(sqlite3.connect(self.folder / DB_FILE, timeout=LOCK_TIMEOUT_S))
+
+
+def _owned(session_id: str, user: str) -> tuple[str, tuple]:
+    """The SQL condition for the conversations a login owns, or without logins those of one browser session."""
+    return ("user = ?", (user,)) if user else ("session_id = ? AND user = ''", (session_id,))
+
+
+def _title(data: str) -> str:
+    """A conversation's name from its first question: its first words, else its clips, else "New conversation"."""
+    messages = json.loads(data).get("messages", [])
+    first = next((m for m in messages if m.get("role") == "user"), None)
+    if first is None:
+        return "New conversation"
+    text = " ".join(str(first.get("text", "")).split())
+    if text:
+        return text if len(text) <= MAX_TITLE_CHARS else text[: MAX_TITLE_CHARS - 1] + "…"
+    return "Spoken question" if len(first.get("clips", [])) == 1 else f"{len(first.get('clips', []))} clips"
 
 
 def to_zip(conversation: Conversation, path: str | Path) -> Path:

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -69,9 +68,9 @@ class App:
             if self.process.poll() is not None:
                 pytest.fail(f"launch.py exited with {self.process.returncode}:\n{self.log.read_text()}")
             try:
-                urllib.request.urlopen(self.url, timeout=1)
+                urllib.request.urlopen(self.url, timeout=10)
                 return
-            except (urllib.error.URLError, ConnectionError):
+            except OSError:  # not listening yet (URLError, ConnectionError), or too busy to answer in time
                 time.sleep(0.2)
         pytest.fail(f"launch.py did not serve {self.url} within {START_TIMEOUT_S:.0f} s:\n{self.log.read_text()}")
 
@@ -278,3 +277,26 @@ def test_a_refused_file_is_named_and_taken_out_while_the_text_and_good_files_sta
     wait_for_replies(page, 1)
     expect(page.locator("#chatbot")).to_contain_text("Audio 1 · tone.flac")
     expect(page.locator("#chatbot")).to_contain_text("What is this?")
+
+
+def test_the_side_panel_lists_conversations_and_opens_an_older_one(apps, browser):
+    app, page = apps["local"], new_page(browser)
+    page.goto(app.url)
+    set_settings(page, max_new_tokens="8")
+    send(page, "About trains?")
+    wait_for_replies(page, 1)
+    page.get_by_label("Toggle Sidebar").click()
+    page.get_by_role("button", name="New conversation").click()
+    expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(0)
+    page.get_by_label("Toggle Sidebar").click()
+    send(page, "About boats?")
+    wait_for_replies(page, 1)
+    page.get_by_label("Toggle Sidebar").click()
+    history = page.locator("#history")
+    expect(history.locator("label")).to_have_count(2)
+    expect(history.locator("label").first).to_contain_text("About boats?")
+    history.get_by_text("About trains?").click()
+    expect(page.locator("#chatbot")).to_contain_text("About trains?")
+    expect(page.locator("#chatbot")).not_to_contain_text("About boats?")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "history.png", full_page=True)

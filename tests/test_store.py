@@ -134,16 +134,16 @@ def test_migrations_run_once_and_new_ones_are_applied_to_an_existing_store(tmp_p
     Store(tmp_path)
     Store(tmp_path)  # a second start applies nothing twice (a CREATE TABLE would fail)
 
-    def m999_add_title(conn):
-        conn.execute("ALTER TABLE conversations ADD COLUMN title TEXT")
+    def m999_add_pinned(conn):
+        conn.execute("ALTER TABLE conversations ADD COLUMN pinned INTEGER")
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, m999_add_title])
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, m999_add_pinned])
     Store(tmp_path)
     with sqlite3.connect(tmp_path / DB_FILE) as conn:
         names = [row[0] for row in conn.execute("SELECT name FROM _migrations ORDER BY rowid")]
         columns = [row[1] for row in conn.execute("PRAGMA table_info(conversations)")]
-    assert names == ["m001_conversations", "m002_owners", "m999_add_title"]
-    assert "title" in columns
+    assert names == ["m001_conversations", "m002_owners", "m003_titles", "m999_add_pinned"]
+    assert "pinned" in columns
 
 
 def test_the_data_folder_comes_from_the_argument_else_the_environment(tmp_path, monkeypatch):
@@ -264,3 +264,38 @@ def test_downloads_are_removed_after_an_hour(tmp_path):
     second = store.export(conversation_with_clips(), "conversation.zip")
     assert not first.parent.exists() and second.is_file()
     assert [p.name for p in (tmp_path / "downloads").iterdir()] == [second.parent.name]
+
+
+def test_history_lists_renames_opens_and_deletes_a_logins_conversations(tmp_path):
+    store = Store(tmp_path)
+    first, second, spoken = conversation_with_clips(), Conversation(), Conversation()
+    second.add_user("   Where is   the nearest train station from the museum of modern art in this city?")
+    spoken.add_user("", [Clip(tone(1.0, 330), name="q.wav")])
+    for conversation in (first, second, spoken):
+        store.save("browser-1", conversation, user="ann")
+    store.save("browser-9", Conversation(), user="bob")
+    titles = [(s.id, s.title) for s in store.history("browser-2", user="ann")]  # any browser of ann's
+    assert titles == [(spoken.id, "Spoken question"),
+                      (second.id, "Where is the nearest train station from the museum of moder…"),
+                      (first.id, "What is in Audio 1?")]
+    store.rename(first.id, "  Tones\n test ", "browser-2", user="ann")
+    store.rename(first.id, "Hijacked", "browser-9", user="bob")  # not bob's: nothing happens
+    assert store.history("x", user="ann")[-1].title == "Tones test"
+    assert_same(store.open(first.id, "browser-2", user="ann"), first)  # now the current one of browser-2
+    assert store.load("browser-2", user="ann").id == first.id and store.history("x", "ann")[0].id == first.id
+    with pytest.raises(StoreError, match="no such conversation among yours"):
+        store.open(first.id, "browser-9", user="bob")
+    store.save("browser-2", first, user="ann")  # a conversation opened from another browser saves as before
+    store.delete(second.id, "browser-9", user="bob")  # not bob's
+    store.delete(second.id, "browser-2", user="ann")
+    assert [s.id for s in store.history("x", user="ann")] == [first.id, spoken.id]
+
+
+def test_without_logins_history_is_the_browser_sessions_own(tmp_path):
+    store = Store(tmp_path)
+    mine, theirs = conversation_with_clips(), Conversation()
+    store.save("mine", mine)
+    store.save("theirs", theirs)
+    assert [s.id for s in store.history("mine")] == [mine.id]
+    with pytest.raises(StoreError, match="no such conversation"):
+        store.open(theirs.id, "mine")

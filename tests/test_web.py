@@ -484,3 +484,32 @@ def test_a_full_disk_changes_nothing_and_says_so(scripted, speech_wav, monkeypat
     assert page.store.load(session.id).messages == before
     send(page, session, "Second question.")  # the refused message is not sent along with the next one
     assert [m.text for m in session.conversation.messages if m.role == "user"] == ["First question.", "Second question."]
+
+
+def test_conversations_are_listed_newest_first_and_can_be_opened_renamed_deleted_and_started_anew(scripted):
+    backend, page, session = scripted
+    send(page, session, "First topic?")
+    first = session.conversation.id
+    chat, _, box, recorder, history = page.new_conversation(session)
+    assert chat == [] and [title.split(" · ")[0] for title, _ in history.choices] == ["New conversation", "First topic?"]
+    send(page, session, "Second topic?")
+    *_, history = page.finish(session)
+    assert [title.split(" · ")[0] for title, _ in history.choices] == ["Second topic?", "First topic?"]
+    assert history.value == session.conversation.id
+    chat, *_, history = page.open_conversation(session, first)
+    assert bot_texts(chat) == ["This is a scripted reply."] and "First topic?" in all_text(chat)
+    assert history.value == first and page.open_session(session.id)[1].conversation.id == first  # after a reload too
+    history = page.rename(session, "Trains")
+    assert [title.split(" · ")[0] for title, _ in history.choices] == ["Trains", "Second topic?"]
+    chat, *_, history = page.delete(session)
+    assert [title.split(" · ")[0] for title, _ in history.choices] == ["Second topic?"]
+    assert "Second topic?" in all_text(chat) and history.value == session.conversation.id
+
+
+def test_opening_a_downloaded_conversation_adds_it_to_the_list(scripted):
+    backend, page, session = scripted
+    send(page, session, "Keep me.")
+    download = page.download(session).value["path"]
+    chat, *_, history = page.upload(session, download)
+    titles = [title.split(" · ")[0] for title, _ in history.choices]
+    assert titles == ["Keep me.", "Keep me."] and len({value for _, value in history.choices}) == 2

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             from app.cli import run_cli
             from app.recorder import SoundDeviceRecorder
 
-            return run_cli(backend, recorder=SoundDeviceRecorder(), tools=args.tools, word_model=args.word_model)
+            return run_cli(backend, recorder=SoundDeviceRecorder(), tools=args.tools, word_model=args.word_model,
+                           store=store)
         model = f"Model: **{Path(args.checkpoint_path).name}** ({backend.family.title}), {where}."
         return serve(args, backend, store, model)
     finally:

@@ -22,6 +22,7 @@ from chat.backend import Backend, GenerationSettings
 from chat.clip import Clip
 from chat.conversation import STOPPED, USER, Conversation
 from chat.errors import ChatError, ClipError, StoreError
+from chat.store import Store
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for
 from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn, drain, pump
@@ -34,6 +35,7 @@ except ImportError:  # Windows
 PROMPT = "> "
 RECORDING_PROMPT = "recording (Enter stops, Ctrl-C discards) "
 EXIT_INTERRUPTED = 130  # the shell's code for "ended by Ctrl-C"
+TERMINAL_SESSION = "terminal"  # the store's session id of the terminal's conversations
 
 
 class Leave(Exception):
@@ -56,6 +58,7 @@ class Terminal:
     player: Callable[[Clip], None]
     stdin: TextIO
     stdout: TextIO
+    store: Store | None = None  # where every change is kept and /list, /open find conversations; None: nowhere
     at_line_start: bool = True  # whether the cursor is at the start of a line
     show_figures: bool = False  # print each reply's figures after it (on a terminal, not into a pipe)
 
@@ -64,6 +67,7 @@ class Terminal:
             "/add": self.add, "/rec": self.record, "/send": self.send, "/clips": self.list_clips,
             "/play": self.play, "/export": self.export, "/save": self.save, "/load": self.load,
             "/undo": self.undo, "/clear": self.clear, "/system": self.system, "/help": self.help, "/quit": self.quit,
+            "/list": self.list_conversations, "/open": self.open_conversation, "/new": self.new_conversation,
         }
 
     def run(self) -> int:
@@ -78,6 +82,7 @@ class Terminal:
                 return 0
             try:
                 self.handle(line.strip())
+                self.keep()
             except Leave as e:
                 return e.code
             except ChatError as e:
@@ -231,6 +236,37 @@ class Terminal:
         self.conversation = saving.load(Path(folder).expanduser())
         self.say(f"Loaded {folder}: {summary(self.conversation)}.")
 
+    def list_conversations(self, args: str) -> None:
+        """Print the stored conversations of this terminal, newest first."""
+        for n, saved in enumerate(self._history(), start=1):
+            current = " (open)" if saved.id == self.conversation.id else ""
+            self.say(f"{n}. {saved.title} · {saved.updated_at[:16].replace('T', ' ')} UTC{current}")
+
+    def open_conversation(self, args: str) -> None:
+        """Switch to stored conversation N of /list."""
+        (number,) = split_args(args, "/open N", n_args=1)
+        history, n = self._history(), parse_number(number, "/open N")
+        if not 1 <= n <= len(history):
+            raise ChatError(f"There is no conversation {n}: /list shows {len(history)}.")
+        self.conversation = self.store.open(history[n - 1].id, TERMINAL_SESSION)
+        self.say(f"Opened {history[n - 1].title}: {summary(self.conversation)}.")
+
+    def new_conversation(self, args: str) -> None:
+        """Start an empty conversation; this one stays in /list."""
+        self.conversation = Conversation(system_prompt=self.conversation.system_prompt)
+        self.say("New conversation.")
+
+    def keep(self) -> None:
+        """Store the conversation as it now is, if it holds anything (a failure is said, and the chat goes on)."""
+        if self.store is not None and self.conversation.messages:
+            self.store.save(TERMINAL_SESSION, self.conversation)
+
+    def _history(self) -> list:
+        if self.store is None:
+            raise ChatError("Conversations are not kept in this session: /save and /load folders instead.")
+        self.keep()
+        return self.store.history(TERMINAL_SESSION)
+
     def undo(self, args: str) -> None:
         """Remove the last exchange."""
         removed = self.conversation.undo()
@@ -304,12 +340,14 @@ def run_cli(
     player: Callable[[Clip], None] = play,
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
+    store: Store | None = None,
 ) -> int:
     """Chat with backend in the terminal until the user leaves; returns the process exit code.
 
     tools offers the speech-editing tools to a backend that supports them, finding words with
     word_model (a Whisper hub id or folder). recorder None turns
-    recording off; conversation continues a given one; player, stdin and stdout are for tests.
+    recording off; conversation continues a given one; store keeps every change and serves /list and
+    /open (None: nothing is kept); player, stdin and stdout are for tests.
     """
     conversation = Conversation() if conversation is None else conversation
     if system_prompt:
@@ -317,5 +355,5 @@ def run_cli(
     toolbox = toolbox_for(backend, tools, word_model)
     stdout = stdout or sys.stdout
     terminal = Terminal(backend, settings or GenerationSettings(), conversation, toolbox, recorder, player,
-                        stdin or sys.stdin, stdout, show_figures=stdout.isatty())
+                        stdin or sys.stdin, stdout, store=store, show_figures=stdout.isatty())
     return terminal.run()

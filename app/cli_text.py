@@ -27,6 +27,9 @@ Enter once more to send it as a spoken question, or type a question about it.
   /export N FILE       write Audio N to a {", ".join(EXPORT_SUFFIXES)} file
   /save FOLDER         save the conversation and its clips
   /load FOLDER         open a saved conversation (replaces this one)
+  /list                list the conversations kept in the data folder, newest first
+  /open N              open conversation N of /list
+  /new                 start a new conversation (this one stays in /list)
   /undo                remove the last exchange
   /clear               remove every message (the system prompt stays)
   /system [TEXT]       show the system prompt, or set it

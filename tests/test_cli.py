@@ -26,6 +26,7 @@ from chat import BackendError, Clip, ClipError, Conversation, GenerationSettings
 from chat.audio import MAX_CLIP_S, SAMPLE_RATE
 from chat.backend import Backend
 from chat.families import DEFAULT_FAMILY
+from chat.store import Store
 from chat.clip import EDITED, UPLOADED
 from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, USER
 from chat.scripted import ScriptedBackend
@@ -402,3 +403,23 @@ def test_the_client_in_a_real_terminal_with_the_tiny_model(tiny_qwen2_audio, spe
     assert re.search(r"INFO launch: loaded .* as Qwen2-Audio \(none\) in [\d.]+ s", log)
     assert re.search(r"INFO chat.backend: reply done: Qwen2-Audio · none · \d+ prompt tokens", log)
     assert re.search(r"INFO chat.backend: reply stopped: .*\(\d+ cached\)", log)
+
+
+def test_conversations_are_kept_listed_and_reopened(tmp_path):
+    store = Store(tmp_path)
+    backend = ScriptedBackend()
+    lines = ["About trains?", "/new", "About boats?", "/list", "/open 2", "/list", "/open 9", "/quit"]
+    code, transcript, conversation = session(lines, backend, store=store)
+    out = transcript.splitlines()
+    listed = [line for line in out if line[:3] in ("1. ", "2. ")]
+    assert [re.sub(r" · .* UTC", "", line) for line in listed] == [
+        "1. About boats? (open)", "2. About trains?", "1. About trains? (open)", "2. About boats?"]
+    assert "Opened About trains?: 2 messages, 0 clips." in out
+    assert "error: There is no conversation 9: /list shows 2." in out
+    assert [m.text for m in conversation.messages] == ["About trains?", "This is a scripted reply."]
+    assert [s.title for s in store.history("terminal")] == ["About trains?", "About boats?"]
+
+
+def test_without_a_store_list_says_how_to_keep_conversations():
+    code, transcript, _ = session(["/list", "/quit"])
+    assert "error: Conversations are not kept in this session: /save and /load folders instead." in transcript

@@ -25,6 +25,7 @@ SILENCE_PEAK = 1e-4  # -80 dBFS: below this a recording is a muted or missing mi
 MIN_SOURCE_RATE = 1000
 MAX_SOURCE_RATE = 384000
 HEADER_BYTES = 12
+BLOCK_S = 10  # decoded at a time: 10 s of 48 kHz stereo float is 3.8 MB
 # Containers libsndfile reads in-process (milliseconds, no subprocess); ffmpeg's demuxer for each format
 IN_PROCESS = {"wav", "flac", "ogg", "mp3", "aiff"}
 DEMUXERS = {"wav": "wav", "flac": "flac", "ogg": "ogg", "mp3": "mp3", "aiff": "aiff", "aac": "aac", "mp4": "mov",
@@ -79,17 +80,27 @@ def decode_file(path: str | Path) -> np.ndarray:
 
 
 def _read_in_process(path: Path, container: str) -> np.ndarray:
-    """libsndfile's decoding, checked against the header's length first; at most the limit plus a second is read."""
+    """libsndfile's decoding, checked against the header's length first, then read block by block (mixed down and
+    resampled as it goes, so memory stays near the 16 kHz result); at most the limit plus a second is read."""
     with soundfile.SoundFile(path) as file:
         rate, n_declared = file.samplerate, file.frames
         if n_declared / rate > MAX_CLIP_S + 1:
             raise ClipError(_too_long(path.name))
-        samples = file.read(min(n_declared, (MAX_CLIP_S + 1) * rate), dtype="float32", always_2d=True)
+        resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ") if rate != SAMPLE_RATE else None
+        pieces, n_read = [], 0
+        for block in file.blocks(BLOCK_S * rate, frames=min(n_declared, (MAX_CLIP_S + 1) * rate), dtype="float32",
+                                 always_2d=True):
+            n_read += len(block)
+            if not np.isfinite(block).all():  # what libsndfile makes of a frame cut off mid-way
+                raise ClipError(_unreadable(path.name, "part of it decodes to invalid samples"))
+            mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0].copy()
+            pieces.append(resampler.resample_chunk(mono) if resampler else mono)
+        if resampler:
+            pieces.append(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
     # libsndfile returns what it could decode: less than the header states is a truncated file
-    if len(samples) < n_declared - max(0.5 * rate, 0.1 * n_declared) or (container == "wav" and _riff_truncated(path)):
+    if n_read < n_declared - max(0.5 * rate, 0.1 * n_declared) or (container == "wav" and _riff_truncated(path)):
         raise ClipError(_unreadable(path.name, f"only part of its {n_declared / rate:.1f} s could be decoded"))
-    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    return resample(mono, rate) if rate != SAMPLE_RATE else mono
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
 
 
 def _read_with_ffmpeg(path: Path, demuxer: str) -> np.ndarray:

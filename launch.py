@@ -7,11 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from chat.errors import ChatError
 from chat.families import FAMILIES
 from chat.loading import DEFAULT_MODEL, QUANTIZATIONS, load_backend
-from chat.errors import ChatError
-from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.store import DATA_DIR_ENV, Store
+from chat.timestamps import DEFAULT_WORD_MODEL
 
 LOG_FILE = "audio-chat.log"  # in the data folder: loads, refusals, failures and every reply's figures
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -43,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"port to listen on (default: {DEFAULT_PORT})")
     server.add_argument("--inbrowser", action="store_true", help="open the page in the default browser once it is up")
     server.add_argument("--share", action="store_true",
-                        help="also serve through a public link from gradio's share service (needs internet, and --auth or "
-                             "--share-without-login); exits with an error if the link cannot be made")
+                        help="also serve through a public link from gradio's share service (needs internet, and "
+                             "--auth or --share-without-login); exits with an error if the link cannot be made")
     server.add_argument("--share-without-login", action="store_true",
                         help="allow --share without --auth: anyone with the link can use the model")
     server.add_argument("--auth", action="append", metavar="USER:PASSWORD", default=[],

@@ -12,16 +12,28 @@ from typing import TextIO
 import soundfile
 
 from app.cli_text import (
-    BANNER, EXPORT_SUFFIXES, added, describe_clip, duration, help_text, model_line, parse_number, plural, split_args,
-    summary, tool_call, tool_result,
+    BANNER,
+    EXPORT_SUFFIXES,
+    added,
+    describe_clip,
+    duration,
+    help_text,
+    model_line,
+    parse_number,
+    plural,
+    split_args,
+    summary,
+    tool_call,
+    tool_result,
 )
 from app.recorder import Recorder, play
 from chat import saving
 from chat.audio import SAMPLE_RATE
-from chat.backend import Backend, GenerationSettings
+from chat.backend import Backend
 from chat.clip import Clip
 from chat.conversation import STOPPED, USER, Conversation
 from chat.errors import ChatError, ClipError, StoreError
+from chat.settings import GenerationSettings
 from chat.store import Store
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for
@@ -354,6 +366,6 @@ def run_cli(
         conversation.system_prompt = system_prompt
     toolbox = toolbox_for(backend, tools, word_model)
     stdout = stdout or sys.stdout
-    terminal = Terminal(backend, settings or GenerationSettings(), conversation, toolbox, recorder, player,
+    terminal = Terminal(backend, settings or backend.family.settings, conversation, toolbox, recorder, player,
                         stdin or sys.stdin, stdout, store=store, show_figures=stdout.isatty())
     return terminal.run()

@@ -19,10 +19,11 @@ from pathlib import Path
 import gradio as gr
 
 from app.render import render
-from chat.backend import Backend, GenerationSettings
+from chat.backend import Backend
 from chat.clip import RECORDED, Clip
 from chat.conversation import ASSISTANT, DEFAULT_SYSTEM_PROMPT, STOPPED, Conversation, Message
 from chat.errors import BackendError, ChatError, ClipError, SettingsError, StoreError
+from chat.settings import GenerationSettings
 from chat.store import Store, from_zip
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for
@@ -295,7 +296,8 @@ class ChatPage:
         for _, reason in refused:
             log.warning("attachment refused: %s", reason)
             gr.Warning(f"Not sent: {reason}", duration=None)  # stays until closed: it says what to do
-        box = gr.MultimodalTextbox(value={"text": text, "files": kept}, interactive=True, submit_btn=True, stop_btn=False)
+        box = gr.MultimodalTextbox(value={"text": text, "files": kept}, interactive=True, submit_btn=True,
+                                   stop_btn=False)
         return self._render(session), box, gr.Audio(interactive=True)
 
     def _save_as_interrupted(self, session: Session, turn: Turn, shown: str) -> None:
@@ -355,7 +357,7 @@ def build_demo(
     """The chat page. description says which model serves it; concurrency is how many replies run at once;
     tools offers the speech-editing tools to a backend that supports them, finding words with word_model."""
     page = ChatPage(backend, store, toolbox_for(backend, tools, word_model))
-    defaults = GenerationSettings()
+    defaults = backend.family.settings
     gr.set_static_paths([store.clips_folder, ASSETS])  # served as they are: no copy into gradio's cache per update
     # uploads are decoded into the store at once, so gradio's copies can go after a day (checked hourly)
     with gr.Blocks(title=TITLE, fill_height=True, delete_cache=(3600, 86400)) as demo:
@@ -411,8 +413,8 @@ def build_demo(
         demo.load(page.open_session, [session_id], [session_id, state, *opened], api_name="open_session", **quick)
         reply = {"fn": page.respond, "inputs": [state], "outputs": [chatbot], "concurrency_limit": concurrency,
                  "concurrency_id": "reply", "show_progress": "minimal"}
-        unlock = {"fn": page.finish, "inputs": [state], "outputs": [chatbot, *inputs, history], "api_visibility": "private",
-                  "queue": False}
+        unlock = {"fn": page.finish, "inputs": [state], "outputs": [chatbot, *inputs, history],
+                  "api_visibility": "private", "queue": False}
         sent = chat_input.submit(page.add_message, [state, chat_input, system_prompt, *settings], [chatbot, *inputs],
                                  api_name="add_message", **quick)
         send_reply = sent.success(**reply, api_name="respond")

@@ -20,10 +20,11 @@ import numpy as np
 
 from bench.common import print_table
 from chat.audio import SAMPLE_RATE
-from chat.backend import GenerationSettings, Response
+from chat.backend import Response
 from chat.clip import Clip
 from chat.conversation import Conversation
 from chat.local import LocalBackend
+from chat.settings import GenerationSettings
 from tests.tiny_models import build_tiny_qwen2_audio
 
 CLIP_S = 10

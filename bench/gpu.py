@@ -39,11 +39,12 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
 from bench.common import print_table  # noqa: E402
 from chat.audio import SAMPLE_RATE  # noqa: E402
-from chat.backend import GenerationSettings, Response, Stats  # noqa: E402
+from chat.backend import Response, Stats  # noqa: E402
 from chat.clip import Clip  # noqa: E402
 from chat.conversation import Conversation  # noqa: E402
 from chat.families import FAMILIES, get_family  # noqa: E402
 from chat.local import LocalBackend  # noqa: E402
+from chat.settings import GenerationSettings  # noqa: E402
 from tests.tiny_models import build_tiny_qwen2_audio  # noqa: E402
 from tests.tiny_qwen_audio_chat import FULL_SIZE, build_qwen_audio_chat, build_tiny_qwen_audio_chat  # noqa: E402
 

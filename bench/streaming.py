@@ -32,9 +32,10 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from app.web import CSS, THEME, build_demo  # noqa: E402
 from bench.common import ffmpeg, percentile, print_table  # noqa: E402
-from chat.backend import GenerationSettings, Stats  # noqa: E402
+from chat.backend import Stats  # noqa: E402
 from chat.prompts import Prompt  # noqa: E402
 from chat.scripted import ScriptedBackend  # noqa: E402
+from chat.settings import GenerationSettings  # noqa: E402
 from chat.store import Store  # noqa: E402
 
 CHUNK_PERIODS_S = (0.05, 0.013)

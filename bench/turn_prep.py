@@ -24,10 +24,11 @@ import torch  # noqa: E402
 
 from bench.common import ffmpeg, print_table  # noqa: E402
 from chat.audio import SAMPLE_RATE, decode_file  # noqa: E402
-from chat.backend import GenerationSettings, Response  # noqa: E402
+from chat.backend import Response  # noqa: E402
 from chat.clip import Clip  # noqa: E402
 from chat.conversation import Conversation  # noqa: E402
 from chat.local import LocalBackend  # noqa: E402
+from chat.settings import GenerationSettings  # noqa: E402
 from tests.tiny_models import build_tiny_qwen2_audio  # noqa: E402
 
 CLIP_S = 10

@@ -86,7 +86,8 @@ def _read_in_process(path: Path, container: str) -> np.ndarray:
         rate, n_declared = file.samplerate, file.frames
         if n_declared / rate > MAX_CLIP_S + 1:
             raise ClipError(_too_long(path.name))
-        resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ") if rate != SAMPLE_RATE else None
+        resampler = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32",
+                                                                         quality="HQ")
         pieces, n_read = [], 0
         for block in file.blocks(BLOCK_S * rate, frames=min(n_declared, (MAX_CLIP_S + 1) * rate), dtype="float32",
                                  always_2d=True):
@@ -135,7 +136,8 @@ def _unreadable(name: str, reason: str) -> str:
 
 
 def _too_long(name: str) -> str:
-    return f"{name} is longer than the {MAX_CLIP_S // 60}-minute limit per clip. Cut it into shorter pieces and add them one by one."
+    return (f"{name} is longer than the {MAX_CLIP_S // 60}-minute limit per clip. "
+            "Cut it into shorter pieces and add them one by one.")
 
 
 def from_array(samples: np.ndarray, sample_rate: int, name: str = "recording") -> np.ndarray:

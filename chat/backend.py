@@ -48,7 +48,9 @@ class Backend:
     context_tokens = 8192
     supports_tools = True
 
-    def execute(self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event) -> Iterator[str]:
+    def execute(
+        self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event
+    ) -> Iterator[str]:
         """Yield text chunks of the reply; stop within one token step once cancel is set.
 
         Set stats.n_tokens and stats.n_prompt_tokens as they become known. Clean-up (threads,
@@ -83,7 +85,7 @@ class Response:
         if not conversation.awaiting_reply():
             raise ConversationError("There is nothing to reply to: send a message or a clip first.")
         self.backend, self.conversation = backend, conversation
-        self.settings = settings or GenerationSettings()
+        self.settings = settings or backend.family.settings
         max_prompt_tokens = backend.context_tokens - self.settings.max_new_tokens
         exact = backend.count_tokens("") is not None
         shown = conversation if system_prompt is None else replace(conversation, system_prompt=system_prompt)

@@ -1,4 +1,4 @@
-"""The local backend: any family's checkpoint through transformers, quantized to fit a consumer GPU, streamed from a thread."""
+"""The local backend: any family's checkpoint through transformers, quantized for a consumer GPU, streamed."""
 
 import gc
 import json
@@ -255,7 +255,7 @@ def reply_error(error: Exception) -> BackendError:
 
 
 def _read_config(model: str) -> dict:
-    """The checkpoint's config.json (from the folder, or the hub or its cache); raises BackendError naming what to do."""
+    """The checkpoint's config.json (from the folder, the hub or its cache); raises BackendError naming what to do."""
     exists = Path(model).exists()
     try:
         path = Path(model) / "config.json" if exists else Path(cached_file(model, "config.json"))
@@ -270,7 +270,8 @@ def _read_config(model: str) -> dict:
         if not exists:
             raise BackendError(
                 f"There is no model folder {model}. Point -c/--checkpoint-path at a folder with the checkpoint "
-                f"(config.json, weights, processor files), or give a hub id such as {DEFAULT_FAMILY.example_checkpoint}."
+                "(config.json, weights, processor files), or give a hub id such as "
+                f"{DEFAULT_FAMILY.example_checkpoint}."
             ) from e
         raise BackendError(f"{model} does not hold a usable checkpoint: {str(e).splitlines()[0]}") from e
 

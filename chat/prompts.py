@@ -69,7 +69,8 @@ class PromptRenderer:
         for n_dropped in range(max(1, len(turns))):
             messages = tuple(m for turn in turns[n_dropped:] for m in turn)
             prompt = self._prompt(conversation.system_prompt, messages, numbers, n_dropped)
-            needed = count_tokens(prompt.text) + sum(p.n_audio_tokens - 1 for p in prompt.audio_parts)  # one placeholder each
+            # each part stands in the text as one placeholder token
+            needed = count_tokens(prompt.text) + sum(p.n_audio_tokens - 1 for p in prompt.audio_parts)
             if max_tokens is None or needed <= max_tokens:
                 return prompt
         raise PromptTooLongError(

@@ -94,30 +94,36 @@ def from_dict(data: object, load_samples) -> Conversation:
             f"This conversation was saved in format version {data.get('version')!r}; "
             f"this app reads versions {' and '.join(map(str, READABLE_VERSIONS))}. Update the app to open it."
         )
-    messages = []
-    for n, m in enumerate(_field(data.get("messages"), list, "messages"), start=1):
-        where = f"message {n}"
-        m = _field(m, dict, where)
-        if data["version"] == 1 and m.get("role") == TOOL:  # version 1 kept the tool's name as the note
-            text = m.get("text")
-            m = m | {"tool": m.get("note"), "note": "", "failed": isinstance(text, str) and text.startswith(V1_ERROR_PREFIX)}
-        role, status = _field(m.get("role"), str, f"{where}'s role"), _field(m.get("status"), str, f"{where}'s status")
-        if role not in ROLES or status not in STATUSES:
-            raise StoreError(f"The saved conversation is damaged: {where} has role {role!r} and status {status!r}.")
-        clips = tuple(_clip(_field(c, dict, f"a clip of {where}"), load_samples) for c in _field(m.get("clips"), list, f"{where}'s clips"))
-        calls = tuple(
-            ToolUse(_field(call.get("name"), str, f"a call of {where}"), _field(call.get("arguments"), dict, f"a call of {where}"))
-            for call in (_field(c, dict, f"a call of {where}") for c in _field(m.get("calls", []), list, f"{where}'s calls"))
-        )
-        shown = m.get("shown")
-        messages.append(Message(
-            role, _field(m.get("text"), str, f"{where}'s text"), clips, status, _field(m.get("note"), str, f"{where}'s note"),
-            None if shown is None else _field(shown, str, f"{where}'s shown text"), calls,
-            _field(m.get("tool", ""), str, f"{where}'s tool"), _field(m.get("failed", False), bool, f"{where}'s failed"),
-            _figures(m.get("figures"), where),
-        ))
+    messages = [_message(_field(m, dict, f"message {n}"), f"message {n}", data["version"], load_samples)
+                for n, m in enumerate(_field(data.get("messages"), list, "messages"), start=1)]
     return Conversation(system_prompt=_field(data.get("system_prompt"), str, "the system prompt"), messages=messages,
                         id=_field(data.get("id"), str, "the conversation id"))
+
+
+def _message(m: dict, where: str, version: int, load_samples) -> Message:
+    """One saved message, every field checked."""
+    if version == 1 and m.get("role") == TOOL:  # version 1 kept the tool's name as the note
+        text = m.get("text")
+        failed = isinstance(text, str) and text.startswith(V1_ERROR_PREFIX)
+        m = m | {"tool": m.get("note"), "note": "", "failed": failed}
+    role, status = _field(m.get("role"), str, f"{where}'s role"), _field(m.get("status"), str, f"{where}'s status")
+    if role not in ROLES or status not in STATUSES:
+        raise StoreError(f"The saved conversation is damaged: {where} has role {role!r} and status {status!r}.")
+    clips = tuple(_clip(_field(c, dict, f"a clip of {where}"), load_samples)
+                  for c in _field(m.get("clips"), list, f"{where}'s clips"))
+    calls = []
+    for call in _field(m.get("calls", []), list, f"{where}'s calls"):
+        call = _field(call, dict, f"a call of {where}")
+        calls.append(ToolUse(_field(call.get("name"), str, f"a call of {where}"),
+                             _field(call.get("arguments"), dict, f"a call of {where}")))
+    shown = m.get("shown")
+    return Message(
+        role, _field(m.get("text"), str, f"{where}'s text"), clips, status,
+        _field(m.get("note"), str, f"{where}'s note"),
+        shown=None if shown is None else _field(shown, str, f"{where}'s shown text"), calls=tuple(calls),
+        tool=_field(m.get("tool", ""), str, f"{where}'s tool"),
+        failed=_field(m.get("failed", False), bool, f"{where}'s failed"), figures=_figures(m.get("figures"), where),
+    )
 
 
 FIGURE_TYPES = {"model": str, "family": str, "quantization": str, "prompt_tokens": int, "reused_tokens": int,
@@ -201,7 +207,8 @@ def read_clip_bytes(data: bytes, name: str) -> np.ndarray:
             if file.samplerate != SAMPLE_RATE or file.channels != 1:
                 raise StoreError(f"{name} is not 16 kHz mono as stored clips are: the save is damaged.")
             if file.frames > MAX_CLIP_S * SAMPLE_RATE:
-                raise StoreError(f"{name} is longer than the {MAX_CLIP_S // 60}-minute clip limit: the save is damaged.")
+                raise StoreError(f"{name} is longer than the {MAX_CLIP_S // 60}-minute clip limit: "
+                                 "the save is damaged.")
             return file.read(dtype="float32")
     except soundfile.LibsndfileError as e:
         raise StoreError(f"{CLIPS_FOLDER}/{name} is damaged or too large ({e}); the save cannot be loaded.") from e

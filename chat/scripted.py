@@ -22,7 +22,9 @@ class ScriptedBackend(Backend):
         """Queue the chunks of one future reply."""
         self.replies.append(list(chunks))
 
-    def execute(self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event) -> Iterator[str]:
+    def execute(
+        self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event
+    ) -> Iterator[str]:
         """Yield the next queued reply chunk by chunk; an empty queue replies with a fixed sentence."""
         self.prompts.append(prompt)
         chunks = self.replies.pop(0) if self.replies else ["This ", "is ", "a ", "scripted ", "reply."]

@@ -2,7 +2,8 @@
 
 Layout of the data folder:
 
-    chat.db               conversations(id, session_id, user, data, created_at, updated_at, title); data is chat.saving's JSON
+    chat.db               conversations(id, session_id, user, data, created_at, updated_at, title);
+                          data is chat.saving's JSON
     clips/{clip id}.wav   float32 16 kHz audio, written once and never changed (the id is a hash of the samples)
     downloads/*/*.zip     conversations being downloaded, removed after an hour
     audio-chat.log        what the app did: loads, refusals, failures, every reply's figures (launch.py)
@@ -25,7 +26,6 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-
 
 from chat import saving
 from chat.audio import SAMPLE_RATE
@@ -276,7 +276,8 @@ def from_zip(path: str | Path) -> Conversation:
                 entry = by_name.get(str(top / saving.CLIPS_FOLDER / f"{clip_id}.wav"))
                 if entry is None:
                     raise StoreError(f"{path.name} lacks the audio of clip {clip_id}: the download is incomplete.")
-                samples = saving.read_clip_bytes(_read_entry(archive, entry, saving.MAX_CLIP_FILE_BYTES), entry.filename)
+                data = _read_entry(archive, entry, saving.MAX_CLIP_FILE_BYTES)
+                samples = saving.read_clip_bytes(data, entry.filename)
                 n_samples[0] += len(samples)
                 if n_samples[0] > MAX_IMPORT_AUDIO_S * SAMPLE_RATE:
                     raise StoreError(f"{path.name} holds more than {MAX_IMPORT_AUDIO_S // 3600} hours of audio, more "

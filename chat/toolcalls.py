@@ -10,7 +10,6 @@ import reprlib
 from dataclasses import dataclass, replace
 
 
-
 @dataclass(frozen=True)
 class ToolCall:
     """A call the model wrote; error says why it could not be read (then name/arguments may be empty)."""

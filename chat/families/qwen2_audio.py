@@ -6,8 +6,8 @@ import torch
 from chat.audio import SAMPLE_RATE
 from chat.conversation import ASSISTANT, TOOL, USER, Message
 from chat.families.base import Family, LoadOptions, LocalModel
-from chat.prompts import AudioPart, Prompt, PromptRenderer
 from chat.openai_content import audio_content, text_content
+from chat.prompts import AudioPart, Prompt, PromptRenderer
 
 MODEL_TYPE = "qwen2_audio"
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 import torch
+from tiktoken.load import load_tiktoken_bpe
 from torch import nn
 from transformers import AttentionInterface, Qwen2AudioEncoder, Qwen2AudioEncoderConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
@@ -38,7 +38,8 @@ MODEL_TYPE = "qwen"  # with `audio` in config.json: Qwen-VL shares the model_typ
 RANKS_FILE = "qwen.tiktoken"
 MEL_FILTERS_FILE = "mel_filters.npz"
 # The original tokenizer's pre-tokenizer: single digits, unlike the cl100k pattern transformers assumes
-PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+           r"""\s+(?!\S)|\s+""")
 CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205)))
 LANGUAGES = ("en", "zh", "de", "es", "ko", "fr", "ja", "it")
 AUDIO_PAD, AUDIO_START, AUDIO_END = "[[[AUDIO:modality]]]", "<audio>", "</audio>"
@@ -140,7 +141,7 @@ class QwenAudioChatForCausalLM(Qwen2ForCausalLM):
         self.post_init()
 
     def forward(self, input_ids=None, input_features=None, feature_attention_mask=None, inputs_embeds=None, **kwargs):
-        """Qwen2's forward on embeddings with each part's audio in place of its pads (on a prefill, not a decode step)."""
+        """Qwen2's forward on embeddings with each part's audio in place of its pads (on a prefill, not a decode)."""
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
             if input_ids.shape[1] != 1:
@@ -291,7 +292,8 @@ class QwenAudioChat(Family):
     name = "qwen-audio-chat"
     title = "Qwen-Audio-Chat"
     example_checkpoint = "Qwen/Qwen-Audio-Chat"
-    settings = GenerationSettings(top_p=0.5, top_k=0, repetition_penalty=1.1)  # its chat_generation_config
+    # its chat_generation_config.json: sampling at top_p 0.5, top_k off, temperature and repetition left at 1
+    settings = GenerationSettings(temperature=1.0, top_p=0.5, top_k=0, repetition_penalty=1.0)
     tool_style = "react"  # Qwen-7B-Chat's tool format
     timestamp_edits = True
     # a person's text may hold any audio token but these three, which would claim a clip (as in make_context,

@@ -49,6 +49,7 @@ CSS = """
 .gradio-container { max-width: 1100px !important; margin: auto; }
 #history label { width: 100%; }
 #history label.selected { color: var(--body-text-color); }
+#attached { font-size: var(--text-sm); color: var(--body-text-color-subdued); }
 /* a failed step's message is in its toast; gradio's "Error" overlay would also hide the conversation */
 .keeps-content > [data-testid="status-tracker"]:has(> .error) { display: none; }
 #header h1 { margin-bottom: 0; }
@@ -99,6 +100,13 @@ def generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_pe
         int(max_new_tokens), float(temperature), float(top_p), int(top_k), float(repetition_penalty),
         int(seed) if seed else None,
     )
+
+
+def attachment_names(message: dict | None) -> str:
+    """`Attached: question.wav · knock.wav`, the files waiting in the message box by name; empty when none."""
+    files = (message or {}).get("files") or []
+    names = [Path(file if isinstance(file, str) else file.get("path", "")).name for file in files]
+    return f"Attached: {' · '.join(names)}" if names else ""
 
 
 class ChatPage:
@@ -404,6 +412,7 @@ def build_demo(
                 placeholder="Ask about the clips, or attach audio files", autofocus=True, elem_id="chat-input",
                 elem_classes="keeps-content",
             )
+        attached = gr.Markdown("", elem_id="attached")  # the box shows every attachment as the same note icon
 
         inputs = [chat_input, recorder]
         # Quick steps go through the queue too (only a queued event's gr.Error reaches the page as a toast), but
@@ -425,9 +434,15 @@ def build_demo(
         retry_reply.then(**unlock)
         replies = [send_reply, retry_reply]
         chat_input.stop(page.stop, [state], [chatbot, *inputs], cancels=replies, api_name="stop", **quick)
-        chatbot.undo(page.undo, [state, chat_input], [chatbot, chat_input], cancels=replies, api_name="undo", **quick)
+        undone = chatbot.undo(page.undo, [state, chat_input], [chatbot, chat_input], cancels=replies, api_name="undo",
+                              **quick)
         chatbot.clear(page.clear, [state], [chatbot, *inputs], cancels=replies, api_name="clear", **quick)
         chatbot.example_select(page.example, None, [chat_input], api_visibility="private", queue=False)
+        list_attached = {"fn": attachment_names, "inputs": [chat_input], "outputs": [attached],
+                         "api_visibility": "private", "queue": False}
+        chat_input.change(**list_attached)
+        for changed_by_the_app in (sent, undone):  # a change the app makes to the box is no change event
+            changed_by_the_app.then(**list_attached)
         recorder.stop_recording(page.add_recording, [state, recorder], [chatbot, recorder], api_name="add_recording",
                                 **quick)
         download_button.click(page.download, [state], [download_file], api_name="download", **quick)

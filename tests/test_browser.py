@@ -269,8 +269,12 @@ def test_a_refused_file_is_named_and_taken_out_while_the_text_and_good_files_sta
     set_settings(page, max_new_tokens="20")
     bad = tmp_path / "notes.wav"
     bad.write_text("my notes, not audio")
-    send(page, "What is this?", [audio_files["flac"], bad])
+    page.locator("#chat-input input[type=file]").set_input_files([str(audio_files["flac"]), str(bad)])
+    expect(page.locator("#attached")).to_have_text("Attached: tone.flac · notes.wav")  # by name, not only icons
+    page.locator("#chat-input textarea").fill("What is this?")
+    page.locator("#chat-input textarea").press("Enter")
     expect(page.get_by_test_id("toast-body")).to_contain_text("Not sent: notes.wav is not an audio file this app reads")
+    expect(page.locator("#attached")).to_have_text("Attached: tone.flac")
     expect(page.locator("#chat-input textarea")).to_have_value("What is this?")
     expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(0)
     page.locator("#chat-input textarea").press("Enter")  # the good file and the text are still there: send again

@@ -25,7 +25,7 @@ import gradio as gr  # noqa: E402
 import pytest  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
-from app.web import INTERRUPTED_NOTE, ChatPage, build_demo  # noqa: E402
+from app.web import INTERRUPTED_NOTE, ChatPage, attachment_names, build_demo  # noqa: E402
 from chat.local import GENERATION_THREAD, LocalBackend  # noqa: E402
 from chat.scripted import ScriptedBackend  # noqa: E402
 from chat.store import Store  # noqa: E402
@@ -513,3 +513,9 @@ def test_opening_a_downloaded_conversation_adds_it_to_the_list(scripted):
     chat, *_, history = page.upload(session, download)
     titles = [title.split(" · ")[0] for title, _ in history.choices]
     assert titles == ["Keep me.", "Keep me."] and len({value for _, value in history.choices}) == 2
+
+
+def test_attachments_are_listed_by_name():
+    assert attachment_names({"text": "hi", "files": ["/tmp/g/1/question.wav", {"path": "/tmp/g/2/knock.flac"}]}) == (
+        "Attached: question.wav · knock.flac")
+    assert attachment_names({"text": "hi", "files": []}) == attachment_names(None) == ""

@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from bench import first_token, gpu, ingest, streaming, turn_prep
 
 
@@ -54,8 +56,9 @@ def test_streaming_quick(capsys):
     assert "worst median added per chunk" in output
 
 
-def test_gpu_tiny_quick(capsys):
-    gpu.main(["--tiny", "--quick"])  # exactly the asked-for number of tokens, through LocalBackend
+@pytest.mark.parametrize("family", ["qwen2-audio", "qwen-audio-chat"])
+def test_gpu_tiny_quick(capsys, family):
+    gpu.main(["--tiny", "--quick", "--family", family])  # exactly the asked-for number of tokens, through LocalBackend
     rows = table(capsys.readouterr().out)
     assert [row[:2] for row in rows] == [["none", "fp32"], ["nf4", "nf4"]]
     assert all(is_number(cell) for row in rows for cell in row[2:] if cell != "-")

@@ -289,6 +289,18 @@ def test_loads_in_4bit_keeping_the_audio_path_and_head_in_full_precision(tiny_qw
     backend.close()
 
 
+def test_loads_in_8bit_too(tiny_qwen_audio_chat):
+    import bitsandbytes as bnb
+
+    backend = LocalBackend(str(tiny_qwen_audio_chat), quantization="8bit")
+    modules = dict(backend.model.named_modules())
+    assert isinstance(modules["model.layers.0.mlp.down_proj"], bnb.nn.Linear8bitLt)
+    assert not isinstance(modules["audio_tower.layers.0.fc1"], bnb.nn.Linear8bitLt)
+    response = Response(backend, parity_conversation("one_clip"), GenerationSettings(temperature=0, max_new_tokens=6))
+    assert "".join(response) and response.stats.n_tokens == 6
+    backend.close()
+
+
 def test_the_two_turn_history_uses_the_reply_as_the_original_saw_it():
     text = FAMILY.renderer.render(parity_conversation("two_turns")).text
     assert f"<|im_start|>assistant\n{REPLY_1}<|im_end|>\n<|im_start|>user\nAudio 2: <audio>" in text

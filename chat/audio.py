@@ -26,6 +26,8 @@ MIN_SOURCE_RATE = 1000
 MAX_SOURCE_RATE = 384000
 HEADER_BYTES = 12
 BLOCK_S = 10  # decoded at a time: 10 s of 48 kHz stereo float is 3.8 MB
+MP3_HEADER_SCAN_BYTES = 1 << 16  # enough for an ID3 tag with a small cover image, then the first frame
+MP3_SIZE_TOLERANCE = 0.99  # mpg123's own margin before it distrusts the stated size
 # Containers libsndfile reads in-process (milliseconds, no subprocess); ffmpeg's demuxer for each format
 IN_PROCESS = {"wav", "flac", "ogg", "mp3", "aiff"}
 DEMUXERS = {"wav": "wav", "flac": "flac", "ogg": "ogg", "mp3": "mp3", "aiff": "aiff", "aac": "aac", "mp4": "mov",
@@ -99,7 +101,7 @@ def _read_in_process(path: Path, container: str) -> np.ndarray:
         if resampler:
             pieces.append(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
     # libsndfile returns what it could decode: less than the header states is a truncated file
-    if n_read < n_declared - max(0.5 * rate, 0.1 * n_declared) or (container == "wav" and _riff_truncated(path)):
+    if n_read < n_declared - max(0.5 * rate, 0.1 * n_declared) or _shorter_than_stated(path, container):
         raise ClipError(_unreadable(path.name, f"only part of its {n_declared / rate:.1f} s could be decoded"))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
 
@@ -204,12 +206,27 @@ def _declared_duration_s(ffmpeg_log: list[str]) -> float | None:
     return None
 
 
-def _riff_truncated(path: Path) -> bool:
-    """True when a RIFF (wav) file is shorter than the size its header states (streaming writers leave 0 or ~0)."""
+def _shorter_than_stated(path: Path, container: str) -> bool:
+    """True when the file is shorter than the size its header states: a RIFF (wav) header's size (streaming
+    writers leave 0 or ~0), or the stream size in an mp3's Xing/Info frame (libsndfile estimates an mp3's
+    length from the file's size when they disagree, so its frame count cannot tell)."""
     with path.open("rb") as file:
-        header = file.read(8)
-    riff_size = int.from_bytes(header[4:8], "little") if header[:4] == b"RIFF" and len(header) == 8 else 0
-    return 0 < riff_size < 0xFFFFFFFF and path.stat().st_size < riff_size + 8
+        head = file.read(MP3_HEADER_SCAN_BYTES)
+    size = path.stat().st_size
+    if container == "wav":
+        riff_size = int.from_bytes(head[4:8], "little") if head[:4] == b"RIFF" else 0
+        return 0 < riff_size < 0xFFFFFFFF and size < riff_size + 8
+    if container == "mp3":
+        start = 10 + int.from_bytes(bytes(b & 0x7F for b in head[6:10]), "big") if head[:3] == b"ID3" else 0
+        for tag in (b"Xing", b"Info"):
+            at = head.find(tag, start, start + 200)  # inside the first frame, after its side information
+            if at >= 0:
+                flags = int.from_bytes(head[at + 4: at + 8], "big")
+                if flags & 2:  # a byte count, after the frame count when there is one
+                    offset = at + 8 + (4 if flags & 1 else 0)
+                    stated = int.from_bytes(head[offset: offset + 4], "big")
+                    return size - start < MP3_SIZE_TOLERANCE * stated
+    return False
 
 
 def _int_to_float(samples: np.ndarray) -> np.ndarray:

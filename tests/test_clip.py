@@ -128,6 +128,16 @@ def test_bad_files_are_refused_with_a_message(tmp_path, make, message):
         Clip.from_file(path)
 
 
+@pytest.mark.parametrize("fmt", ["wav", "mp3"])
+def test_a_header_that_states_more_than_the_file_holds_is_noticed(tmp_path, audio_files, fmt):
+    from chat.audio import _shorter_than_stated
+
+    data = audio_files[fmt].read_bytes()
+    cut = tmp_path / f"cut.{fmt}"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    assert not _shorter_than_stated(audio_files[fmt], fmt) and _shorter_than_stated(cut, fmt)
+
+
 def test_truncated_files_are_refused(tmp_path, audio_files):
     for fmt in ("wav", "mp3", "flac"):
         data = audio_files[fmt].read_bytes()

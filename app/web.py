@@ -138,14 +138,14 @@ class ChatPage:
         """Add the text and attached files to the open user turn and ask for a reply, which /respond streams."""
         settings = generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         text, files = (message or {}).get("text", "").strip(), (message or {}).get("files") or []
-        clips, refused = [], []
+        clips, refused = [], {}  # refused: path -> why
         for path in files:  # decoded before anything changes: a file that fails leaves the conversation as it was
             try:
                 clips.append(Clip.from_file(path))
             except ClipError as e:
-                refused.append((path, str(e)))
+                refused[path] = str(e)
         if refused:
-            return self._refuse(session, text, [path for path in files if path not in dict(refused)], refused)
+            return self._refuse(session, text, [path for path in files if path not in refused], list(refused.values()))
 
         def add(conversation: Conversation) -> None:
             if text or clips:  # else it is a send of the clips already waiting: a spoken question
@@ -299,9 +299,9 @@ class ChatPage:
         session.turn = turn
         return self._render(session), *self._inputs(session, busy=True)
 
-    def _refuse(self, session: Session, text: str, kept: list[str], refused: list[tuple[str, str]]):
+    def _refuse(self, session: Session, text: str, kept: list[str], reasons: list[str]):
         """Send nothing; say which files were refused and why, and leave the text and the good files in the box."""
-        for _, reason in refused:
+        for reason in reasons:
             log.warning("attachment refused: %s", reason)
             gr.Warning(f"Not sent: {reason}", duration=None)  # stays until closed: it says what to do
         box = gr.MultimodalTextbox(value={"text": text, "files": kept}, interactive=True, submit_btn=True,

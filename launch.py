@@ -57,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--data-dir", type=Path,
                         help=f"folder for conversations and clips "
                              f"(default: ${DATA_DIR_ENV}, else data/ beside launch.py)")
-    model.add_argument("--no-tools", dest="tools", action="store_false",
+    offer = model.add_mutually_exclusive_group()
+    offer.add_argument("--tools", dest="tools", action="store_const", const=True,
+                       help="offer the speech-editing tools even to a model family that is not offered them by "
+                            "default (Qwen-Audio-Chat edits by timestamps)")
+    offer.add_argument("--no-tools", dest="tools", action="store_const", const=False,
                        help="do not offer the speech-editing tools to the model (a shorter system prompt)")
     model.add_argument("--word-model", default=DEFAULT_WORD_MODEL,
                        help=f"Whisper hub id or folder that finds word times for editing by words "

@@ -345,7 +345,7 @@ def run_cli(
     settings: GenerationSettings | None = None,
     system_prompt: str | None = None,
     recorder: Recorder | None = None,
-    tools: bool = True,
+    tools: bool | None = None,
     *,
     word_model: str = DEFAULT_WORD_MODEL,
     conversation: Conversation | None = None,
@@ -356,8 +356,8 @@ def run_cli(
 ) -> int:
     """Chat with backend in the terminal until the user leaves; returns the process exit code.
 
-    tools offers the speech-editing tools to a backend that supports them, finding words with
-    word_model (a Whisper hub id or folder). recorder None turns
+    tools offers the speech-editing tools (None: as the model family does by default) to a backend that
+    supports them, finding words with word_model (a Whisper hub id or folder). recorder None turns
     recording off; conversation continues a given one; store keeps every change and serves /list and
     /open (None: nothing is kept); player, stdin and stdout are for tests.
     """

@@ -359,11 +359,12 @@ class ChatPage:
 
 
 def build_demo(
-    backend: Backend, store: Store, *, description: str = "", concurrency: int = 1, tools: bool = True,
+    backend: Backend, store: Store, *, description: str = "", concurrency: int = 1, tools: bool | None = None,
     word_model: str = DEFAULT_WORD_MODEL,
 ) -> gr.Blocks:
     """The chat page. description says which model serves it; concurrency is how many replies run at once;
-    tools offers the speech-editing tools to a backend that supports them, finding words with word_model."""
+    tools offers the speech-editing tools (None: as the model family does by default) to a backend that
+    supports them, finding words with word_model."""
     page = ChatPage(backend, store, toolbox_for(backend, tools, word_model))
     defaults = backend.family.settings
     gr.set_static_paths([store.clips_folder, ASSETS])  # served as they are: no copy into gradio's cache per update

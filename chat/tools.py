@@ -73,8 +73,14 @@ class Tool:
         return {"type": "function", "function": function}
 
 
-def toolbox_for(backend: Backend, enabled: bool = True, word_model: str = DEFAULT_WORD_MODEL) -> "ToolBox | None":
-    """Every tool, finding words with word_model (a Whisper hub id or folder); None when off or unsupported."""
+def toolbox_for(
+    backend: Backend, enabled: bool | None = None, word_model: str = DEFAULT_WORD_MODEL
+) -> "ToolBox | None":
+    """Every tool, finding words with word_model (a Whisper hub id or folder); None when off or unsupported.
+
+    enabled None follows the model family (Family.offers_tools); True or False is a person's choice.
+    """
+    enabled = backend.family.offers_tools if enabled is None else enabled
     return ToolBox(words=WordTimestamper(word_model)) if enabled and backend.supports_tools else None
 
 

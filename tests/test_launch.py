@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLAGS = [
     "-c", "--checkpoint-path", "--cpu-only", "--quantization", "--api-base", "--api-key", "--server-name",
     "--server-port", "--inbrowser", "--share", "--share-without-login", "--auth", "--auth-file", "--concurrency",
-    "--max-upload-mb", "--data-dir", "--no-tools", "--word-model", "--cli",
+    "--max-upload-mb", "--data-dir", "--tools", "--no-tools", "--word-model", "--cli",
 ]
 
 
@@ -102,7 +102,7 @@ def test_cli_hands_over_to_the_terminal_client():
     assert server.requests[0]["messages"][-1]["content"][-1]["text"] == "hi there"
 
 
-@pytest.mark.parametrize("flags, offered", [((), True), (("--no-tools",), False)])
+@pytest.mark.parametrize("flags, offered", [((), True), (("--no-tools",), False), (("--tools",), True)])
 def test_tools_are_offered_unless_turned_off(flags, offered):
     with OpenAIServer() as server:
         run_launch("--cli", "-c", server.model, "--api-base", server.url, *flags, stdin="hi\n/quit\n")

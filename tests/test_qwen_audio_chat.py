@@ -356,3 +356,11 @@ def test_the_page_streams_a_reply_from_the_real_tiny_model(tmp_path, backend):
     renders = send(page, session, "What do you hear?", [path], settings=(SETTINGS[0], *greedy))
     expected = backend.tokenizer.decode(PARITY["cases"]["one_clip"]["greedy_ids"], skip_special_tokens=True)
     assert bot_texts(renders[-1]) == [format_timestamps(expected).strip()]
+
+
+def test_the_tools_are_not_offered_by_default_but_can_be_asked_for(backend):
+    from chat.tools import toolbox_for
+
+    assert toolbox_for(backend) is None  # it edits by timestamps; no tool list fills its context
+    assert toolbox_for(backend, enabled=True) is not None and toolbox_for(backend, enabled=False) is None
+    assert toolbox_for(ScriptedBackend()) is not None  # Qwen2-Audio: offered unless turned off

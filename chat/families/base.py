@@ -83,6 +83,7 @@ class Family:
     system_prompt = DEFAULT_SYSTEM_PROMPT
     settings = GenerationSettings()  # its published sampling defaults
     tool_style = "hermes"  # the tool-call format it is offered (chat.toolcalls)
+    offers_tools = True  # whether the editing tools are offered unless a person says otherwise
     timestamp_edits = False  # whether <|t|> timestamp pairs in a reply become clips
     control_tokens: tuple[str, ...] = ()  # tokens a person's text must not produce
     unquantized_modules: tuple[str, ...] = ()  # full module paths kept in bf16 when the LLM is quantized

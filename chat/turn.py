@@ -24,12 +24,8 @@ class TextChunk:
     text: str
 
 
-@dataclass(frozen=True)
-class ToolCallStarted:
+class ToolCallStarted(ToolUse):
     """The reply asked for a tool; it is about to run."""
-
-    name: str
-    arguments: dict
 
 
 @dataclass(frozen=True)

@@ -108,3 +108,11 @@ def test_tools_are_offered_unless_turned_off(flags, offered):
         run_launch("--cli", "-c", server.model, "--api-base", server.url, *flags, stdin="hi\n/quit\n")
     system = server.requests[0]["messages"][0]["content"]
     assert ("<tools>" in system) == offered
+
+
+def test_choosing_a_family_imports_no_torch():
+    """Every start imports the families; torch and transformers come only with a local checkpoint."""
+    code = "import sys, chat, launch; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.strip() == "[]"

@@ -1,7 +1,8 @@
 """Model families, one module each; this registry finds a checkpoint's family from its own files.
 
-To add a family: a module here with a Family subclass (and a LocalModel to run it locally), its
-instance as FAMILY, and one line in FAMILIES.
+To add a family: a module here with a Family subclass and its instance as FAMILY, a LocalModel to run
+it locally (in a `*_model.py` imported by Family.load when it needs torch: importing this registry must
+stay cheap, since every start of the app does), and one line in FAMILIES.
 """
 
 from chat.errors import BackendError

@@ -5,17 +5,22 @@ LocalModel. Everything else (the local and remote backends, turns, tools, the pa
 terminal) works through these two interfaces and never names a model.
 """
 
+from __future__ import annotations
+
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from chat.audio import SAMPLE_RATE, n_windows
 from chat.conversation import DEFAULT_SYSTEM_PROMPT
 from chat.prompts import Prompt, PromptRenderer
 from chat.settings import GenerationSettings
 from chat.toolcalls import ReplyReader, get_parser
+
+if TYPE_CHECKING:  # torch is imported when a checkpoint is loaded, not when a family is chosen
+    import torch
 
 TIMESTAMP_TOKEN = re.compile(r"<\|(\d{1,2}\.\d{2})\|>")  # the first generation's <|3.04|> tokens
 # The end of a streamed text that may still change how it reads: timestamps that a second one may pair

@@ -1,13 +1,19 @@
 """Qwen2-Audio-Instruct (Qwen/Qwen2-Audio-7B-Instruct): transformers' own model and processor."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from chat.audio import SAMPLE_RATE
 from chat.conversation import ASSISTANT, TOOL, USER, Message
 from chat.families.base import Family, LoadOptions, LocalModel
 from chat.openai_content import audio_content, text_content
 from chat.prompts import AudioPart, Prompt, PromptRenderer
+
+if TYPE_CHECKING:  # torch is imported when a checkpoint is loaded, not when a family is chosen
+    import torch
 
 MODEL_TYPE = "qwen2_audio"
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"

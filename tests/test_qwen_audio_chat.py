@@ -214,6 +214,13 @@ def test_timestamp_tokens_survive_decoding_and_streaming(backend):
     assert "".join(streamer) == "cut<|3.04|><|3.23|> out"
 
 
+def test_ids_past_the_vocabulary_are_no_text_and_fail_nothing(backend):
+    tokenizer = backend.tokenizer
+    padding_row = backend.model.config.vocab_size - 1  # a row of the padded embedding table, not a token
+    assert padding_row >= tokenizer.encoding.n_vocab == 155165
+    assert tokenizer.decode([*tokenizer.encode("a"), padding_row, *tokenizer.encode("b")]) == "ab"
+
+
 @pytest.mark.parametrize("split", range(1, 40))
 def test_timestamps_are_shown_readably_however_the_stream_splits_them(split):
     reply = "It starts at <|3.04|><|3.23|>, then <|5.00|>."

@@ -79,9 +79,12 @@ class QwenTokenizer:
                                     disallowed_special=())
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False, **_) -> str:
-        """Text of ids; invalid UTF-8 becomes U+FFFD, as in the original."""
-        if skip_special_tokens:
-            ids = [i for i in ids if i not in self.chatml_ids]
+        """Text of ids; invalid UTF-8 becomes U+FFFD, as in the original.
+
+        Ids past the vocabulary (the embedding table is padded to 155947 rows; 155165 are tokens) are no
+        text: the original's tiktoken decode fails on them, which would fail the whole reply.
+        """
+        ids = [i for i in ids if i < self.encoding.n_vocab and not (skip_special_tokens and i in self.chatml_ids)]
         return self.encoding.decode(ids, errors="replace")
 
 

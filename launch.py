@@ -147,14 +147,14 @@ def log_to(path: Path, console_level: int) -> None:
 
 def serve(args: argparse.Namespace, backend, store: Store, description: str) -> int:
     """Serve the page until interrupted; exit code 1 when --share could not make its link."""
-    from app.web import CSS, THEME, build_demo
+    from app.web import CSS, THEME, build_demo, launch
 
     demo = build_demo(backend, store, description=description, concurrency=args.concurrency, tools=args.tools,
                       word_model=args.word_model)
-    demo.launch(
-        server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser,
-        auth=args.logins or None, max_file_size=f"{args.max_upload_mb}mb", theme=THEME, css=CSS,
-        prevent_thread_lock=True,
+    launch(
+        demo, store, server_name=args.server_name, server_port=args.server_port, share=args.share,
+        inbrowser=args.inbrowser, auth=args.logins or None, max_file_size=f"{args.max_upload_mb}mb", theme=THEME,
+        css=CSS, prevent_thread_lock=True,
     )
     if args.share and demo.share_url is None:
         # gradio only warns when the tunnel fails; a person who asked for a public link must not miss that

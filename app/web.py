@@ -9,6 +9,7 @@ holds the conversation and the reply being written. API clients call /open_sessi
 import datetime
 import functools
 import logging
+import os
 import re
 import time
 import uuid
@@ -17,6 +18,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.render import render
 from chat.backend import Backend
@@ -55,6 +60,8 @@ CSS = """
 #header h1 { margin-bottom: 0; }
 #header p { margin-top: 4px; color: var(--body-text-color-subdued); }
 """
+FILE_ROUTE = "/file="  # gradio's route for files: /gradio_api/file=<absolute path>
+FILE_NOT_ALLOWED = "File not allowed: {path}."  # gradio's 403 detail for a file it does not serve, word for word
 SAVE_EVERY_S = 1.0  # how often a reply being written is saved, so a crash loses at most this much of it
 INTERRUPTED_NOTE = "Interrupted: the app stopped while writing this reply."
 log = logging.getLogger(__name__)
@@ -347,7 +354,8 @@ class ChatPage:
         return gr.Radio(choices=choices, value=current)
 
     def _render(self, session: Session, streaming: str = "", running: ToolCallStarted | None = None) -> list:
-        return render(session.conversation, self.store.clip_path, self.backend.family, streaming, running)
+        clip_path = functools.partial(self.store.clip_path, owner=session.user)  # shown to them: they may fetch it
+        return render(session.conversation, clip_path, self.backend.family, streaming, running)
 
     def _inputs(self, session: Session, busy: bool = False) -> tuple:
         """The message box and the recorder: emptied and locked, with a stop button, while a reply is being written."""
@@ -356,6 +364,49 @@ class ChatPage:
         update = {"interactive": not busy, "submit_btn": not busy, "stop_btn": busy, "placeholder": placeholder}
         box = gr.MultimodalTextbox(value=None, **update) if busy else gr.MultimodalTextbox(**update)
         return box, gr.Audio(interactive=not busy)
+
+
+class ClipAccess:
+    """ASGI middleware: with logins, a clip's audio file is served only to a login that was shown the clip.
+
+    gradio serves every file under a static path to anyone logged in, and a clip's file is named by its content
+    hash, which anyone holding the same audio can compute. A refusal reads exactly like gradio's answer for a file
+    that does not exist, so it tells nobody which clips are stored.
+    """
+
+    def __init__(self, app: ASGIApp, store: Store) -> None:
+        self.app, self.store = app, store
+        self.clips_folder = store.clips_folder.resolve()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            asked = scope["path"].split(FILE_ROUTE, 1)[1] if FILE_ROUTE in scope["path"] else None
+            clip_id = self._stored_clip(asked) if asked is not None else None
+            user = _login(scope)
+            if clip_id is not None and user is not None and not self.store.may_fetch(clip_id, user):
+                return await JSONResponse({"detail": FILE_NOT_ALLOWED.format(path=asked)}, 403)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _stored_clip(self, asked: str) -> str | None:
+        """The id of the stored clip a file route asks for, else None."""
+        path = Path(os.path.realpath(asked))  # as gradio resolves it: links, "..", all
+        return path.stem if path.parent == self.clips_folder else None
+
+
+def _login(scope: Scope) -> str | None:
+    """The login that sent a request, as gradio's own /user route finds it; None when the page has no logins
+    (or the request none, which gradio's login check then refuses)."""
+    app = scope["app"]  # the gradio App (Starlette puts itself here)
+    if app.auth is None:
+        return None
+    cookies = Request(scope).cookies
+    token = cookies.get(f"access-token-{app.cookie_id}") or cookies.get(f"access-token-unsecure-{app.cookie_id}")
+    return app.tokens.get(token)
+
+
+def launch(demo: gr.Blocks, store: Store, **options) -> None:
+    """demo.launch(**options) with the clip files of store served only to the logins shown them."""
+    demo.launch(app_kwargs={"middleware": [Middleware(ClipAccess, store=store)]}, **options)
 
 
 def build_demo(

@@ -3,7 +3,7 @@
 Layout of the data folder:
 
     chat.db               conversations(id, session_id, user, data, created_at, updated_at, title);
-                          data is chat.saving's JSON
+                          data is chat.saving's JSON; clip_owners(clip_id, user): the logins shown each clip
     clips/{clip id}.wav   float32 16 kHz audio, written once and never changed (the id is a hash of the samples)
     downloads/*/*.zip     conversations being downloaded, removed after an hour
     audio-chat.log        what the app did: loads, refusals, failures, every reply's figures (launch.py)
@@ -76,6 +76,16 @@ def m003_titles(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE conversations ADD COLUMN title TEXT NOT NULL DEFAULT ''")
 
 
+@migration
+def m004_clip_owners(conn: sqlite3.Connection) -> None:
+    """Which logins may fetch a clip's audio file: those whose conversations held it."""
+    conn.execute("CREATE TABLE clip_owners (clip_id TEXT NOT NULL, user TEXT NOT NULL, PRIMARY KEY (clip_id, user))")
+    for user, data in conn.execute("SELECT user, data FROM conversations WHERE user != ''").fetchall():
+        messages = json.loads(data).get("messages", [])
+        conn.executemany("INSERT OR IGNORE INTO clip_owners (clip_id, user) VALUES (?, ?)",
+                         [(clip["id"], user) for m in messages for clip in m.get("clips", [])])
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     """Apply, in order, each migration not yet recorded in the _migrations table."""
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
@@ -109,6 +119,7 @@ class Store:
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = Path(folder) if folder is not None else default_folder()
         self.clips_folder = self.folder / saving.CLIPS_FOLDER
+        self._granted: set[tuple[str, str]] = set()  # (clip id, login) pairs known to be in clip_owners
         try:
             self.clips_folder.mkdir(parents=True, exist_ok=True)
             with self._connect() as conn:
@@ -124,7 +135,7 @@ class Store:
         """
         try:
             for clip in conversation.clips():
-                self.clip_path(clip)
+                self.clip_path(clip, user)
             now = _now()
             data = json.dumps(saving.to_dict(conversation), ensure_ascii=False)
             with self._connect() as conn, conn:
@@ -207,9 +218,25 @@ class Store:
         folder.mkdir(parents=True)
         return to_zip(conversation, folder / name)
 
-    def clip_path(self, clip: Clip) -> Path:
-        """The clip's wav file in the store, written the first time the clip is seen."""
-        return saving.write_clip(clip, self.clips_folder)
+    def clip_path(self, clip: Clip, owner: str = "") -> Path:
+        """The clip's wav file in the store, written the first time the clip is seen.
+
+        owner is the login it is shown to: from then on may_fetch(clip id, owner) holds.
+        """
+        path = saving.write_clip(clip, self.clips_folder)
+        if owner and (clip.id, owner) not in self._granted:
+            with self._connect() as conn, conn:
+                conn.execute("INSERT OR IGNORE INTO clip_owners (clip_id, user) VALUES (?, ?)", (clip.id, owner))
+            self._granted.add((clip.id, owner))
+        return path
+
+    def may_fetch(self, clip_id: str, user: str) -> bool:
+        """Whether a login was ever shown this clip (in one of its conversations, or while one was written)."""
+        if (clip_id, user) in self._granted:
+            return True
+        with self._connect() as conn:
+            return conn.execute("SELECT 1 FROM clip_owners WHERE clip_id = ? AND user = ?",
+                                (clip_id, user)).fetchone() is not None
 
     def _read_clip(self, clip_id: str):
         """A stored clip's samples; None when its file is gone, so the conversation still opens."""

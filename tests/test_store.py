@@ -142,7 +142,7 @@ def test_migrations_run_once_and_new_ones_are_applied_to_an_existing_store(tmp_p
     with sqlite3.connect(tmp_path / DB_FILE) as conn:
         names = [row[0] for row in conn.execute("SELECT name FROM _migrations ORDER BY rowid")]
         columns = [row[1] for row in conn.execute("PRAGMA table_info(conversations)")]
-    assert names == ["m001_conversations", "m002_owners", "m003_titles", "m999_add_pinned"]
+    assert names == ["m001_conversations", "m002_owners", "m003_titles", "m004_clip_owners", "m999_add_pinned"]
     assert "pinned" in columns
 
 

@@ -7,8 +7,8 @@ by gradio_client, a second real client, against the page serving the tiny Qwen2-
 import errno
 import functools
 import json
-import re
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -17,19 +17,23 @@ import tempfile
 import threading
 import time
 import zipfile
+from contextlib import closing
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "audio-chat-tests-gradio"))
 
 import gradio as gr  # noqa: E402
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
-from app.web import INTERRUPTED_NOTE, ChatPage, attachment_names, build_demo  # noqa: E402
+from app.web import ASSETS, INTERRUPTED_NOTE, ChatPage, attachment_names, build_demo, launch  # noqa: E402
+from chat.clip import Clip  # noqa: E402
+from chat.conversation import Conversation  # noqa: E402
+from chat.edit_tools import delete_ranges  # noqa: E402
 from chat.local import GENERATION_THREAD, LocalBackend  # noqa: E402
 from chat.scripted import ScriptedBackend  # noqa: E402
 from chat.store import Store  # noqa: E402
-from chat.edit_tools import delete_ranges  # noqa: E402
 from chat.tools import Tool, ToolBox  # noqa: E402
 from tests.conftest import tone, write_audio  # noqa: E402
 
@@ -441,6 +445,55 @@ def test_another_login_with_the_same_session_id_cannot_open_the_conversation(tmp
         assert store.load(session_id, "ann").messages[0].text == "My private question"
     finally:
         demo.close()
+
+
+def test_a_clip_file_is_served_only_to_the_logins_shown_it(tmp_path, speech_wav):
+    store = Store(tmp_path)
+    demo = build_demo(ScriptedBackend(), store)
+    launch(demo, store, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+           auth=[("ann", "secret"), ("bob", "hunter2")])
+
+    def logged_in(user: str, password: str) -> httpx.Client:
+        client = httpx.Client(base_url=demo.local_url, timeout=60)
+        client.post("/login", data={"username": user, "password": password}).raise_for_status()
+        return client  # the cookie of its login is on it now
+
+    try:
+        ann_api = Client(demo.local_url, auth=("ann", "secret"), verbose=False)
+        ann_api.predict(None, api_name="/open_session")
+        chat = ann_api.predict({"text": "What is said?", "files": [handle_file(str(speech_wav))]}, "",
+                               *SAMPLED.values(), api_name="/add_message")[0]
+        shown = next(part["file"] for message in chat for part in message["content"] if "file" in part)
+        clip_file = store.clips_folder / Path(shown).name  # the client downloaded it from there, as ann
+        assert Path(shown).read_bytes() == clip_file.read_bytes()
+        url = f"/gradio_api/file={clip_file}"
+        (tmp_path / "link").symlink_to(store.clips_folder)
+        twisted = f"/gradio_api/file={tmp_path}/link//{clip_file.name}"  # the same file by another name
+        no_such = f"/gradio_api/file={store.clips_folder}/{'0' * 16}.wav"
+        with closing(logged_in("ann", "secret")) as ann, closing(logged_in("bob", "hunter2")) as bob:
+            assert ann.get(url).content == clip_file.read_bytes()
+            assert ann.get(twisted).status_code == 200
+            for path in (url, twisted, no_such):  # bob learns nothing, not even that the file exists
+                refused = bob.get(path)
+                assert refused.status_code == 403
+                assert refused.json() == {"detail": f"File not allowed: {path.split('file=', 1)[1]}."}
+            assert bob.get("/gradio_api/file=" + str(ASSETS / "knock.wav")).status_code == 200  # the examples: all
+        assert httpx.get(demo.local_url + url[1:], timeout=60).status_code in (401, 403)  # no login, no file
+    finally:
+        demo.close()
+
+
+def test_clips_of_conversations_saved_before_the_upgrade_stay_fetchable_by_their_owner(tmp_path, speech_wav):
+    store = Store(tmp_path)
+    conversation = Conversation()
+    conversation.add_user("Hi", [Clip.from_file(speech_wav)])
+    store.save("s" * 32, conversation, "ann")
+    with sqlite3.connect(tmp_path / "chat.db") as conn:  # as a data folder written before clip_owners existed
+        conn.execute("DROP TABLE clip_owners")
+        conn.execute("DELETE FROM _migrations WHERE name = 'm004_clip_owners'")
+    upgraded = Store(tmp_path)
+    clip_id = conversation.clips()[0].id
+    assert upgraded.may_fetch(clip_id, "ann") and not upgraded.may_fetch(clip_id, "bob")
 
 
 def test_a_reply_is_saved_as_it_streams_and_reads_as_interrupted_if_the_app_dies(scripted):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import BitsAndBytesConfig, Cache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.utils import cached_file
 
@@ -20,8 +21,9 @@ from chat.loading import QUANTIZATIONS
 from chat.prompts import AudioPart, Prompt
 from chat.settings import GenerationSettings
 
-MAX_CACHED_PARTS = 128  # mel features of one part: 128 bins x 3000 frames x fp32 = 1.5 MB, so about 200 MB
+MAX_CACHED_PARTS = 128  # features of one part: 128 mel bins x 3000 frames x fp32 = 1.5 MB (SALMONN's: 3 MB)
 GENERATION_THREAD = "local-backend-generate"
+YAML_SUFFIXES = (".yaml", ".yml")  # -c names such a file for a checkpoint of several parts
 BYTES_PER_MB = 2**20
 MEMORY_HINT = "Try --quantization 4bit, fewer or shorter clips, or a lower max_new_tokens."
 
@@ -78,7 +80,7 @@ class LocalBackend(Backend):
             raise BackendError(f"Could not load {model} as {self.family.title}: {e}") from e
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.context_tokens = self.loaded.context_tokens
-        self._features_cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._features_cache: OrderedDict[tuple[str, int], dict[str, torch.Tensor]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._last_reply: KeyValueCache | None = None  # taken by one reply at a time, under _cache_lock
 
@@ -102,9 +104,8 @@ class LocalBackend(Backend):
         inputs = {}
         repeats = torch.ones_like(ids)
         if prompt.audio_parts:
-            features, masks = zip(*(self._features(part) for part in prompt.audio_parts))
-            inputs["input_features"] = torch.stack(features)  # (n_parts, n_mels, n_frames)
-            inputs["feature_attention_mask"] = torch.stack(masks)  # (n_parts, n_frames)
+            features = [self._features(part) for part in prompt.audio_parts]
+            inputs |= {name: torch.stack([part[name] for part in features]) for name in features[0]}  # (n_parts, ...)
             n_audio_tokens = self.loaded.n_audio_tokens(inputs["feature_attention_mask"].sum(-1))
             repeats[is_audio] = n_audio_tokens.to(repeats.dtype)
         inputs["input_ids"] = ids.repeat_interleave(repeats)[None]  # (1, n_tokens)
@@ -179,8 +180,8 @@ class LocalBackend(Backend):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _features(self, part: AudioPart) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mel features (n_mels, n_frames) and frame mask (n_frames,) of one part, computed once per clip part."""
+    def _features(self, part: AudioPart) -> dict[str, torch.Tensor]:
+        """The audio inputs of one part (LocalModel.features), computed once per clip part."""
         key = (part.clip.id, part.index)
         with self._cache_lock:
             if key in self._features_cache:
@@ -227,10 +228,12 @@ def continue_from(
     inputs["past_key_values"] = last_reply.cache
     if "input_features" in inputs:
         after_cut = torch.tensor([start >= n for start in run_starts], dtype=torch.bool)
-        for name in ("input_features", "feature_attention_mask"):
-            inputs[name] = inputs[name][after_cut.to(inputs[name].device)]
-        if not after_cut.any():
-            del inputs["input_features"], inputs["feature_attention_mask"]
+        per_part = [name for name in inputs if name not in ("input_ids", "attention_mask", "past_key_values")]
+        for name in per_part:
+            if after_cut.any():
+                inputs[name] = inputs[name][after_cut.to(inputs[name].device)]
+            else:
+                del inputs[name]
     return n
 
 
@@ -255,8 +258,15 @@ def reply_error(error: Exception) -> BackendError:
 
 
 def _read_config(model: str) -> dict:
-    """The checkpoint's config.json (from the folder, the hub or its cache); raises BackendError naming what to do."""
+    """The checkpoint's config.json (from the folder, the hub or its cache), or the yaml file that names the parts of
+    a checkpoint made of several (SALMONN's decode yaml); raises BackendError naming what to do."""
     exists = Path(model).exists()
+    if exists and Path(model).suffix in YAML_SUFFIXES:
+        try:
+            config = yaml.safe_load(Path(model).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise BackendError(f"Cannot read {model} as a yaml file: {e}") from e
+        return config if isinstance(config, dict) else {}
     try:
         path = Path(model) / "config.json" if exists else Path(cached_file(model, "config.json"))
         return json.loads(path.read_text())

@@ -81,7 +81,8 @@ def toolbox_for(
     enabled None follows the model family (Family.offers_tools); True or False is a person's choice.
     """
     enabled = backend.family.offers_tools if enabled is None else enabled
-    return ToolBox(words=WordTimestamper(word_model)) if enabled and backend.supports_tools else None
+    can_call = backend.supports_tools and backend.family.tool_style is not None  # None: never trained on tool calls
+    return ToolBox(words=WordTimestamper(word_model)) if enabled and can_call else None
 
 
 class ToolBox:

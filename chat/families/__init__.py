@@ -6,10 +6,12 @@ stay cheap, since every start of the app does), and one line in FAMILIES.
 """
 
 from chat.errors import BackendError
-from chat.families import qwen2_audio, qwen_audio_chat
+from chat.families import qwen2_audio, qwen_audio_chat, salmonn
 from chat.families.base import Family, LoadOptions, LocalModel
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (qwen2_audio.FAMILY, qwen_audio_chat.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    family.name: family for family in (qwen2_audio.FAMILY, qwen_audio_chat.FAMILY, salmonn.FAMILY)
+}
 DEFAULT_FAMILY = qwen2_audio.FAMILY
 
 

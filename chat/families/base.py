@@ -41,8 +41,8 @@ class LocalModel:
     """A loaded checkpoint as the local backend drives it: token ids, audio features, generate().
 
     model.generate() takes input_ids with each audio placeholder already repeated to its part's
-    token count, attention_mask, and for the parts still to encode input_features (n_parts, n_mels,
-    n_frames) with feature_attention_mask (n_parts, n_frames).
+    token count, attention_mask, and for the parts still to encode the tensors of features(), each
+    stacked over the parts (n_parts, ...).
     """
 
     model: torch.nn.Module
@@ -55,8 +55,9 @@ class LocalModel:
         """The prompt's token ids with one audio_token_id per audio part."""
         raise NotImplementedError
 
-    def features(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mel features (n_mels, n_frames) and frame mask (n_frames,) of one audio part."""
+    def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
+        """The model's audio inputs of one part by name: at least input_features (n_mels, n_frames) and
+        feature_attention_mask (n_frames,), its valid frames."""
         raise NotImplementedError
 
     def n_audio_tokens(self, n_frames: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ class Family:
     window_s = 30.0  # the most audio the encoder hears at once; longer clips are sent as parts
     system_prompt = DEFAULT_SYSTEM_PROMPT
     settings = GenerationSettings()  # its published sampling defaults
-    tool_style = "hermes"  # the tool-call format it is offered (chat.toolcalls)
+    tool_style: str | None = "hermes"  # the tool-call format it is offered (chat.toolcalls); None: it has none
     offers_tools = True  # whether the editing tools are offered unless a person says otherwise
     timestamp_edits = False  # whether <|t|> timestamp pairs in a reply become clips
     control_tokens: tuple[str, ...] = ()  # tokens a person's text must not produce

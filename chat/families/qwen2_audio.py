@@ -70,12 +70,12 @@ class Qwen2AudioModel(LocalModel):
         """Exact token count of text."""
         return len(self.tokenizer(text)["input_ids"])
 
-    def features(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         """The processor's mel features of one part, padded to the 30-s window, with its frame mask."""
         out = self.processor.feature_extractor(
             samples, sampling_rate=SAMPLE_RATE, padding="max_length", return_attention_mask=True, return_tensors="pt",
         )
-        return out["input_features"][0], out["attention_mask"][0]
+        return {"input_features": out["input_features"][0], "feature_attention_mask": out["attention_mask"][0]}
 
     def n_audio_tokens(self, n_frames: torch.Tensor) -> torch.Tensor:
         """The encoder's own length rule, so audio tokens and encoder outputs always agree."""

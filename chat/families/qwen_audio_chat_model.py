@@ -232,13 +232,13 @@ class QwenAudioChatModel(LocalModel):
         """Token count of text."""
         return len(self.tokenizer.encode(text))
 
-    def features(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         """The log-mel of the part padded to 30 s, and a mask of its own n_samples // 160 frames."""
         out = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, padding="max_length", return_tensors="pt")
         features = out["input_features"][0]  # (n_mels, 3000)
         mask = torch.zeros(features.shape[-1], dtype=torch.long)
         mask[: len(samples) // SAMPLES_PER_FRAME] = 1
-        return features, mask
+        return {"input_features": features, "feature_attention_mask": mask}
 
     def n_audio_tokens(self, n_frames: torch.Tensor) -> torch.Tensor:
         """T // 2 with T = (mel_len - 1) // 2 + 1, the frames after the stride-2 convolution."""

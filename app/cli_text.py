@@ -6,6 +6,7 @@ from chat.backend import Backend
 from chat.clip import Clip
 from chat.conversation import Conversation, Message
 from chat.errors import ChatError
+from chat.tools import tools_note
 from chat.turn import ToolCallStarted
 
 EXPORT_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -38,8 +39,8 @@ Enter once more to send it as a spoken question, or type a question about it.
 
 
 def model_line(backend: Backend) -> str:
-    """`Model: /models/Qwen-Audio-Chat (Qwen-Audio-Chat)`."""
-    return f"Model: {backend.name} ({backend.family.title})"
+    """`Model: /models/Qwen-Audio-Chat (Qwen-Audio-Chat)`, and why the editing tools are off where they must be."""
+    return " ".join(filter(None, [f"Model: {backend.name} ({backend.family.title})", tools_note(backend)]))
 
 
 def help_text(backend: Backend) -> str:

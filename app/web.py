@@ -31,7 +31,7 @@ from chat.errors import BackendError, ChatError, ClipError, SettingsError, Store
 from chat.settings import GenerationSettings
 from chat.store import Store, from_zip
 from chat.timestamps import DEFAULT_WORD_MODEL
-from chat.tools import ToolBox, toolbox_for
+from chat.tools import ToolBox, toolbox_for, tools_note
 from chat.turn import TextChunk, ToolCallStarted, Turn, in_batches
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -448,7 +448,7 @@ def build_demo(
             ]
         gr.Markdown(
             f"# {TITLE}\nChat about speech, sounds and music. Record or attach clips, then refer to them as "
-            f"*Audio 1*, *Audio 2*, … {description}",
+            f"*Audio 1*, *Audio 2*, … {description} {tools_note(backend)}".strip(),
             elem_id="header",
         )
         chatbot = gr.Chatbot(

@@ -85,6 +85,13 @@ def toolbox_for(
     return ToolBox(words=WordTimestamper(word_model)) if enabled and can_call else None
 
 
+def tools_note(backend: Backend) -> str:
+    """A sentence saying why the editing tools are off for the loaded model, where they cannot be on; else empty."""
+    if backend.family.tool_style is None:
+        return f"{backend.family.title} was not trained to call tools, so the speech-editing tools are off for it."
+    return ""
+
+
 class ToolBox:
     """The tools offered to the model, by name: every edit plus find_words unless a list is given."""
 

@@ -14,6 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from chat.audio import SAMPLE_RATE  # noqa: E402
 from tests.tiny_models import build_tiny_qwen2_audio, build_tiny_whisper  # noqa: E402
 from tests.tiny_qwen_audio_chat import build_tiny_qwen_audio_chat  # noqa: E402
+from tests.tiny_salmonn import build_tiny_salmonn  # noqa: E402
 
 FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "webm")
 
@@ -63,6 +64,12 @@ def tiny_qwen2_audio(tmp_path_factory) -> Path:
 def tiny_qwen_audio_chat(tmp_path_factory) -> Path:
     """A tiny random-weight Qwen-Audio-Chat checkpoint in the original on-disk format (real qwen.tiktoken)."""
     return build_tiny_qwen_audio_chat(tmp_path_factory.mktemp("tiny-qwen-audio-chat"))
+
+
+@pytest.fixture(scope="session")
+def tiny_salmonn(tmp_path_factory) -> Path:
+    """Tiny random-weight SALMONN parts in their original formats; the path of the decode yaml naming them."""
+    return build_tiny_salmonn(tmp_path_factory.mktemp("tiny-salmonn"))
 
 
 @pytest.fixture(scope="session")

@@ -171,7 +171,8 @@ def beats_state(weights: Weights) -> dict[str, torch.Tensor]:
     return state
 
 
-def salmonn_state(weights: Weights, llm_width: int, whisper_width: int, beats_bias: torch.Tensor) -> dict[str, torch.Tensor]:
+def salmonn_state(weights: Weights, llm_width: int, whisper_width: int,
+                  beats_bias: torch.Tensor) -> dict[str, torch.Tensor]:
     """What save_checkpoint keeps of the SALMONN module: trainable tensors, buffers, shared-module aliases."""
     width, beats_width = QFORMER["hidden_size"], BEATS_CFG["encoder_embed_dim"]
     encoder_width = whisper_width + beats_width

@@ -15,6 +15,7 @@ into 88 windows of 17 frames, and each window becomes one LLM token through the 
 
 import logging
 import math
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,7 +212,8 @@ class BeatsLayer(nn.Module):
         width = cfg["encoder_embed_dim"]
         self.self_attn = BeatsAttention(width, cfg["encoder_attention_heads"], relative_bias)
         self.self_attn_layer_norm = nn.LayerNorm(width)
-        self.fc1, self.fc2 = nn.Linear(width, cfg["encoder_ffn_embed_dim"]), nn.Linear(cfg["encoder_ffn_embed_dim"], width)
+        ffn = cfg["encoder_ffn_embed_dim"]
+        self.fc1, self.fc2 = nn.Linear(width, ffn), nn.Linear(ffn, width)
         self.final_layer_norm = nn.LayerNorm(width)
         self.residual_scale = (2 * cfg["encoder_layers"]) ** 0.25 if cfg.get("deep_norm") else 1.0
 
@@ -345,6 +347,19 @@ class SalmonnForCausalLM(LlamaForCausalLM):
         return super().forward(inputs_embeds=inputs_embeds, **kwargs)
 
 
+def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of SALMONN's .pth (`{'model': ..., 'optimizer': ..., ...}` as its save_checkpoint writes it)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        raise BackendError(f"Cannot read {path} as SALMONN's checkpoint: {str(e).splitlines()[0]}") from e
+    tensors = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    if not isinstance(tensors, dict) or "speech_query_tokens" not in tensors:
+        raise BackendError(f"{path} holds no SALMONN weights (no model.speech_query_tokens): name salmonn_v1.pth or "
+                           "salmonn_7b_v0.pth as ckpt in the yaml.")
+    return tensors
+
+
 def qformer_config(ckpt: dict, encoder_width: int) -> Blip2QFormerConfig:
     """The Q-Former's shape from the checkpoint's tensors; BERT-base's head width, which no tensor shows."""
     width = ckpt["speech_query_tokens"].shape[-1]
@@ -359,9 +374,9 @@ def qformer_config(ckpt: dict, encoder_width: int) -> Blip2QFormerConfig:
 
 def load_whisper_encoder(path: str, dtype: torch.dtype) -> nn.Module:
     """Whisper's encoder alone, every weight from the file (WhisperEncoder.from_pretrained would load none)."""
-    quiet = logging.getLogger("transformers.utils.loading_report")
+    quiet = logging.getLogger("transformers")
     level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its report lists the classification head this class adds, which is not used
+    quiet.setLevel(logging.ERROR)  # its reports list the decoder and the classification head, neither of them used
     try:
         model, info = WhisperForAudioClassification.from_pretrained(path, dtype=dtype, output_loading_info=True)
     finally:
@@ -395,7 +410,7 @@ class SalmonnModel(LocalModel):
             config.llama, config=llama_config, dtype=options.dtype, device_map=options.device_map,
             quantization_config=options.quantization_config,
         ).eval()
-        ckpt = torch.load(config.ckpt, map_location="cpu", weights_only=True)["model"]
+        ckpt = load_checkpoint(config.ckpt)
         self._add_lora(ckpt, config)
         whisper, beats = load_whisper_encoder(config.whisper, options.dtype), load_beats(config.beats)
         qformer = qformer_config(ckpt, whisper.config.d_model + beats.post_extract_proj.out_features)
@@ -418,8 +433,6 @@ class SalmonnModel(LocalModel):
             match = re.fullmatch(r"llama_model\.base_model\.model\.(.+)\.(lora_[AB])\.default\.weight", name)
             if match:
                 lora[f"{match.group(1)}.{match.group(2)}.default.weight"] = tensor
-        if not lora:
-            raise BackendError(f"{config.ckpt} holds no LoRA weights: it is not a SALMONN checkpoint.")
         inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                                            target_modules=LORA_TARGETS), self.model)
         expected = {n for n, _ in self.model.named_parameters() if ".lora_" in n}

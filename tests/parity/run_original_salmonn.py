@@ -24,7 +24,6 @@ import tempfile
 from io import BytesIO
 from pathlib import Path
 
-import numpy as np
 import soundfile
 import torch
 import yaml

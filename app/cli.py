@@ -366,6 +366,6 @@ def run_cli(
         conversation.system_prompt = system_prompt
     toolbox = toolbox_for(backend, tools, word_model)
     stdout = stdout or sys.stdout
-    terminal = Terminal(backend, settings or backend.family.settings, conversation, toolbox, recorder, player,
+    terminal = Terminal(backend, settings or backend.default_settings, conversation, toolbox, recorder, player,
                         stdin or sys.stdin, stdout, store=store, show_figures=stdout.isatty())
     return terminal.run()

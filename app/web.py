@@ -417,7 +417,7 @@ def build_demo(
     tools offers the speech-editing tools (None: as the model family does by default) to a backend that
     supports them, finding words with word_model."""
     page = ChatPage(backend, store, toolbox_for(backend, tools, word_model))
-    defaults = backend.family.settings
+    defaults = backend.default_settings
     gr.set_static_paths([store.clips_folder, ASSETS])  # served as they are: no copy into gradio's cache per update
     # uploads are decoded into the store at once, so gradio's copies can go after a day (checked hourly)
     with gr.Blocks(title=TITLE, fill_height=True, delete_cache=(3600, 86400)) as demo:

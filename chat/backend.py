@@ -48,6 +48,11 @@ class Backend:
     context_tokens = 8192
     supports_tools = True
 
+    @property
+    def default_settings(self) -> GenerationSettings:
+        """How replies are sampled unless a person says otherwise: its family's published defaults."""
+        return self.family.settings
+
     def execute(
         self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event
     ) -> Iterator[str]:
@@ -85,7 +90,7 @@ class Response:
         if not conversation.awaiting_reply():
             raise ConversationError("There is nothing to reply to: send a message or a clip first.")
         self.backend, self.conversation = backend, conversation
-        self.settings = settings or backend.family.settings
+        self.settings = settings or backend.default_settings
         max_prompt_tokens = backend.context_tokens - self.settings.max_new_tokens
         exact = backend.count_tokens("") is not None
         shown = conversation if system_prompt is None else replace(conversation, system_prompt=system_prompt)

@@ -84,6 +84,11 @@ class LocalBackend(Backend):
         self._cache_lock = threading.Lock()
         self._last_reply: KeyValueCache | None = None  # taken by one reply at a time, under _cache_lock
 
+    @property
+    def default_settings(self) -> GenerationSettings:
+        """The checkpoint's own sampling defaults where it states them (SALMONN's yaml), else its family's."""
+        return self.loaded.settings or self.family.settings
+
     def count_tokens(self, text: str) -> int:
         """Exact token count of text, as the model's tokenizer splits it."""
         return self.loaded.count_tokens(text)

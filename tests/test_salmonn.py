@@ -307,3 +307,21 @@ def test_a_two_turn_two_clip_conversation_in_the_terminal(tmp_path, backend):
     assert replies[0] == backend.tokenizer.decode(PARITY["short"]["greedy_tokens"][1:], skip_special_tokens=True)
     assert len(replies) == 2 and [len(m.clips) for m in conversation.messages if m.role == "user"] == [1, 1]
     assert np.array_equal(conversation.clip(2).samples, case_clip("under_1_s").samples)
+
+
+def test_the_yamls_generate_section_sets_the_sampling_defaults(tiny_salmonn, tmp_path, backend):
+    assert backend.default_settings == GenerationSettings(max_new_tokens=200, temperature=0.0, top_p=0.9, top_k=0,
+                                                          repetition_penalty=1.0)  # 4 beams streamed as 1: greedy
+    config = yaml.safe_load(tiny_salmonn.read_text())
+    for key in ("llama_path", "whisper_path", "beats_path", "ckpt"):
+        config["model"][key] = str(tiny_salmonn.parent / config["model"][key])
+    config["generate"] |= {"max_new_tokens": 300, "do_sample": True, "temperature": 0.8, "repetition_penalty": 1.2}
+    path = tmp_path / "sampled.yaml"
+    path.write_text(yaml.safe_dump(config))
+    sampled = load_backend(str(path), cpu_only=True)
+    assert sampled.default_settings == GenerationSettings(max_new_tokens=300, temperature=0.8, top_p=0.9, top_k=0,
+                                                          repetition_penalty=1.2)
+    config["generate"]["top_p"] = 3
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(BackendError, match="its generate section is not usable .top_p must be above 0"):
+        load_backend(str(path), cpu_only=True)

@@ -50,6 +50,7 @@ class LocalModel:
     audio_token_id: int  # the placeholder of one audio part; every part's tokens share it
     stop_ids: list[int]
     context_tokens: int
+    settings: GenerationSettings | None = None  # sampling defaults the checkpoint states, over its family's
 
     def token_ids(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids with one audio_token_id per audio part."""

@@ -38,7 +38,7 @@ from transformers import (
 from transformers.utils import cached_file
 
 from chat.audio import SAMPLE_RATE
-from chat.errors import BackendError
+from chat.errors import BackendError, SettingsError
 from chat.families.base import LoadOptions, LocalModel
 from chat.families.salmonn import (
     BOS,
@@ -50,6 +50,7 @@ from chat.families.salmonn import (
     window_frames,
 )
 from chat.prompts import Prompt
+from chat.settings import GenerationSettings
 
 MIN_SAMPLES = SAMPLE_RATE  # the original pads audio shorter than 1 s to 1 s
 BERT_HEAD_WIDTH = 64  # BERT-base (the Q-Former's base): 12 heads of 64; the checkpoint's shapes do not say
@@ -77,13 +78,15 @@ class DecodeConfig:
     second_per_window: float
     second_stride: float
     query_tokens: int
+    settings: GenerationSettings  # from its generate section
 
 
 def read_decode_config(path: str) -> DecodeConfig:
     """The yaml's model section; BackendError names a part that is missing and what to do about it."""
     try:
-        model = (yaml.safe_load(Path(path).read_text()) or {}).get("model")
-    except (OSError, yaml.YAMLError, AttributeError) as e:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+        model = config["model"]
+    except (OSError, yaml.YAMLError, TypeError, KeyError) as e:
         raise BackendError(f"Cannot read {path} as a SALMONN decode yaml: {e}") from e
     folder = Path(path).parent
 
@@ -104,7 +107,22 @@ def read_decode_config(path: str) -> DecodeConfig:
         second_per_window=float(model.get("second_per_window", 0.333333)),
         second_stride=float(model.get("second_stride", 0.333333)),
         query_tokens=int(model.get("num_speech_query_token", 1)),
+        settings=generation_settings(config.get("generate") or {}, path),
     )
+
+
+def generation_settings(generate: dict, path: str) -> GenerationSettings:
+    """The yaml's generate section as the app's settings. A streamed reply is one beam, so num_beams is not
+    used: without sampling the reply is the greedy one."""
+    try:
+        return GenerationSettings(
+            max_new_tokens=int(generate.get("max_new_tokens", 200)),
+            temperature=float(generate.get("temperature", 1.0)) if generate.get("do_sample", False) else 0.0,
+            top_p=float(generate.get("top_p", 0.9)), top_k=0,
+            repetition_penalty=float(generate.get("repetition_penalty", 1.0)),
+        )
+    except (TypeError, ValueError, SettingsError) as e:
+        raise BackendError(f"{path}: its generate section is not usable ({e}).") from e
 
 
 def _resolve(value: str, folder: Path, key: str, what: str, yaml_path: str, is_file: bool) -> str:
@@ -425,6 +443,7 @@ class SalmonnModel(LocalModel):
         self.n_windows = audio.n_windows
         self.context_tokens = llama_config.max_position_embeddings
         self.stop_ids = [self.tokenizer.eos_id]
+        self.settings = config.settings
 
     def _add_lora(self, ckpt: dict, config: DecodeConfig) -> None:
         """LoRA adapters on the LLM's q_proj and v_proj, loaded from the checkpoint's peft-0.3 tensors."""

@@ -135,8 +135,8 @@ def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
 def train_tokenizer(path: Path = DATA / "tokenizer.model", vocab: int = TOKENIZER_VOCAB) -> Path:
     """A Vicuna-style tokenizer: BPE, byte fallback (newline is id 13), LLaMA's normalisation settings.
 
-    The tiny one (committed) has 400 pieces; for a full vocabulary every piece past its merges is a
-    symbol `~N`, so each id a random model emits decodes to text and streams.
+    The tiny one (committed) has 400 pieces; for a full vocabulary (bench/gpu.py) most pieces are symbols
+    ` wN`, so almost every id a random model emits decodes to a word and streams as a reply would.
     """
     import sentencepiece
 
@@ -147,7 +147,7 @@ def train_tokenizer(path: Path = DATA / "tokenizer.model", vocab: int = TOKENIZE
         vocab_size=vocab, model_type="bpe", byte_fallback=True, character_coverage=1.0,
         normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
         split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
-        hard_vocab_limit=False, user_defined_symbols=[f"~{i}" for i in range(n_symbols)],
+        hard_vocab_limit=False, user_defined_symbols=[f"\u2581w{i}" for i in range(n_symbols)],
     )
     path.with_suffix(".vocab").unlink()
     return path

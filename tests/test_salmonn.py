@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 from chat import BackendError, Clip, Conversation, GenerationSettings, Response, load_backend
 from chat.families import get_family
-from chat.families.salmonn_model import FBANK_FRAMES, LlamaSentencePiece
+from chat.families.beats import FBANK_FRAMES
+from chat.families.salmonn_model import LlamaSentencePiece
 from chat.local import LocalBackend
 from chat.tools import toolbox_for
 from tests.conftest import tone

@@ -276,7 +276,7 @@ class SalmonnModel(LocalModel):
         expected = {n for n in audio.state_dict() if not n.startswith(("speech_encoder.", "beats."))}
         _load_exactly(audio, own | qformer_state(ckpt), expected, config.ckpt)
         self.model.audio = audio.to(device=self.model.device, dtype=options.dtype).eval()
-        self.features_extractor = WhisperFeatureExtractor.from_pretrained(config.whisper)
+        self.feature_extractor = WhisperFeatureExtractor.from_pretrained(config.whisper)
         self.audio_token_id = llama_config.audio_token_id
         self.n_windows = audio.n_windows
         self.context_tokens = llama_config.max_position_embeddings
@@ -317,7 +317,7 @@ class SalmonnModel(LocalModel):
         A part shorter than 1 s is zero-padded to 1 s first, as the original does.
         """
         samples = np.pad(samples, (0, max(0, MIN_SAMPLES - len(samples))))
-        mel = self.features_extractor(samples.astype(np.float64), sampling_rate=SAMPLE_RATE, padding="max_length",
+        mel = self.feature_extractor(samples.astype(np.float64), sampling_rate=SAMPLE_RATE, padding="max_length",
                                       return_tensors="pt")["input_features"][0]
         fbank = beats_fbank(samples)
         fbank_mask = torch.zeros(FBANK_FRAMES, dtype=torch.long)

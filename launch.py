@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_cli(backend, recorder=SoundDeviceRecorder(), tools=args.tools, word_model=args.word_model,
                            store=store)
-        model = f"Model: **{Path(args.checkpoint_path).name}** ({backend.family.title}), {where}."
+        path = Path(args.checkpoint_path)
+        shown = f"{path.parent.name}/{path.name}" if path.is_file() else path.name  # a yaml: its folder says more
+        model = f"Model: **{shown}** ({backend.family.title}), {where}."
         return serve(args, backend, store, model)
     finally:
         backend.close()

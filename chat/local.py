@@ -112,7 +112,7 @@ class LocalBackend(Backend):
         if prompt.audio_parts:
             features = [self._features(part) for part in prompt.audio_parts]
             inputs |= {name: torch.stack([part[name] for part in features]) for name in features[0]}  # (n_parts, ...)
-            n_audio_tokens = self.loaded.n_audio_tokens(inputs["feature_attention_mask"].sum(-1))
+            n_audio_tokens = self.loaded.n_audio_tokens(inputs)
             repeats[is_audio] = n_audio_tokens.to(repeats.dtype)
         inputs["input_ids"] = ids.repeat_interleave(repeats)[None]  # (1, n_tokens)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])

@@ -57,12 +57,11 @@ class LocalModel:
         raise NotImplementedError
 
     def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
-        """The model's audio inputs of one part by name: at least input_features (n_mels, n_frames) and
-        feature_attention_mask (n_frames,), its valid frames."""
+        """The model's audio inputs of one part by name, e.g. input_features (n_mels, n_frames)."""
         raise NotImplementedError
 
-    def n_audio_tokens(self, n_frames: torch.Tensor) -> torch.Tensor:
-        """Audio tokens of each part, from its count of valid mel frames (the encoder's own length rule)."""
+    def n_audio_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Audio tokens of each part (n_parts,), from the parts' features() stacked (the encoder's own length rule)."""
         raise NotImplementedError
 
     def count_tokens(self, text: str) -> int:

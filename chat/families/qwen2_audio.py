@@ -77,8 +77,9 @@ class Qwen2AudioModel(LocalModel):
         )
         return {"input_features": out["input_features"][0], "feature_attention_mask": out["attention_mask"][0]}
 
-    def n_audio_tokens(self, n_frames: torch.Tensor) -> torch.Tensor:
-        """The encoder's own length rule, so audio tokens and encoder outputs always agree."""
+    def n_audio_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The encoder's own length rule on each part's valid frames, so audio tokens and encoder outputs agree."""
+        n_frames = features["feature_attention_mask"].sum(-1)
         return self.model.model.audio_tower._get_feat_extract_output_lengths(n_frames)[1]
 
 

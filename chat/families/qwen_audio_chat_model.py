@@ -240,8 +240,9 @@ class QwenAudioChatModel(LocalModel):
         mask[: len(samples) // SAMPLES_PER_FRAME] = 1
         return {"input_features": features, "feature_attention_mask": mask}
 
-    def n_audio_tokens(self, n_frames: torch.Tensor) -> torch.Tensor:
+    def n_audio_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """T // 2 with T = (mel_len - 1) // 2 + 1, the frames after the stride-2 convolution."""
+        n_frames = features["feature_attention_mask"].sum(-1)
         return ((n_frames - 1) // 2 + 1) // 2
 
     def position_encoding(self, n_tokens: int) -> float:

@@ -191,8 +191,7 @@ class SalmonnForCausalLM(LlamaForCausalLM):
 
     audio: SalmonnAudio
 
-    def forward(self, input_ids=None, input_features=None, feature_attention_mask=None, fbank=None, fbank_mask=None,
-                inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, input_features=None, fbank=None, fbank_mask=None, inputs_embeds=None, **kwargs):
         """LLaMA's forward on embeddings with each part's audio tokens in place of its placeholders."""
         if inputs_embeds is None:
             is_audio = input_ids == self.config.audio_token_id  # past the vocabulary: no embedding row
@@ -322,12 +321,12 @@ class SalmonnModel(LocalModel):
         fbank = beats_fbank(samples)
         fbank_mask = torch.zeros(FBANK_FRAMES, dtype=torch.long)
         fbank_mask[: len(fbank)] = 1
-        return {"input_features": mel, "feature_attention_mask": torch.ones(mel.shape[-1], dtype=torch.long),
-                "fbank": F.pad(fbank, (0, 0, 0, FBANK_FRAMES - len(fbank))), "fbank_mask": fbank_mask}
+        return {"input_features": mel, "fbank": F.pad(fbank, (0, 0, 0, FBANK_FRAMES - len(fbank))),
+                "fbank_mask": fbank_mask}
 
-    def n_audio_tokens(self, n_frames: torch.Tensor) -> torch.Tensor:
+    def n_audio_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """One token per Q-Former window, for every part."""
-        return torch.full_like(n_frames, self.n_windows)
+        return torch.full((len(features["input_features"]),), self.n_windows)
 
 
 def _load_exactly(module: nn.Module, state: dict, expected: set[str], source: str) -> None:

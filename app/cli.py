@@ -5,7 +5,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TextIO
 
@@ -33,7 +33,7 @@ from chat.backend import Backend
 from chat.clip import Clip
 from chat.conversation import STOPPED, USER, Conversation
 from chat.errors import ChatError, ClipError, StoreError
-from chat.settings import GenerationSettings
+from chat.settings import GenerationSettings, with_setting
 from chat.store import Store
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for
@@ -78,7 +78,8 @@ class Terminal:
         self.commands: dict[str, Callable[[str], None]] = {
             "/add": self.add, "/rec": self.record, "/send": self.send, "/clips": self.list_clips,
             "/play": self.play, "/export": self.export, "/save": self.save, "/load": self.load,
-            "/undo": self.undo, "/clear": self.clear, "/system": self.system, "/help": self.help, "/quit": self.quit,
+            "/undo": self.undo, "/clear": self.clear, "/system": self.system, "/set": self.set, "/help": self.help,
+            "/quit": self.quit,
             "/list": self.list_conversations, "/open": self.open_conversation, "/new": self.new_conversation,
         }
 
@@ -296,6 +297,14 @@ class Terminal:
             self.say("System prompt set.")
         else:
             self.say(f"System prompt: {self.conversation.system_prompt}")
+
+    def set(self, args: str) -> None:
+        """Show the generation settings, or set one (`/set temperature 0.2`)."""
+        name, _, value = args.partition(" ")
+        if name:
+            self.settings = with_setting(self.settings, name, value.strip())
+        shown = ", ".join(f"{field.name} {getattr(self.settings, field.name)}" for field in fields(self.settings))
+        self.say(f"Settings: {shown.replace('seed None', 'seed random')}.")
 
     def help(self, args: str) -> None:
         """Print the commands."""

@@ -34,6 +34,8 @@ Enter once more to send it as a spoken question, or type a question about it.
   /undo                remove the last exchange
   /clear               remove every message (the system prompt stays)
   /system [TEXT]       show the system prompt, or set it
+  /set [NAME VALUE]    show the generation settings, or set one: max_new_tokens, temperature (0 = greedy),
+                       top_p, top_k (0 = off), repetition_penalty, seed (a number, or random)
   /help                show this help
   /quit                leave (so do Ctrl-D, and Ctrl-C at the prompt)"""
 

@@ -85,8 +85,10 @@ class Response:
         conversation: Conversation,
         settings: GenerationSettings | None = None,
         system_prompt: str | None = None,
+        tools: tuple[dict, ...] = (),
     ):
-        """system_prompt, when given, replaces the conversation's for this reply only (Turn adds the tools to it)."""
+        """system_prompt, when given, replaces the conversation's for this reply only (Turn adds the tools to it);
+        tools are specs for a family whose own template lists them (Family.native_tools)."""
         if not conversation.awaiting_reply():
             raise ConversationError("There is nothing to reply to: send a message or a clip first.")
         self.backend, self.conversation = backend, conversation
@@ -94,7 +96,8 @@ class Response:
         max_prompt_tokens = backend.context_tokens - self.settings.max_new_tokens
         exact = backend.count_tokens("") is not None
         shown = conversation if system_prompt is None else replace(conversation, system_prompt=system_prompt)
-        self.prompt = backend.family.renderer.render(shown, max_prompt_tokens, backend.count_tokens if exact else None)
+        self.prompt = backend.family.renderer.render(shown, max_prompt_tokens, backend.count_tokens if exact else None,
+                                                     tools)
         self.stats = Stats(
             audio_s=sum(len(p.samples) for p in self.prompt.audio_parts) / SAMPLE_RATE,
             n_dropped_turns=self.prompt.n_dropped_turns,

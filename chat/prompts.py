@@ -43,6 +43,8 @@ class Prompt:
     audio_parts: tuple[AudioPart, ...]
     messages: tuple[Message, ...]  # the messages rendered, after history was dropped
     n_dropped_turns: int = 0  # oldest exchanges left out so the prompt fits the context
+    system: str = ""  # the system prompt rendered
+    tools: tuple[dict, ...] = ()  # tool specs (OpenAI function format) for a family whose template takes them
 
 
 class PromptRenderer:
@@ -58,17 +60,20 @@ class PromptRenderer:
         conversation: Conversation,
         max_tokens: int | None = None,
         count_tokens: Callable[[str], int] | None = None,
+        tools: tuple[dict, ...] = (),
     ) -> Prompt:
         """Render the conversation for a reply, dropping the oldest turns while it exceeds max_tokens.
 
-        The current turn is never dropped: if it alone does not fit, PromptTooLongError says by how much.
+        tools are specs for a family that writes them in its own template (Family.native_tools); others get
+        their tools in the system prompt. The current turn is never dropped: if it alone does not fit,
+        PromptTooLongError says by how much.
         """
         count_tokens = count_tokens or (lambda text: math.ceil(len(text) / CHARS_PER_TOKEN_ESTIMATE))
         numbers = {clip.id: n for n, clip in enumerate(conversation.clips(), start=1)}
         turns = conversation.turns()
         for n_dropped in range(max(1, len(turns))):
             messages = tuple(m for turn in turns[n_dropped:] for m in turn)
-            prompt = self._prompt(conversation.system_prompt, messages, numbers, n_dropped)
+            prompt = self._prompt(conversation.system_prompt, messages, numbers, n_dropped, tools)
             # each part stands in the text as one placeholder token
             needed = count_tokens(prompt.text) + sum(p.n_audio_tokens - 1 for p in prompt.audio_parts)
             if max_tokens is None or needed <= max_tokens:
@@ -78,12 +83,14 @@ class PromptRenderer:
             "Send fewer or shorter clips, or a shorter message."
         )
 
-    def _prompt(self, system: str, messages: tuple[Message, ...], numbers: dict[str, int], n_dropped: int) -> Prompt:
+    def _prompt(self, system: str, messages: tuple[Message, ...], numbers: dict[str, int], n_dropped: int,
+                tools: tuple[dict, ...]) -> Prompt:
         system, messages = self.defuse(system), tuple(replace(m, text=self.defuse(m.text)) for m in messages)
         parts = {clip.id: self.parts(clip, numbers[clip.id]) for message in messages for clip in message.clips}
-        text = self.render_text(system or self.family.system_prompt, messages, parts)
-        ordered = tuple(part for message in messages for clip in message.clips for part in parts[clip.id])
-        return Prompt(text, ordered, messages, n_dropped)
+        system = system or self.family.system_prompt
+        prompt = Prompt("", tuple(part for message in messages for clip in message.clips for part in parts[clip.id]),
+                        messages, n_dropped, system, tools)
+        return replace(prompt, text=self.render_text(system, messages, parts, tools))
 
     def parts(self, clip: Clip, number: int) -> list[AudioPart]:
         """The clip as the window-sized parts the model hears, each with its token count; none for a lost clip."""
@@ -93,7 +100,8 @@ class PromptRenderer:
         return [AudioPart(clip, number, index, len(pieces), samples, self.family.n_audio_tokens(len(samples)))
                 for index, samples in enumerate(pieces)]
 
-    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]]) -> str:
+    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
+                    tools: tuple[dict, ...]) -> str:
         """The prompt text, ending where the assistant's reply begins; parts maps clip ids to their parts."""
         raise NotImplementedError
 

@@ -1,6 +1,6 @@
 """Generation settings: how a reply is sampled."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from chat.errors import SettingsError
 
@@ -30,3 +30,18 @@ class GenerationSettings:
         for ok, message in checks:
             if not ok:
                 raise SettingsError(f"{message}.")
+
+
+def with_setting(settings: GenerationSettings, name: str, value: str) -> GenerationSettings:
+    """settings with one of them set from text (`seed` takes `random` too); SettingsError says what is wrong."""
+    kinds = {field.name: field.type for field in fields(GenerationSettings)}
+    if name not in kinds:
+        raise SettingsError(f"There is no setting {name!r}; the settings are {', '.join(kinds)}.")
+    if name == "seed" and value.lower() in ("", "random", "none"):
+        return replace(settings, seed=None)
+    whole = name in ("max_new_tokens", "top_k", "seed")
+    try:
+        number = int(value) if whole else float(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be a {'whole ' if whole else ''}number, not {value!r}.") from None
+    return replace(settings, **{name: number})

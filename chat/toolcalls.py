@@ -1,4 +1,4 @@
-"""Tool calls in a streamed reply: Hermes `<tool_call>` JSON and ReAct `Action:` lines.
+"""Tool calls in a streamed reply: Hermes `<tool_call>` JSON, ReAct `Action:` lines, Mistral's `[TOOL_CALLS]`.
 
 A parser is fed the reply chunk by chunk and returns the text that is safe to show plus the calls
 completed so far. Text that might be the start of a call is held back until it is clearly not one,
@@ -37,6 +37,7 @@ class ToolCallParser(ReplyReader):
 
     style = ""
     marker = ""
+    native = False  # the tools are listed by the model's own template (Prompt.tools), not in the system prompt
 
     def __init__(self) -> None:
         self.buffer = ""  # received text not yet shown or parsed
@@ -186,6 +187,61 @@ class ReActParser(ToolCallParser):
         return text
 
 
+class MistralParser(ToolCallParser):
+    """Mistral's tokenizers (mistral-common): `[TOOL_CALLS]` then, by tokenizer version, a JSON list of
+    `{"name": ..., "arguments": {...}}` (v7 and earlier, and v13 and later) or `name[CALL_ID]id[ARGS]{...}` (v11,
+    the call id left out from v13 on). The tools themselves are listed by the tokenizer ([AVAILABLE_TOOLS]).
+
+    A list of several calls is read as its first call: the app runs one call at a time and the model, shown
+    that call's result, asks for the next.
+    """
+
+    style = "mistral"
+    marker = "[TOOL_CALLS]"
+    native = True
+    args_marker, call_id_marker = "[ARGS]", "[CALL_ID]"
+
+    def _read(self, held: str, final: bool) -> tuple[int, ToolCall | None] | None:
+        body_start = len(self.marker)
+        body = held[body_start:].lstrip()
+        body_start = len(held) - len(body)
+        if not body:
+            return (len(held), ToolCall("", {}, "The tool call was cut off after [TOOL_CALLS].")) if final else None
+        if body.startswith("["):
+            return self._read_list(body, body_start, final)
+        args = body.find(self.args_marker)
+        if args < 0:
+            if final:
+                return len(held), ToolCall("", {}, f"The tool call {body[:80]!r} has no {self.args_marker} part.")
+            return None
+        name = body[:args].split(self.call_id_marker)[0].strip()
+        raw = body[args + len(self.args_marker):]
+        try:
+            arguments, n_json = json.JSONDecoder().raw_decode(raw)
+        except (ValueError, RecursionError) as e:
+            if not final:
+                return None
+            return len(held), ToolCall(name, {}, f"The arguments of {name} are not valid JSON ({e}).")
+        return body_start + args + len(self.args_marker) + n_json, _checked_call(name, arguments)
+
+    def _read_list(self, body: str, body_start: int, final: bool) -> tuple[int, ToolCall | None] | None:
+        try:
+            calls, n_json = json.JSONDecoder().raw_decode(body)
+        except (ValueError, RecursionError) as e:
+            if not final:
+                return None
+            return body_start + len(body), ToolCall("", {}, f"The tool call list is not valid JSON ({e}).")
+        first = calls[0] if isinstance(calls, list) and calls else None
+        call = _call_from_json(json.dumps(first)) if isinstance(first, dict) else ToolCall(
+            "", {}, 'A tool call list needs [{"name": ..., "arguments": {...}}].')
+        return body_start + n_json, call
+
+    @classmethod
+    def instructions(cls, intro: str, specs: list[dict], example: tuple[str, dict, str] | None) -> str:
+        """Only the intro: the tokenizer lists the tools and the model knows its own call format."""
+        return intro
+
+
 def _partial_marker(text: str, marker: str) -> int:
     """Length of the longest end of text that is the start of marker (held back until it resolves)."""
     for n in range(min(len(text), len(marker) - 1), 0, -1):
@@ -218,7 +274,9 @@ def _checked_call(name: str, arguments: object) -> ToolCall:
     return ToolCall(name, arguments)
 
 
-PARSERS: dict[str, type[ToolCallParser]] = {HermesParser.style: HermesParser, ReActParser.style: ReActParser}
+PARSERS: dict[str, type[ToolCallParser]] = {
+    parser.style: parser for parser in (HermesParser, ReActParser, MistralParser)
+}
 
 
 def get_parser(style: str) -> ToolCallParser:

@@ -9,7 +9,7 @@ from chat.backend import Backend, Response
 from chat.conversation import DONE, Conversation, Message, ToolUse
 from chat.errors import ToolError
 from chat.settings import GenerationSettings
-from chat.toolcalls import ToolCall
+from chat.toolcalls import ToolCall, get_parser
 from chat.tools import ToolBox, ToolResult, run_tool_call, span_clips, tool_system_prompt
 
 POLL_S = 0.02  # how often a waiting reader checks whether the worker has ended
@@ -63,8 +63,11 @@ class Turn:
         self.backend, self.conversation, self.settings = backend, conversation, settings
         self.tools, self.max_tool_calls = tools, max_tool_calls
         self.system_prompt = None  # the conversation's own, unless tools are on
+        self.tool_specs: tuple[dict, ...] = ()  # for a family whose template lists the tools itself
         if tools is not None:
             self.system_prompt = tool_system_prompt(tools, backend.family.tool_style, conversation.system_prompt)
+            if get_parser(backend.family.tool_style).native:
+                self.tool_specs = tuple(tool.spec() for tool in tools.tools.values())
         self.responses: list[Response] = [self._new_response()]
         self._cancel = threading.Event()
 
@@ -94,7 +97,8 @@ class Turn:
             self.responses.append(self._new_response())
 
     def _new_response(self) -> Response:
-        return Response(self.backend, self.conversation, self.settings, system_prompt=self.system_prompt)
+        return Response(self.backend, self.conversation, self.settings, system_prompt=self.system_prompt,
+                        tools=self.tool_specs)
 
     def _stream(self) -> Generator[Event, None, ToolCall | None]:
         """Yield the current response's text for the user; return the first tool call it made, if any."""

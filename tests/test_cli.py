@@ -18,18 +18,18 @@ import numpy as np
 import pytest
 import soundfile
 
-from app.cli import EXIT_INTERRUPTED, RECORDING_PROMPT, run_cli
 import launch
+from app.cli import EXIT_INTERRUPTED, RECORDING_PROMPT, run_cli
 from app.cli_text import BANNER, help_text, model_line, tool_result
 from app.recorder import ArrayRecorder, SoundDeviceRecorder
 from chat import BackendError, Clip, ClipError, Conversation, GenerationSettings, saving
 from chat.audio import MAX_CLIP_S, SAMPLE_RATE
 from chat.backend import Backend
-from chat.families import DEFAULT_FAMILY
-from chat.store import Store
 from chat.clip import EDITED, UPLOADED
 from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, USER
+from chat.families import DEFAULT_FAMILY
 from chat.scripted import ScriptedBackend
+from chat.store import Store
 from tests.conftest import tone, write_audio
 
 CTRL_C = KeyboardInterrupt  # an input line that is a Ctrl-C at the prompt
@@ -206,10 +206,12 @@ class StuckInPrefill(Backend):
 
     def __init__(self) -> None:
         self.started, self.release = threading.Event(), threading.Event()
+        self.cancel = threading.Event()
 
     def execute(self, prompt, settings, stats, cancel):
+        self.cancel = cancel
         self.started.set()
-        self.release.wait(10)
+        self.release.wait(60)
         yield "late"
 
 
@@ -217,10 +219,12 @@ def test_a_second_ctrl_c_leaves_while_the_reply_cannot_stop_yet():
     backend = StuckInPrefill()
 
     def press_ctrl_c_twice():
-        backend.started.wait(10)
-        for _ in range(2):
-            _thread.interrupt_main()
-            threading.Event().wait(0.3)
+        backend.started.wait(60)
+        _thread.interrupt_main()
+        # the second press once the first has been handled: two presses before the busy main thread runs
+        # again would reach it as one
+        backend.cancel.wait(60)
+        _thread.interrupt_main()
 
     presser = threading.Thread(target=press_ctrl_c_twice)
     presser.start()
@@ -386,6 +390,8 @@ def test_the_client_in_a_real_terminal_with_the_tiny_model(tiny_qwen2_audio, spe
         child.expect(r"(.+)\r\n\[Qwen2-Audio · none · \d+ prompt tokens · \d+ new · first token [\d.]+ s.*\]\r\n> ")
         assert child.match.group(1).strip() and "[stopped]" not in child.match.group(1)
 
+        child.sendline("/set max_new_tokens 8192")  # a reply of a minute: Ctrl-C comes mid-way, however busy
+        child.expect_exact("Settings: max_new_tokens 8192, ")
         child.sendline("And now?")
         child.expect_exact("And now?\r\n")
         child.expect(r"\S")  # the reply has started streaming
@@ -423,3 +429,17 @@ def test_conversations_are_kept_listed_and_reopened(tmp_path):
 def test_without_a_store_list_says_how_to_keep_conversations():
     code, transcript, _ = session(["/list", "/quit"])
     assert "error: Conversations are not kept in this session: /save and /load folders instead." in transcript
+
+
+def test_set_shows_and_changes_the_generation_settings_with_clear_errors():
+    code, transcript, conversation = session(["/set temperature 0.2", "/set top_k many", "/set warmth 1", "/set top_p 3",
+                                              "/set seed 7", "Hi", "/set seed random", "/quit"])
+    lines = transcript.splitlines()
+    assert ("Settings: max_new_tokens 512, temperature 0.2, top_p 0.5, top_k 0, repetition_penalty 1.1, "
+            "seed random.") in lines
+    assert "error: top_k must be a whole number, not 'many'." in lines
+    assert ("error: There is no setting 'warmth'; the settings are max_new_tokens, temperature, top_p, top_k, "
+            "repetition_penalty, seed.") in lines
+    assert "error: top_p must be above 0 and at most 1." in lines
+    assert conversation.messages[-1].figures.settings == GenerationSettings(temperature=0.2, seed=7)
+    assert lines[-2].endswith("seed random.")

@@ -6,11 +6,11 @@ stay cheap, since every start of the app does), and one line in FAMILIES.
 """
 
 from chat.errors import BackendError
-from chat.families import qwen2_audio, qwen_audio_chat, salmonn
+from chat.families import qwen2_audio, qwen_audio_chat, salmonn, voxtral
 from chat.families.base import Family, LoadOptions, LocalModel
 
 FAMILIES: dict[str, Family] = {
-    family.name: family for family in (qwen2_audio.FAMILY, qwen_audio_chat.FAMILY, salmonn.FAMILY)
+    family.name: family for family in (qwen2_audio.FAMILY, qwen_audio_chat.FAMILY, salmonn.FAMILY, voxtral.FAMILY)
 }
 DEFAULT_FAMILY = qwen2_audio.FAMILY
 

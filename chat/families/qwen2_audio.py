@@ -30,7 +30,8 @@ class Qwen2AudioRenderer(PromptRenderer):
     user turn `<tool_response>...</tool_response>`, the Qwen2.5 convention.
     """
 
-    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]]) -> str:
+    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
+                    tools: tuple[dict, ...]) -> str:
         """The prompt text, ending where the assistant's reply begins."""
         text = f"<|im_start|>system\n{system}<|im_end|>\n"
         for message in messages:
@@ -125,7 +126,7 @@ class Qwen2Audio(Family):
         dropped and no clip is longer than one window; otherwise a note after the audio names the clip.
         """
         n_sent = 0
-        messages: list[dict] = [{"role": "system", "content": _system_prompt(prompt)}]
+        messages: list[dict] = [{"role": "system", "content": prompt.system}]
         for message in prompt.messages:
             if message.role == ASSISTANT:
                 if message.text:  # as in the local prompt, a reply that failed before its first token is left out
@@ -152,11 +153,6 @@ def _clip_note(part: AudioPart, server_number: int) -> list[dict]:
     if part.number != server_number:
         return [text_content(f"(Audio {server_number} is this conversation's Audio {part.number}.)\n")]
     return []
-
-
-def _system_prompt(prompt: Prompt) -> str:
-    """The system message as the renderer wrote it (the default filled in, anything it adds included)."""
-    return prompt.text.removeprefix("<|im_start|>system\n").split("<|im_end|>", 1)[0]
 
 
 FAMILY = Qwen2Audio()

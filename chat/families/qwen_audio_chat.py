@@ -23,7 +23,8 @@ class QwenAudioChatRenderer(PromptRenderer):
     Qwen-7B-Chat family was trained on; a clip a tool made is heard there too.
     """
 
-    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]]) -> str:
+    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
+                    tools: tuple[dict, ...]) -> str:
         """The prompt text, ending where the assistant's reply begins (or continues after a tool)."""
         text = f"<|im_start|>system\n{system}<|im_end|>"
         pairs = exchanges(messages)

@@ -42,7 +42,8 @@ def n_query_windows(second_per_window: float, second_stride: float) -> int:
 class SalmonnRenderer(PromptRenderer):
     """The original prompt for one clip and one question, extended in Vicuna's multi-turn style (see the module)."""
 
-    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]]) -> str:
+    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
+                    tools: tuple[dict, ...]) -> str:
         """The prompt text, ending where the assistant's reply begins; system is not used (none was trained)."""
         labelled = sum(len(clip_parts) for clip_parts in parts.values()) > 1
         text = BOS

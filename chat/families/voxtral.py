@@ -1,0 +1,129 @@
+"""Voxtral (mistralai/Voxtral-Mini-3B-2507, Voxtral-Small-24B-2507): Mistral's audio LLM, trained to call tools.
+
+Its "chat template" is mistral-common, Mistral's own tokenizer library: it writes the system prompt,
+the tool list ([AVAILABLE_TOOLS]), each clip ([BEGIN_AUDIO] then 375 [AUDIO] per 30 s), replies, tool
+calls and tool results exactly as the model was trained. So the token ids come from mistral-common
+(voxtral_model.py), given the conversation as OpenAI-format messages; this module's text is the same
+layout written out, for counting tokens and for reading. Text a person types is never read as a
+control token: mistral-common encodes it as text.
+
+In the messages each clip part follows its label (`Audio 2:`), a tool's result is a tool message,
+and a clip a tool made follows in a user message of its own, so the model hears it. Tokenizers before
+v13 take no system prompt in a conversation with audio (Voxtral was trained without one there): the
+system prompt then opens the first user message.
+"""
+
+import json
+
+from chat.conversation import ASSISTANT, TOOL, USER, Message
+from chat.families.base import Family, LoadOptions, LocalModel
+from chat.prompts import AudioPart, Prompt, PromptRenderer
+from chat.settings import GenerationSettings
+
+MODEL_TYPE = "voxtral"
+AUDIO_TOKENS_PER_PART = 375  # 12.5 audio tokens per second of a 30-s chunk
+AUDIO = "[BEGIN_AUDIO][AUDIO]"  # in the text: one [AUDIO] stands for the part's 375
+
+
+def call_id(number: int) -> str:
+    """The id of the conversation's number-th tool call: nine characters, as Mistral's tokenizers require."""
+    return f"{number:09d}"
+
+
+def openai_messages(prompt: Prompt, audio: dict[tuple[str, int], dict], system_role: bool) -> list[dict]:
+    """The prompt as OpenAI-format chat messages, each audio part as audio[(clip id, part index)].
+
+    system_role: the system prompt is a system message; else it opens the first user message.
+    """
+    parts: dict[str, list[AudioPart]] = {}
+    for part in prompt.audio_parts:
+        parts.setdefault(part.clip.id, []).append(part)
+
+    def heard(message: Message) -> list[dict]:
+        return [chunk for clip in message.clips for part in parts.get(clip.id, [])
+                for chunk in ({"type": "text", "text": f"{part.label}:"}, audio[(part.clip.id, part.index)])]
+
+    out = [{"role": "system", "content": prompt.system}] if prompt.system and system_role else []
+    system_text = [{"type": "text", "text": prompt.system}] if prompt.system and not system_role else []
+    n_calls, open_call = 0, None
+    for message in prompt.messages:
+        if message.role == USER:
+            text = [{"type": "text", "text": message.text}] if message.text else []
+            out.append({"role": "user", "content": system_text + heard(message) + text})
+            system_text = []
+        elif message.role == ASSISTANT and message.calls:
+            n_calls += 1
+            open_call = call_id(n_calls)
+            call = message.calls[0]
+            function = {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}
+            out.append({"role": "assistant", "content": message.display_text or None,
+                        "tool_calls": [{"id": open_call, "type": "function", "function": function}]})
+        elif message.role == ASSISTANT and message.text:
+            out.append({"role": "assistant", "content": message.text})
+        elif message.role == TOOL:
+            if open_call is not None:  # a call the model could not write has no id: its error goes back as a user turn
+                out.append({"role": "tool", "tool_call_id": open_call, "content": message.text})
+            else:
+                out.append({"role": "user", "content": [{"type": "text", "text": message.text}]})
+            open_call = None
+            if message.clips:
+                out.append({"role": "user", "content": heard(message)})
+    return out
+
+
+class VoxtralRenderer(PromptRenderer):
+    """mistral-common's layout written out (the ids come from mistral-common itself; see the module)."""
+
+    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
+                    tools: tuple[dict, ...]) -> str:
+        """The prompt text: what the ids spell, with one [AUDIO] per part."""
+        text = f"<s>[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT]"
+        if tools:
+            text += f"[AVAILABLE_TOOLS]{json.dumps(list(tools), ensure_ascii=False)}[/AVAILABLE_TOOLS]"
+        for message in messages:
+            audio = "".join(f"{part.label}:{AUDIO}" for clip in message.clips for part in parts[clip.id])
+            if message.role == USER:
+                text += f"[INST]{audio}{message.text}[/INST]"
+            elif message.role == ASSISTANT:
+                calls = [{"name": c.name, "arguments": c.arguments} for c in message.calls]
+                text += message.display_text if calls else message.text
+                text += f"[TOOL_CALLS]{json.dumps(calls, ensure_ascii=False)}</s>" if calls else "</s>"
+            else:
+                text += f"[TOOL_RESULTS]{message.text}[/TOOL_RESULTS]" + (f"[INST]{audio}[/INST]" if audio else "")
+        return text
+
+
+class Voxtral(Family):
+    """Voxtral Mini 3B and Small 24B: Whisper-large-v3 encoder, a Mistral LLM, mistral-common's format."""
+
+    name = "voxtral"
+    title = "Voxtral"
+    example_checkpoint = "mistralai/Voxtral-Mini-3B-2507"
+    context_tokens = 32768
+    # Mistral's recommended chat sampling for Voxtral: temperature 0.2, top_p 0.95
+    settings = GenerationSettings(temperature=0.2, top_p=0.95, top_k=0, repetition_penalty=1.0)
+    tool_style = "mistral"  # trained on function calling: the tools are offered by default
+    # the Whisper encoder and its projection into the LLM, and lm_head: see the Qwen2-Audio family for why
+    unquantized_modules = ("model.audio_tower", "model.multi_modal_projector", "lm_head")
+    renderer_class = VoxtralRenderer
+
+    def recognizes(self, config: dict) -> bool:
+        """config.json's model_type is voxtral."""
+        return config.get("model_type") == MODEL_TYPE
+
+    def recognizes_name(self, model_name: str) -> bool:
+        """Names such as mistralai/Voxtral-Mini-3B-2507."""
+        return "voxtral" in model_name.lower()
+
+    def n_audio_tokens(self, n_samples: int) -> int:
+        """375 for any part: it is padded to 30 s."""
+        return AUDIO_TOKENS_PER_PART
+
+    def load(self, checkpoint: str, options: LoadOptions) -> LocalModel:
+        """VoxtralForConditionalGeneration.from_pretrained and mistral-common's tokenizer from tekken.json."""
+        from chat.families.voxtral_model import VoxtralModel
+
+        return VoxtralModel(checkpoint, options)
+
+
+FAMILY = Voxtral()

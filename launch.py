@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"(default: ${DATA_DIR_ENV}, else data/ beside launch.py)")
     offer = model.add_mutually_exclusive_group()
     offer.add_argument("--tools", dest="tools", action="store_const", const=True,
-                       help="offer the speech-editing tools even to a model family that is not offered them by "
-                            "default (Qwen-Audio-Chat edits by timestamps)")
+                       help="offer the speech-editing tools to a model family not trained on tool calls (by default "
+                            "only Voxtral, which was, is offered them)")
     offer.add_argument("--no-tools", dest="tools", action="store_const", const=False,
                        help="do not offer the speech-editing tools to the model (a shorter system prompt)")
     model.add_argument("--word-model", default=DEFAULT_WORD_MODEL,

@@ -70,6 +70,7 @@ class RemoteBackend(Backend):
             "stream": True,
             "stream_options": {"include_usage": True},
             **sampling_fields(settings),
+            **native_tool_fields(prompt.tools),
         }
         try:
             with self.client.stream("POST", f"{self.api_base}/chat/completions", json=body) as response:
@@ -178,6 +179,18 @@ def sampling_fields(settings: GenerationSettings) -> dict:
     if settings.seed is not None:
         fields["seed"] = settings.seed
     return fields
+
+
+def native_tool_fields(tools: tuple[dict, ...]) -> dict:
+    """For a family whose template lists the tools: the tools for the server's template, and the reply as text.
+
+    tool_choice "none" keeps the server from parsing calls itself (vLLM still renders the tools), and with
+    skip_special_tokens off (a vLLM field) a call's control tokens, such as [TOOL_CALLS], stay in the text,
+    where the family's reader finds them as it does locally.
+    """
+    if not tools:
+        return {}
+    return {"tools": list(tools), "tool_choice": "none", "skip_special_tokens": False}
 
 
 def _error_message(body: object) -> str:

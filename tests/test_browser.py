@@ -88,7 +88,7 @@ def apps(tiny_qwen2_audio, tmp_path_factory):
     with OpenAIServer() as openai:
         local = App(folder / "local", "-c", str(model), "--cpu-only")
         remote = App(folder / "remote", "-c", openai.model, "--api-base", openai.url, "--auth", ":".join(LOGIN),
-                     "--max-upload-mb", "1")
+                     "--max-upload-mb", "1", "--tools")
         try:
             local.wait_until_up()
             remote.wait_until_up()

@@ -102,8 +102,8 @@ def test_cli_hands_over_to_the_terminal_client():
     assert server.requests[0]["messages"][-1]["content"][-1]["text"] == "hi there"
 
 
-@pytest.mark.parametrize("flags, offered", [((), True), (("--no-tools",), False), (("--tools",), True)])
-def test_tools_are_offered_unless_turned_off(flags, offered):
+@pytest.mark.parametrize("flags, offered", [((), False), (("--no-tools",), False), (("--tools",), True)])
+def test_tools_are_offered_to_a_family_not_trained_on_them_only_when_asked(flags, offered):
     with OpenAIServer() as server:
         run_launch("--cli", "-c", server.model, "--api-base", server.url, *flags, stdin="hi\n/quit\n")
     system = server.requests[0]["messages"][0]["content"]

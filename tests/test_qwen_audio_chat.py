@@ -370,4 +370,4 @@ def test_the_tools_are_not_offered_by_default_but_can_be_asked_for(backend):
 
     assert toolbox_for(backend) is None  # it edits by timestamps; no tool list fills its context
     assert toolbox_for(backend, enabled=True) is not None and toolbox_for(backend, enabled=False) is None
-    assert toolbox_for(ScriptedBackend()) is not None  # Qwen2-Audio: offered unless turned off
+    assert toolbox_for(ScriptedBackend()) is None  # Qwen2-Audio was not trained on tool calls either

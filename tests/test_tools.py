@@ -262,9 +262,9 @@ def test_toolbox_for_uses_the_word_model_given_and_respects_off_and_unsupported(
     backend = ScriptedBackend()
     conversation = Conversation()
     conversation.add_user("Words?", [Clip.from_array(tone(1.0), SAMPLE_RATE)])
-    toolbox = toolbox_for(backend, word_model=str(tmp_path / "no-whisper"))
+    toolbox = toolbox_for(backend, enabled=True, word_model=str(tmp_path / "no-whisper"))
     result = run_tool_call(conversation, "find_words", {"audio": 1}, toolbox)
     assert result.clip is None and "no-whisper" in result.error
     assert toolbox_for(backend, enabled=False) is None
     backend.supports_tools = False
-    assert toolbox_for(backend) is None
+    assert toolbox_for(backend, enabled=True) is None

@@ -23,12 +23,14 @@ from chat.conversation import ASSISTANT, TOOL
 from chat.families import get_family
 from chat.families.voxtral import openai_messages
 from chat.local import LocalBackend
+from chat.remote import RemoteBackend
 from chat.scripted import ScriptedBackend
 from chat.timestamps import WordTimestamper
 from chat.toolcalls import get_parser
 from chat.tools import ToolBox, toolbox_for
 from chat.turn import ToolCallFinished, ToolCallStarted, Turn
 from tests.conftest import tone
+from tests.openai_server import OpenAIServer, decoded_audio
 from tests.tiny_voxtral import build_tiny_voxtral
 
 FAMILY = get_family("voxtral")
@@ -225,3 +227,31 @@ def test_a_long_clip_is_sent_as_labelled_30_s_parts(voxtral):
     prompt = FAMILY.renderer.render(conversation)
     assert [p.label for p in prompt.audio_parts] == [f"Audio 1 (part {k} of 3)" for k in (1, 2, 3)]
     assert int((backend.prepare(prompt)["input_ids"] == 24).sum()) == 3 * 375
+
+
+def test_through_an_openai_compatible_server_the_tools_go_in_the_tools_field():
+    conversation = Conversation()
+    conversation.add_user("Cut 0.5 to 1 s out of Audio 1.", [Clip(tone(2.0), name="talk.wav")])
+    with OpenAIServer(models=("mistralai/Voxtral-Mini-3B-2507",)) as server:
+        server.enqueue(["I will cut it.", V11_CALL[:20], V11_CALL[20:]], delay_s=0.01)
+        server.enqueue(["Audio 2 ", "is the cut clip."])
+        remote = RemoteBackend(server.model, server.url)
+        try:
+            events = list(Turn(remote, conversation, tools=ToolBox()))
+        finally:
+            remote.close()
+        first, second = server.requests
+    assert remote.family is FAMILY
+    assert [(e.name, e.arguments) for e in events if isinstance(e, ToolCallStarted)] == [
+        ("delete_ranges", {"audio": 1, "ranges": [[0.5, 1.0]]})]
+    assert conversation.messages[-1].text == "Audio 2 is the cut clip." and conversation.clip(2).duration_s == 1.5
+    assert {tool["function"]["name"] for tool in first["tools"]} >= {"delete_ranges", "find_words"}
+    assert (first["tool_choice"], first["skip_special_tokens"]) == ("none", False)
+    assert "delete_ranges" not in json.dumps(first["messages"])  # listed once, by the server's template
+    assert [m["role"] for m in second["messages"]] == ["user", "assistant", "tool", "user"]
+    assert second["messages"][1]["tool_calls"][0]["function"] == {
+        "name": "delete_ranges", "arguments": '{"audio": 1, "ranges": [[0.5, 1.0]]}'}
+    assert second["messages"][2]["tool_call_id"] == second["messages"][1]["tool_calls"][0]["id"]
+    assert [len(audio) for audio in decoded_audio(second)] == [2 * SAMPLE_RATE, int(1.5 * SAMPLE_RATE)]
+    system = second["messages"][0]["content"][0]["text"]  # with audio, the system prompt opens the first user turn
+    assert system.startswith("You are a helpful assistant.\n\nYou can edit audio clips with tools.")

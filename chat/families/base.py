@@ -89,7 +89,7 @@ class Family:
     system_prompt = DEFAULT_SYSTEM_PROMPT
     settings = GenerationSettings()  # its published sampling defaults
     tool_style: str | None = "hermes"  # the tool-call format it is offered (chat.toolcalls); None: it has none
-    offers_tools = True  # whether the editing tools are offered unless a person says otherwise
+    offers_tools = False  # whether the editing tools are offered unless a person says otherwise: if trained on calls
     timestamp_edits = False  # whether <|t|> timestamp pairs in a reply become clips
     control_tokens: tuple[str, ...] = ()  # tokens a person's text must not produce
     unquantized_modules: tuple[str, ...] = ()  # full module paths kept in bf16 when the LLM is quantized

@@ -90,6 +90,8 @@ class Qwen2Audio(Family):
     name = "qwen2-audio"
     title = "Qwen2-Audio"
     example_checkpoint = "Qwen/Qwen2-Audio-7B-Instruct"
+    # Not trained on tool calls (its users report that function prompts are ignored): the editing tools are
+    # offered only when a person asks for them (--tools), in the Qwen2.5 Hermes format
     control_tokens = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
     # Left in bf16 when the language model is quantized. The Whisper-large audio encoder (0.6B weights,
     # 1.3 GB) is what hears: quantization noise there reaches every audio token of every clip, for a small

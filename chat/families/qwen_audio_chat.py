@@ -50,9 +50,8 @@ class QwenAudioChat(Family):
     # its chat_generation_config.json: sampling at top_p 0.5, top_k off, temperature and repetition left at 1
     settings = GenerationSettings(temperature=1.0, top_p=0.5, top_k=0, repetition_penalty=1.0)
     tool_style = "react"  # Qwen-7B-Chat's tool format, when a person asks for the tools (--tools)
-    # It edits speech by answering with timestamps, as its demo did; it saw no tool list in training,
-    # and one (about 1,700 tokens) would take most of the 2048 tokens it was trained on.
-    offers_tools = False
+    # Not offered the tools by default: it edits speech by answering with timestamps, as its demo did; it saw
+    # no tool list in training, and one (about 1,700 tokens) would take most of the 2048 tokens it was trained on.
     timestamp_edits = True
     # a person's text may hold any audio token but these three, which would claim a clip (as in make_context,
     # ChatML tokens are text there anyway; they are broken up so a renderer's split never sees them)

@@ -69,7 +69,6 @@ class Salmonn(Family):
     # The original decodes with 4 beams, up to 200 tokens; a streamed reply is one beam, so greedy
     settings = GenerationSettings(max_new_tokens=200, temperature=0.0, top_p=0.9, top_k=0, repetition_penalty=1.0)
     tool_style = None  # never trained on tool calls: the editing tools are off for it
-    offers_tools = False
     control_tokens = (BOS, EOS, SPEECH_HERE, REPLY_START)
     # Whisper, BEATs, the Q-Former and the projection are attached after the LLM loads, in bf16; of the LLM
     # only lm_head stays unquantized (see the Qwen2-Audio family for why)

@@ -17,6 +17,7 @@ import json
 
 from chat.conversation import ASSISTANT, TOOL, USER, Message
 from chat.families.base import Family, LoadOptions, LocalModel
+from chat.openai_content import audio_content
 from chat.prompts import AudioPart, Prompt, PromptRenderer
 from chat.settings import GenerationSettings
 
@@ -102,9 +103,11 @@ class Voxtral(Family):
     context_tokens = 32768
     # Mistral's recommended chat sampling for Voxtral: temperature 0.2, top_p 0.95
     settings = GenerationSettings(temperature=0.2, top_p=0.95, top_k=0, repetition_penalty=1.0)
-    tool_style = "mistral"  # trained on function calling: the tools are offered by default
+    tool_style = "mistral"
+    offers_tools = True  # trained on function calling
     # the Whisper encoder and its projection into the LLM, and lm_head: see the Qwen2-Audio family for why
     unquantized_modules = ("model.audio_tower", "model.multi_modal_projector", "lm_head")
+    served_by_vllm = True
     renderer_class = VoxtralRenderer
 
     def recognizes(self, config: dict) -> bool:
@@ -118,6 +121,15 @@ class Voxtral(Family):
     def n_audio_tokens(self, n_samples: int) -> int:
         """375 for any part: it is padded to 30 s."""
         return AUDIO_TOKENS_PER_PART
+
+    def request_messages(self, prompt: Prompt) -> list[dict]:
+        """The same messages with each part's audio, for a vLLM server with Voxtral's mistral-common tokenizer.
+
+        The server's tokenizer version is not known here: with audio, the system prompt opens the first user
+        message, which every version takes.
+        """
+        audio = {(part.clip.id, part.index): audio_content(part.samples) for part in prompt.audio_parts}
+        return openai_messages(prompt, audio, system_role=not prompt.audio_parts)
 
     def load(self, checkpoint: str, options: LoadOptions) -> LocalModel:
         """VoxtralForConditionalGeneration.from_pretrained and mistral-common's tokenizer from tekken.json."""

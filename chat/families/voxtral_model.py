@@ -1,10 +1,6 @@
 """Voxtral loaded and run with transformers 5 and mistral-common: the family of chat/families/voxtral.py."""
 
-import base64
-import io
-
 import numpy as np
-import soundfile
 import torch
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, SpecialTokens, TokenizerVersion
@@ -15,22 +11,15 @@ from transformers.utils import cached_file
 from chat.audio import SAMPLE_RATE
 from chat.families.base import LoadOptions, LocalModel
 from chat.families.voxtral import AUDIO_TOKENS_PER_PART, openai_messages
+from chat.openai_content import audio_content
 from chat.prompts import Prompt
 
 TOKENIZER_FILE = "tekken.json"
 
 
-def _silent_wav() -> dict:
-    """A one-sample clip as an OpenAI input_audio part. mistral-common pads every clip to a 30-s multiple and
-    counts its tokens from that, so it stands for any part (at most 30 s) in the ids; the audio itself is
-    the part's own mel features."""
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.zeros(1, dtype=np.float32), SAMPLE_RATE, format="WAV")
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(buffer.getvalue()).decode(),
-                                                   "format": "wav"}}
-
-
-PART_PLACEHOLDER = _silent_wav()
+# A one-sample clip: mistral-common pads every clip to a 30-s multiple and counts its tokens from that, so it
+# stands for any part (at most 30 s) in the ids; what the model hears is the part's own mel features.
+PART_PLACEHOLDER = audio_content(np.zeros(1, dtype=np.float32))
 
 
 class MistralText:

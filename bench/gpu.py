@@ -1,8 +1,8 @@
 """GPU benchmark: a family's real architecture with random weights, through LocalBackend.
 
---family qwen2-audio (default), qwen-audio-chat, salmonn-7b or salmonn-13b: builds the model from the real
-config on the GPU (no download), saves it as a checkpoint in that family's own format (SALMONN: its four
-parts and the decode yaml), then
+--family qwen2-audio (default), qwen-audio-chat, salmonn-7b, salmonn-13b or voxtral-mini: builds the model
+from the real config on the GPU (no download), saves it as a checkpoint in that family's own format
+(SALMONN: its four parts and the decode yaml; Voxtral: with a full-size tekken.json), then
 for each route loads it the product's way (LocalBackend, from_pretrained) and answers a short question
 about a fresh 30 s clip with 256 generated tokens (min_new_tokens forces the length; the product's
 default sampling settings). Per route: load time, memory, time to first token (Response's own measure:
@@ -48,6 +48,7 @@ from chat.settings import GenerationSettings  # noqa: E402
 from tests.tiny_models import build_tiny_qwen2_audio  # noqa: E402
 from tests.tiny_qwen_audio_chat import FULL_SIZE, build_qwen_audio_chat, build_tiny_qwen_audio_chat  # noqa: E402
 from tests.tiny_salmonn import FULL_SIZES, build_salmonn, build_tiny_salmonn  # noqa: E402
+from tests.tiny_voxtral import build_tiny_voxtral, build_voxtral_mini  # noqa: E402
 
 # Qwen/Qwen2-Audio-7B(-Instruct) config.json, as checked against public copies of it and the
 # Qwen2AudioEncoderConfig defaults (which are documented as that checkpoint's): 8.40 B parameters, 16.8 GB in bf16.
@@ -75,10 +76,10 @@ REPEATS = 3
 TORCHAO_GROUP_SIZE = 128
 GB = 1e9
 TARGETS = {"memory_gb": 7.0, "ttft_s": 0.150, "tokens_per_s": 100.0}  # for the default route (nf4) on an H100
-MEMORY_TARGETS_GB = {"salmonn-7b": 7.0, "salmonn-13b": 11.0}  # SALMONN's own issue: about 7 and 11 GB
+MEMORY_TARGETS_GB = {"salmonn-7b": 7.0, "salmonn-13b": 11.0, "voxtral-mini": 7.0}
 DEFAULT_ROUTE = "nf4"
 BENCH_FAMILIES = {"qwen2-audio": "Qwen2-Audio 7B", "qwen-audio-chat": "Qwen-Audio-Chat 7B",
-                  "salmonn-7b": "SALMONN 7B", "salmonn-13b": "SALMONN 13B"}
+                  "salmonn-7b": "SALMONN 7B", "salmonn-13b": "SALMONN 13B", "voxtral-mini": "Voxtral Mini 3B"}
 
 
 def full_vocab_tokenizer() -> Qwen2Tokenizer:
@@ -102,6 +103,8 @@ def build_checkpoint(folder: Path, family: str, device: torch.device, tiny: bool
         if tiny:
             return build_tiny_salmonn(folder)
         return build_salmonn(folder, FULL_SIZES[family.removeprefix("salmonn-")], device.type, torch.bfloat16)
+    if family == "voxtral-mini":
+        return build_tiny_voxtral(folder) if tiny else build_voxtral_mini(folder, device.type)
     if family == "qwen-audio-chat":
         if tiny:
             return build_tiny_qwen_audio_chat(folder)

@@ -88,7 +88,7 @@ class Response:
         tools: tuple[dict, ...] = (),
     ):
         """system_prompt, when given, replaces the conversation's for this reply only (Turn adds the tools to it);
-        tools are specs for a family whose own template lists them (Family.native_tools)."""
+        tools are specs for a family whose own template lists them (a native tool style, chat.toolcalls)."""
         if not conversation.awaiting_reply():
             raise ConversationError("There is nothing to reply to: send a message or a clip first.")
         self.backend, self.conversation = backend, conversation

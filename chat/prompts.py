@@ -64,8 +64,8 @@ class PromptRenderer:
     ) -> Prompt:
         """Render the conversation for a reply, dropping the oldest turns while it exceeds max_tokens.
 
-        tools are specs for a family that writes them in its own template (Family.native_tools); others get
-        their tools in the system prompt. The current turn is never dropped: if it alone does not fit,
+        tools are specs for a family that writes them in its own template (a native tool style, chat.toolcalls);
+        others get their tools in the system prompt. The current turn is never dropped: if it alone does not fit,
         PromptTooLongError says by how much.
         """
         count_tokens = count_tokens or (lambda text: math.ceil(len(text) / CHARS_PER_TOKEN_ESTIMATE))

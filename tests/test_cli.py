@@ -339,7 +339,7 @@ def test_a_tool_call_is_shown_with_its_result_and_the_reply_goes_on():
     conversation = Conversation()
     conversation.add_user("", [Clip.from_array(tone(3.0), SAMPLE_RATE, name="a.wav", source=UPLOADED)])
     code, transcript, _ = session(["Cut 0.5 to 1 s.", "Now Audio 7.", "/clips", "/quit"], backend,
-                                  conversation=conversation)
+                                  conversation=conversation, tools=True)  # Qwen2-Audio: only when asked
     edit, refusal = (m for m in conversation.messages if m.role == TOOL)
     assert transcript == screen(
         "[Audio 1] > Cut 0.5 to 1 s.", "Cutting it. ",

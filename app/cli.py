@@ -143,8 +143,8 @@ class Terminal:
             worker.start()
             self.show(worker, events)
         except KeyboardInterrupt:
-            turn.cancel()
-            try:
+            try:  # a second Ctrl-C, even one right after the cancel, leaves
+                turn.cancel()
                 self.show(worker, events)  # what was generated before the model noticed
             except KeyboardInterrupt:
                 self.say("[left before the reply had stopped]")

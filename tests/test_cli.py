@@ -10,8 +10,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +217,21 @@ class StuckInPrefill(Backend):
         yield "late"
 
 
-def test_a_second_ctrl_c_leaves_while_the_reply_cannot_stop_yet():
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal. A shell starts a background job (a test run with `&`) with
+    SIGINT ignored, and Python then leaves it ignored: no Ctrl-C would arrive at all."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def ctrl_c_as_on_a_terminal() -> None:
+    """For a child process: SIGINT as a terminal's program gets it, whatever this process was started with."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_a_second_ctrl_c_leaves_while_the_reply_cannot_stop_yet(ctrl_c_raises):
     backend = StuckInPrefill()
 
     def press_ctrl_c_twice():
@@ -378,7 +394,7 @@ def test_the_client_in_a_real_terminal_with_the_tiny_model(tiny_qwen2_audio, spe
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb", "PYTHONPATH": str(REPO),
            "AUDIO_CHAT_DATA_DIR": str(tmp_path / "data")}
     child = pexpect.spawn(sys.executable, ["launch.py", "--cli", "-c", str(checkpoint), "--cpu-only"], cwd=REPO, env=env,
-                          encoding="utf-8", timeout=120, dimensions=(24, 400))
+                          encoding="utf-8", timeout=120, dimensions=(24, 400), preexec_fn=ctrl_c_as_on_a_terminal)
     try:
         child.expect_exact("/help lists commands; Ctrl-D leaves.")
         child.expect_exact("> ")

@@ -88,9 +88,9 @@ class PromptRenderer:
         system, messages = self.defuse(system), tuple(replace(m, text=self.defuse(m.text)) for m in messages)
         parts = {clip.id: self.parts(clip, numbers[clip.id]) for message in messages for clip in message.clips}
         system = system or self.family.system_prompt
-        prompt = Prompt("", tuple(part for message in messages for clip in message.clips for part in parts[clip.id]),
-                        messages, n_dropped, system, tools)
-        return replace(prompt, text=self.render_text(system, messages, parts, tools))
+        text = self.render_text(system, messages, parts, tools)
+        ordered = tuple(part for message in messages for clip in message.clips for part in parts[clip.id])
+        return Prompt(text, ordered, messages, n_dropped, system, tools)
 
     def parts(self, clip: Clip, number: int) -> list[AudioPart]:
         """The clip as the window-sized parts the model hears, each with its token count; none for a lost clip."""

@@ -39,9 +39,11 @@ def render(
 
     family is the loaded model's, for how long clips are sent.
     """
-    numbers = {clip.id: n for n, clip in enumerate(conversation.clips(), start=1)}
+    # one snapshot: while a reply streams, its worker thread adds tool messages (and their clips) to the conversation
+    messages = list(conversation.messages)
+    numbers = {clip.id: n for n, clip in enumerate((clip for m in messages for clip in m.clips), start=1)}
     shown = []
-    for message in conversation.messages:
+    for message in messages:
         shown += _render(message, numbers, clip_path, family)
     if streaming:
         shown.append(gr.ChatMessage(streaming, role="assistant"))

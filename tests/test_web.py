@@ -27,9 +27,10 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
+from app.render import render  # noqa: E402
 from app.web import ASSETS, INTERRUPTED_NOTE, ChatPage, attachment_names, build_demo, launch  # noqa: E402
 from chat.clip import Clip  # noqa: E402
-from chat.conversation import Conversation  # noqa: E402
+from chat.conversation import Conversation, Message  # noqa: E402
 from chat.edit_tools import delete_ranges  # noqa: E402
 from chat.local import GENERATION_THREAD, LocalBackend  # noqa: E402
 from chat.scripted import ScriptedBackend  # noqa: E402
@@ -572,3 +573,22 @@ def test_attachments_are_listed_by_name():
     assert attachment_names({"text": "hi", "files": ["/tmp/g/1/question.wav", {"path": "/tmp/g/2/knock.flac"}]}) == (
         "Attached: question.wav · knock.flac")
     assert attachment_names({"text": "hi", "files": []}) == attachment_names(None) == ""
+
+
+def test_the_chat_renders_while_a_reply_adds_a_clip_to_the_conversation(speech_wav):
+    class Growing(list):
+        """The conversation's messages, to which the reply's worker thread adds a tool result while the page reads."""
+
+        def __iter__(self):
+            items = list(super().__iter__())
+            if len(items) == 2:
+                self.append(Message("tool", "cut", (Clip(tone(0.5), name="cut.wav"),), tool="delete_ranges"))
+            return iter(items)
+
+    conversation = Conversation()
+    conversation.add_user("Cut it.", [Clip.from_file(speech_wav)])
+    conversation.add_assistant("I will cut it.")
+    conversation.messages = Growing(conversation.messages)
+    chat = render(conversation, lambda clip: Path(f"/clips/{clip.id}.wav"), ScriptedBackend().family)
+    assert "**Audio 1** · question.wav" in all_text(chat) and "I will cut it." in all_text(chat)
+    assert len(conversation.messages) == 3  # added meanwhile: shown at the next update

@@ -382,8 +382,8 @@ class ClipAccess:
         if scope["type"] == "http":
             asked = scope["path"].split(FILE_ROUTE, 1)[1] if FILE_ROUTE in scope["path"] else None
             clip_id = self._stored_clip(asked) if asked is not None else None
-            user = _login(scope)
-            if clip_id is not None and user is not None and not self.store.may_fetch(clip_id, user):
+            user = _login(scope) if clip_id is not None else None  # only a clip's request needs its login
+            if user is not None and not self.store.may_fetch(clip_id, user):
                 return await JSONResponse({"detail": FILE_NOT_ALLOWED.format(path=asked)}, 403)(scope, receive, send)
         await self.app(scope, receive, send)
 

@@ -3,10 +3,13 @@
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -17,6 +20,19 @@ from tests.tiny_qwen_audio_chat import build_tiny_qwen_audio_chat  # noqa: E402
 from tests.tiny_salmonn import build_tiny_salmonn  # noqa: E402
 
 FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "webm")
+
+
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """torch with one intra-op thread while a module's tiny model is in use: on a loaded 2-core machine, torch's
+    thread team in the main thread made a 12-token generate 10-20 times slower (the backend's own worker thread
+    was unaffected)."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n_threads)
 
 
 def tone(seconds: float, frequency_hz: float = 440.0, sample_rate: int = SAMPLE_RATE, amplitude: float = 0.5) -> np.ndarray:

@@ -15,7 +15,7 @@ from chat.audio import SAMPLE_RATE
 from chat.conversation import DONE, FAILED, STOPPED
 from chat.local import GENERATION_THREAD, LocalBackend, generate_kwargs
 from chat.families import get_family
-from tests.conftest import tone
+from tests.conftest import one_intra_op_thread, tone
 
 SAMPLED = GenerationSettings(seed=0, max_new_tokens=24)  # random weights sampled: several streamed chunks
 
@@ -23,12 +23,8 @@ SAMPLED = GenerationSettings(seed=0, max_new_tokens=24)  # random weights sample
 @pytest.fixture(scope="module")
 def backend(tiny_qwen2_audio) -> Iterator[LocalBackend]:
     """The tiny checkpoint loaded once for the module, in 4-bit on the CPU."""
-    # One intra-op thread: on a loaded 2-core machine, torch's thread team in the main thread
-    # made a 12-token generate 10-20 times slower (the backend's own worker thread was unaffected).
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield LocalBackend(str(tiny_qwen2_audio), quantization="4bit")
-    torch.set_num_threads(n_threads)
+    with one_intra_op_thread():
+        yield LocalBackend(str(tiny_qwen2_audio), quantization="4bit")
 
 
 def clip(seconds: float, frequency_hz: float, name: str) -> Clip:

@@ -19,7 +19,7 @@ from chat.families.base import format_timestamps
 from chat.local import LocalBackend
 from chat.scripted import ScriptedBackend
 from chat.turn import TextChunk, ToolCallFinished
-from tests.conftest import tone
+from tests.conftest import one_intra_op_thread, tone
 from tests.parity.qwen_audio_chat_cases import CASES, CLIPS, REPLY_1, SAMPLE_RATE, clip
 from tests.tiny_qwen_audio_chat import AUDIO, HIDDEN
 
@@ -37,10 +37,8 @@ FAMILY = get_family("qwen-audio-chat")
 @pytest.fixture(scope="module")
 def backend(tiny_qwen_audio_chat) -> Iterator[LocalBackend]:
     """The tiny checkpoint loaded as a user's folder is: by load_backend, family read from its config.json."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_local_backend: one intra-op thread is faster on a busy 2-core machine
-    yield load_backend(str(tiny_qwen_audio_chat), cpu_only=True)
-    torch.set_num_threads(n_threads)
+    with one_intra_op_thread():
+        yield load_backend(str(tiny_qwen_audio_chat), cpu_only=True)
 
 
 def parity_conversation(case: str) -> Conversation:

@@ -23,7 +23,7 @@ from chat.families.beats import FBANK_FRAMES
 from chat.families.salmonn_model import LlamaSentencePiece
 from chat.local import LocalBackend
 from chat.tools import toolbox_for
-from tests.conftest import tone
+from tests.conftest import one_intra_op_thread, tone
 from tests.parity.salmonn_cases import CASES, N_NEW_TOKENS, SAMPLE_RATE, clip, sampled_frames
 from tests.tiny_salmonn import BEATS_CFG
 
@@ -37,10 +37,8 @@ N_WINDOWS = 88  # Q-Former windows of 17 Whisper frames in 1500
 @pytest.fixture(scope="module")
 def backend(tiny_salmonn) -> Iterator[LocalBackend]:
     """The tiny parts loaded as a user's are: load_backend on the decode yaml, the family read from it."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_local_backend: one intra-op thread is faster on a busy 2-core machine
-    yield load_backend(str(tiny_salmonn), cpu_only=True)
-    torch.set_num_threads(n_threads)
+    with one_intra_op_thread():
+        yield load_backend(str(tiny_salmonn), cpu_only=True)
 
 
 def case_clip(name: str) -> Clip:

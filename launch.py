@@ -9,7 +9,8 @@ from pathlib import Path
 
 from chat.errors import ChatError
 from chat.families import FAMILIES
-from chat.loading import DEFAULT_MODEL, QUANTIZATIONS, load_backend
+from chat.backend import QUANTIZATIONS
+from chat.loading import DEFAULT_MODEL, load_backend
 from chat.store import DATA_DIR_ENV, Store
 from chat.timestamps import DEFAULT_WORD_MODEL
 

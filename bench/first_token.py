@@ -25,7 +25,7 @@ from chat.clip import Clip
 from chat.conversation import Conversation
 from chat.local import LocalBackend
 from chat.settings import GenerationSettings
-from tests.tiny_models import build_tiny_qwen2_audio
+from testkit.tiny.qwen2_audio import build_tiny_qwen2_audio
 
 CLIP_S = 10
 HISTORY_CLIPS = (1, 5, 10)  # ten 10-s clips are 2,500 audio tokens: the context holds about thirty

@@ -45,10 +45,10 @@ from chat.clip import Clip  # noqa: E402
 from chat.conversation import Conversation  # noqa: E402
 from chat.local import LocalBackend  # noqa: E402
 from chat.settings import GenerationSettings  # noqa: E402
-from tests.tiny_models import build_tiny_qwen2_audio  # noqa: E402
-from tests.tiny_qwen_audio_chat import FULL_SIZE, build_qwen_audio_chat, build_tiny_qwen_audio_chat  # noqa: E402
-from tests.tiny_salmonn import FULL_SIZES, build_salmonn, build_tiny_salmonn  # noqa: E402
-from tests.tiny_voxtral import build_tiny_voxtral, build_voxtral_mini  # noqa: E402
+from testkit.tiny.qwen2_audio import build_tiny_qwen2_audio  # noqa: E402
+from testkit.tiny.qwen_audio_chat import FULL_SIZE, build_qwen_audio_chat, build_tiny_qwen_audio_chat  # noqa: E402
+from testkit.tiny.salmonn import FULL_SIZES, build_salmonn, build_tiny_salmonn  # noqa: E402
+from testkit.tiny.voxtral import build_tiny_voxtral, build_voxtral_mini  # noqa: E402
 
 # Qwen/Qwen2-Audio-7B(-Instruct) config.json, as checked against public copies of it and the
 # Qwen2AudioEncoderConfig defaults (which are documented as that checkpoint's): 8.40 B parameters, 16.8 GB in bf16.

@@ -1,7 +1,7 @@
 """SALMONN in 4-bit: LoRA kept as adapters on the quantized layers (what the app does) or merged before quantizing?
 
 Both routes load through the product's own loader (LocalBackend, bitsandbytes NF4 on load) from the tiny
-parts of tests/tiny_salmonn.py and are compared with the unquantized model's last-position logits on the
+parts of testkit/tiny/salmonn.py and are compared with the unquantized model's last-position logits on the
 three parity clips. "Merged" writes a Vicuna folder whose q_proj and v_proj already hold W + (alpha/r)·B·A,
 and a checkpoint whose LoRA B is zero, then quantizes that. The tiny checkpoint's random LoRA is as large as
 the weights it adapts, unlike a trained one, so each route is also measured with the LoRA scaled down to a
@@ -22,8 +22,8 @@ from bench.common import print_table  # noqa: E402
 from chat.clip import Clip  # noqa: E402
 from chat.conversation import Conversation  # noqa: E402
 from chat.local import LocalBackend  # noqa: E402
-from tests.parity.salmonn_cases import CASES, SAMPLE_RATE, clip  # noqa: E402
-from tests.tiny_salmonn import LORA_ALPHA, LORA_RANK, build_tiny_salmonn  # noqa: E402
+from testkit.parity.salmonn_cases import CASES, SAMPLE_RATE, clip  # noqa: E402
+from testkit.tiny.salmonn import LORA_ALPHA, LORA_RANK, build_tiny_salmonn  # noqa: E402
 
 RELATIVE_LORA = 0.05
 PARTS = ("llama_path", "whisper_path", "beats_path", "ckpt")

@@ -34,7 +34,7 @@ from app.web import CSS, THEME, build_demo  # noqa: E402
 from bench.common import ffmpeg, percentile, print_table  # noqa: E402
 from chat.backend import Stats  # noqa: E402
 from chat.prompts import Prompt  # noqa: E402
-from chat.scripted import ScriptedBackend  # noqa: E402
+from testkit.scripted import ScriptedBackend  # noqa: E402
 from chat.settings import GenerationSettings  # noqa: E402
 from chat.store import Store  # noqa: E402
 

@@ -29,7 +29,7 @@ from chat.clip import Clip  # noqa: E402
 from chat.conversation import Conversation  # noqa: E402
 from chat.local import LocalBackend  # noqa: E402
 from chat.settings import GenerationSettings  # noqa: E402
-from tests.tiny_models import build_tiny_qwen2_audio  # noqa: E402
+from testkit.tiny.qwen2_audio import build_tiny_qwen2_audio  # noqa: E402
 
 CLIP_S = 10
 HISTORY_CLIPS = (1, 5, 10, 20)

@@ -9,11 +9,12 @@ from dataclasses import dataclass, replace
 from chat.audio import SAMPLE_RATE
 from chat.conversation import DONE, FAILED, STOPPED, Conversation, Figures, Message
 from chat.errors import ChatError, ConversationError
-from chat.families import Family
+from chat.families.base import Family
 from chat.prompts import Prompt
 from chat.settings import GenerationSettings
 
 STOPPED_NOTE = "Stopped by the user."
+QUANTIZATIONS = ("4bit", "8bit", "none")  # of a local model; 4bit is the default on a GPU
 log = logging.getLogger(__name__)
 
 

@@ -4,7 +4,6 @@ from chat.backend import Backend
 from chat.families import DEFAULT_FAMILY
 
 DEFAULT_MODEL = DEFAULT_FAMILY.example_checkpoint
-QUANTIZATIONS = ("4bit", "8bit", "none")  # of the local backend; 4bit is the default on a GPU
 
 
 def load_backend(model: str = DEFAULT_MODEL, api_base: str | None = None, **options) -> Backend:

@@ -10,20 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import BitsAndBytesConfig, Cache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.utils import cached_file
 
-from chat.backend import Backend, Stats
+from chat.backend import QUANTIZATIONS, Backend, Stats
 from chat.errors import BackendError, SettingsError
-from chat.families import DEFAULT_FAMILY, Family, LoadOptions, family_for_config
-from chat.loading import QUANTIZATIONS
+from chat.families import DEFAULT_FAMILY, Family, LoadOptions, config_of_file, family_for_config, load_model
 from chat.prompts import AudioPart, Prompt
 from chat.settings import GenerationSettings
 
 MAX_CACHED_PARTS = 128  # features of one part: 128 mel bins x 3000 frames x fp32 = 1.5 MB (SALMONN's: 3 MB)
 GENERATION_THREAD = "local-backend-generate"
-YAML_SUFFIXES = (".yaml", ".yml")  # -c names such a file for a checkpoint of several parts
 TOKEN_INPUTS = ("input_ids", "attention_mask", "past_key_values")  # every other input of generate() is per audio part
 BYTES_PER_MB = 2**20
 MEMORY_HINT = "Try --quantization 4bit, fewer or shorter clips, or a lower max_new_tokens."
@@ -71,7 +68,7 @@ class LocalBackend(Backend):
         options = LoadOptions(torch.bfloat16 if on_gpu else torch.float32, device_map,
                               _quantization_config(quantization, self.family.unquantized_modules))
         try:
-            self.loaded = self.family.load(model, options)
+            self.loaded = load_model(self.family, model, options)
         except torch.cuda.OutOfMemoryError as e:
             raise BackendError(
                 f"The GPU has too little free memory for {model} with --quantization {quantization}. Use "
@@ -263,15 +260,11 @@ def reply_error(error: Exception) -> BackendError:
 
 
 def _read_config(model: str) -> dict:
-    """The checkpoint's config.json (from the folder, the hub or its cache), or the yaml file that names the parts of
-    a checkpoint made of several (SALMONN's decode yaml); raises BackendError naming what to do."""
+    """The checkpoint's config.json (from the folder, the hub or its cache), or the config of a checkpoint named by
+    one file of a family's own kind (SALMONN's decode yaml); raises BackendError naming what to do."""
     exists = Path(model).exists()
-    if exists and Path(model).suffix in YAML_SUFFIXES:
-        try:
-            config = yaml.safe_load(Path(model).read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise BackendError(f"Cannot read {model} as a yaml file: {e}") from e
-        return config if isinstance(config, dict) else {}
+    if exists and Path(model).is_file():
+        return config_of_file(Path(model))
     try:
         path = Path(model) / "config.json" if exists else Path(cached_file(model, "config.json"))
         return json.loads(path.read_text())

@@ -15,9 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from chat.audio import SAMPLE_RATE  # noqa: E402
-from tests.tiny_models import build_tiny_qwen2_audio, build_tiny_whisper  # noqa: E402
-from tests.tiny_qwen_audio_chat import build_tiny_qwen_audio_chat  # noqa: E402
-from tests.tiny_salmonn import build_tiny_salmonn  # noqa: E402
+from testkit.tiny.qwen2_audio import build_tiny_qwen2_audio
+from testkit.tiny.whisper import build_tiny_whisper  # noqa: E402
+from testkit.tiny.qwen_audio_chat import build_tiny_qwen_audio_chat  # noqa: E402
+from testkit.tiny.salmonn import build_tiny_salmonn  # noqa: E402
 
 FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "webm")
 

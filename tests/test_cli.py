@@ -23,14 +23,15 @@ import soundfile
 import launch
 from app.cli import EXIT_INTERRUPTED, RECORDING_PROMPT, run_cli
 from app.cli_text import BANNER, help_text, model_line, tool_result
-from app.recorder import ArrayRecorder, SoundDeviceRecorder
+from app.recorder import SoundDeviceRecorder
+from testkit.recorder import ArrayRecorder
 from chat import BackendError, Clip, ClipError, Conversation, GenerationSettings, saving
 from chat.audio import MAX_CLIP_S, SAMPLE_RATE
 from chat.backend import Backend
 from chat.clip import EDITED, UPLOADED
 from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, USER
 from chat.families import DEFAULT_FAMILY
-from chat.scripted import ScriptedBackend
+from testkit.scripted import ScriptedBackend
 from chat.store import Store
 from tests.conftest import tone, write_audio
 

@@ -12,7 +12,7 @@ import gradio.networking
 import pytest
 
 import launch
-from chat.scripted import ScriptedBackend
+from testkit.scripted import ScriptedBackend
 from chat.store import Store
 from tests.openai_server import OpenAIServer
 from tests.test_web import free_port

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.recorder import ArrayRecorder, SoundDeviceRecorder
+from app.recorder import SoundDeviceRecorder
+from testkit.recorder import ArrayRecorder
 from chat import ClipError
 from chat.audio import SAMPLE_RATE
 

@@ -13,7 +13,7 @@ from chat import BackendError, Clip, Conversation, GenerationSettings, Response,
 from chat.audio import SAMPLE_RATE
 from chat.conversation import DONE, FAILED, STOPPED
 from chat.remote import RemoteBackend
-from chat.scripted import ScriptedBackend
+from testkit.scripted import ScriptedBackend
 from tests.conftest import tone
 from tests.openai_server import OpenAIServer, decoded_audio
 

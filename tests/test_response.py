@@ -5,7 +5,7 @@ import pytest
 from chat import BackendError, Clip, Conversation, ConversationError, GenerationSettings, Response
 from chat.audio import SAMPLE_RATE
 from chat.conversation import DONE, FAILED, STOPPED
-from chat.scripted import ScriptedBackend
+from testkit.scripted import ScriptedBackend
 from tests.conftest import tone
 
 

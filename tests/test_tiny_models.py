@@ -17,7 +17,7 @@ from transformers import (
     pipeline,
 )
 
-from tests.tiny_models import build_tiny_qwen2_audio
+from testkit.tiny.qwen2_audio import build_tiny_qwen2_audio
 
 SR = 16000
 PRINTABLE = {chr(c) for c in range(0x20, 0x7F)}

@@ -256,7 +256,7 @@ def test_audio_reads_as_its_label():
 
 
 def test_toolbox_for_uses_the_word_model_given_and_respects_off_and_unsupported(tmp_path):
-    from chat.scripted import ScriptedBackend
+    from testkit.scripted import ScriptedBackend
     from chat.tools import toolbox_for
 
     backend = ScriptedBackend()

@@ -11,7 +11,7 @@ from chat.conversation import ASSISTANT, DONE, STOPPED, TOOL, USER, Conversation
 from chat.errors import BackendError, ToolError
 from chat.families import get_family
 from chat.remote import RemoteBackend
-from chat.scripted import ScriptedBackend
+from testkit.scripted import ScriptedBackend
 from chat.tools import ToolBox
 from chat.turn import SPANS_TOOL, TextChunk, ToolCallFinished, ToolCallStarted, Turn, in_batches
 from tests.conftest import tone

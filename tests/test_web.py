@@ -33,7 +33,7 @@ from chat.clip import Clip  # noqa: E402
 from chat.conversation import Conversation, Message  # noqa: E402
 from chat.edit_tools import delete_ranges  # noqa: E402
 from chat.local import GENERATION_THREAD, LocalBackend  # noqa: E402
-from chat.scripted import ScriptedBackend  # noqa: E402
+from testkit.scripted import ScriptedBackend  # noqa: E402
 from chat.store import Store  # noqa: E402
 from chat.tools import Tool, ToolBox  # noqa: E402
 from tests.conftest import tone, write_audio  # noqa: E402

@@ -1,17 +1,27 @@
-"""Model families, one module each; this registry finds a checkpoint's family from its own files.
+"""Model families, one folder each; this registry finds a checkpoint's family from its own files.
 
-To add a family: a module here with a Family subclass and its instance as FAMILY, a LocalModel to run
-it locally (in a `*_model.py` imported by Family.load when it needs torch: importing this registry must
-stay cheap, since every start of the app does), and one line in FAMILIES.
+A family's folder holds family.py, what the app knows of it (its checkpoints, window and audio-token rule, prompt,
+tool style, defaults, server layout) as a Family subclass and its instance FAMILY, and model.py, its LocalModel:
+the checkpoint loaded and run with torch, imported by load_model() only when a checkpoint is loaded, since every
+start of the app imports this registry. To add a family: a folder like the others and one line in REGISTRY.
 """
+
+import importlib
+from pathlib import Path
 
 from chat.errors import BackendError
 from chat.families import qwen2_audio, qwen_audio_chat, salmonn, voxtral
 from chat.families.base import Family, LoadOptions, LocalModel
 
-FAMILIES: dict[str, Family] = {
-    family.name: family for family in (qwen2_audio.FAMILY, qwen_audio_chat.FAMILY, salmonn.FAMILY, voxtral.FAMILY)
-}
+# each family with its LocalModel class by dotted path
+REGISTRY: tuple[tuple[Family, str], ...] = (
+    (qwen2_audio.FAMILY, "chat.families.qwen2_audio.model.Qwen2AudioModel"),
+    (qwen_audio_chat.FAMILY, "chat.families.qwen_audio_chat.model.QwenAudioChatModel"),
+    (salmonn.FAMILY, "chat.families.salmonn.model.SalmonnModel"),
+    (voxtral.FAMILY, "chat.families.voxtral.model.VoxtralModel"),
+)
+FAMILIES: dict[str, Family] = {family.name: family for family, _ in REGISTRY}
+LOCAL_MODELS: dict[str, str] = {family.name: model for family, model in REGISTRY}
 DEFAULT_FAMILY = qwen2_audio.FAMILY
 
 
@@ -22,8 +32,14 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
+def load_model(family: Family, checkpoint: str, options: LoadOptions) -> LocalModel:
+    """The family's LocalModel of a checkpoint (hub id, folder or file), loaded as options say."""
+    module, _, name = LOCAL_MODELS[family.name].rpartition(".")
+    return getattr(importlib.import_module(module), name)(checkpoint, options)
+
+
 def family_for_config(config: dict, checkpoint: str) -> Family:
-    """The family whose checkpoints look like this config.json; BackendError lists the supported ones."""
+    """The family whose checkpoints look like this config; BackendError lists the supported ones."""
     for family in FAMILIES.values():
         if family.recognizes(config):
             return family
@@ -34,10 +50,19 @@ def family_for_config(config: dict, checkpoint: str) -> Family:
     )
 
 
+def config_of_file(path: Path) -> dict:
+    """The config of a checkpoint named by one file of a family's own kind (SALMONN's decode yaml)."""
+    for family in FAMILIES.values():
+        config = family.config_of_file(path)
+        if config is not None:
+            return config
+    raise BackendError(f"{path} is a file, not a checkpoint: point -c/--checkpoint-path at the checkpoint's folder.")
+
+
 def family_for_name(model_name: str) -> Family:
     """The family a served model's name belongs to (Qwen2-Audio's when the name says nothing)."""
     return next((f for f in FAMILIES.values() if f.recognizes_name(model_name)), DEFAULT_FAMILY)
 
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "Family", "LoadOptions", "LocalModel", "family_for_config",
-           "family_for_name", "get_family"]
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "Family", "LoadOptions", "LocalModel", "config_of_file",
+           "family_for_config", "family_for_name", "get_family", "load_model"]

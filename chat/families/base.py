@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -122,9 +123,9 @@ class Family:
         """Audio tokens a part of n_samples (at most one window) becomes in the prompt."""
         raise NotImplementedError
 
-    def load(self, checkpoint: str, options: LoadOptions) -> LocalModel:
-        """The checkpoint (hub id or folder) loaded for the local backend."""
-        raise NotImplementedError(f"{self.title} cannot run locally in this app yet.")
+    def config_of_file(self, path: Path) -> dict | None:
+        """The config of a checkpoint that -c names by one file of this family's own kind; None if it is not one."""
+        return None
 
     def request_messages(self, prompt: Prompt) -> list[dict]:
         """The prompt as OpenAI chat messages for a server that serves this family."""

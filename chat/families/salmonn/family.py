@@ -17,8 +17,13 @@ SALMONN was trained without a system prompt, so none is sent, and without tool c
 tools are off for it.
 """
 
+from pathlib import Path
+
+import yaml
+
 from chat.conversation import ASSISTANT, Message
-from chat.families.base import Family, LoadOptions, LocalModel
+from chat.errors import BackendError
+from chat.families.base import Family
 from chat.prompts import AudioPart, PromptRenderer, exchanges
 from chat.settings import GenerationSettings
 
@@ -27,6 +32,7 @@ SPEECH = f"<Speech>{SPEECH_HERE}</Speech>"
 USER_TURN, REPLY_START = "USER: ", "\nASSISTANT:"  # the yaml's prompt_template, "USER: {}\nASSISTANT:"
 WHISPER_FRAMES = 1500  # Whisper's output for its fixed 30-s input
 SECOND_PER_WINDOW = 0.333333  # the Q-Former's window and stride in both released configs
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 def window_frames(second_per_window: float) -> int:
@@ -75,6 +81,16 @@ class Salmonn(Family):
     unquantized_modules = ("lm_head",)
     renderer_class = SalmonnRenderer
 
+    def config_of_file(self, path: Path) -> dict | None:
+        """A yaml file's contents: -c names SALMONN's decode yaml, which names its parts."""
+        if path.suffix not in YAML_SUFFIXES:
+            return None
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise BackendError(f"Cannot read {path} as a yaml file: {e}") from e
+        return config if isinstance(config, dict) else {}
+
     def recognizes(self, config: dict) -> bool:
         """A decode yaml whose model section names the LLM and Whisper."""
         model = config.get("model")
@@ -84,11 +100,6 @@ class Salmonn(Family):
         """One token per Q-Former window, whatever the part's length: Whisper always hears 30 s."""
         return n_query_windows(SECOND_PER_WINDOW, SECOND_PER_WINDOW)
 
-    def load(self, checkpoint: str, options: LoadOptions) -> LocalModel:
-        """The four parts the decode yaml names, the LLM quantized as options say."""
-        from chat.families.salmonn_model import SalmonnModel
-
-        return SalmonnModel(checkpoint, options)
 
 
 FAMILY = Salmonn()

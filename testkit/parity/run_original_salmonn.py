@@ -1,15 +1,15 @@
 """Run the ORIGINAL SALMONN code on the tiny parts and save what each stage computes, as test data.
 
 Not part of the project and never imported by it: it runs once, by hand, in a side virtual environment
-with the original's own pins, and its output file is committed (tests/data/salmonn/parity.json).
+with the original's own pins, and its output file is committed (testkit/data/salmonn/parity.json).
 
-    .venv/bin/python -m tests.tiny_salmonn /tmp/tiny-salmonn         # the parts, built by the project's venv
+    .venv/bin/python -m testkit.tiny.salmonn /tmp/tiny-salmonn         # the parts, built by the project's venv
     ~/.pyenv/versions/3.9.18/bin/python -m venv /tmp/salmonn-orig/venv
     /tmp/salmonn-orig/venv/bin/pip install torch==2.0.1 torchaudio==2.0.2 "numpy<2" transformers==4.28.0 \\
         peft==0.3.0 sentencepiece==0.1.97 accelerate==0.20.3 soundfile pyyaml safetensors
     # the original code: GitHub bytedance/SALMONN, branch salmonn, e.g. a bare clone at $REPO
-    /tmp/salmonn-orig/venv/bin/python tests/parity/run_original_salmonn.py $REPO /tmp/tiny-salmonn \\
-        tests/data/salmonn/parity.json
+    /tmp/salmonn-orig/venv/bin/python testkit/parity/run_original_salmonn.py $REPO /tmp/tiny-salmonn \\
+        testkit/data/salmonn/parity.json
 
 Shims, all here and none in the original files: BERT-base's config comes from the tiny parts instead of
 the hub; the LLaMA loads in fp32 (torch 2.0.1 has no fp16 matmul on the CPU) and the parts are moved
@@ -31,7 +31,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from salmonn_cases import CASES, N_NEW_TOKENS, SAMPLE_RATE, clip, sampled_frames  # noqa: E402
 
-TINY_BERT = {"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 512}  # tests/tiny_salmonn.py QFORMER
+TINY_BERT = {"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 512}  # testkit/tiny/salmonn.py QFORMER
 
 
 def original_code(repo: Path) -> Path:

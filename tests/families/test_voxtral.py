@@ -21,17 +21,17 @@ from chat import Clip, Conversation, GenerationSettings, Response, load_backend
 from chat.audio import SAMPLE_RATE
 from chat.conversation import ASSISTANT, TOOL
 from chat.families import get_family
-from chat.families.voxtral import openai_messages
+from chat.families.voxtral.family import openai_messages
 from chat.local import LocalBackend
 from chat.remote import RemoteBackend
-from chat.scripted import ScriptedBackend
+from testkit.scripted import ScriptedBackend
 from chat.timestamps import WordTimestamper
 from chat.toolcalls import get_parser
 from chat.tools import ToolBox, toolbox_for
 from chat.turn import ToolCallFinished, ToolCallStarted, Turn
 from tests.conftest import tone
 from tests.openai_server import OpenAIServer, decoded_audio
-from tests.tiny_voxtral import build_tiny_voxtral
+from testkit.tiny.voxtral import build_tiny_voxtral
 
 FAMILY = get_family("voxtral")
 GREEDY = GenerationSettings(temperature=0, max_new_tokens=8, repetition_penalty=1.0)

@@ -16,7 +16,7 @@ system prompt then opens the first user message.
 import json
 
 from chat.conversation import ASSISTANT, TOOL, USER, Message
-from chat.families.base import Family, LoadOptions, LocalModel
+from chat.families.base import Family
 from chat.openai_content import audio_content
 from chat.prompts import AudioPart, Prompt, PromptRenderer
 from chat.settings import GenerationSettings
@@ -131,11 +131,6 @@ class Voxtral(Family):
         audio = {(part.clip.id, part.index): audio_content(part.samples) for part in prompt.audio_parts}
         return openai_messages(prompt, audio, system_role=not prompt.audio_parts)
 
-    def load(self, checkpoint: str, options: LoadOptions) -> LocalModel:
-        """VoxtralForConditionalGeneration.from_pretrained and mistral-common's tokenizer from tekken.json."""
-        from chat.families.voxtral_model import VoxtralModel
-
-        return VoxtralModel(checkpoint, options)
 
 
 FAMILY = Voxtral()

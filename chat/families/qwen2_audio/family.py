@@ -1,19 +1,9 @@
-"""Qwen2-Audio-Instruct (Qwen/Qwen2-Audio-7B-Instruct): transformers' own model and processor."""
+"""Qwen2-Audio-Instruct (Qwen/Qwen2-Audio-7B-Instruct): its checkpoints, prompts, audio tokens and server layout."""
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-import numpy as np
-
-from chat.audio import SAMPLE_RATE
 from chat.conversation import ASSISTANT, TOOL, USER, Message
-from chat.families.base import Family, LoadOptions, LocalModel
+from chat.families.base import Family
 from chat.openai_content import audio_content, text_content
 from chat.prompts import AudioPart, Prompt, PromptRenderer
-
-if TYPE_CHECKING:  # torch is imported when a checkpoint is loaded, not when a family is chosen
-    import torch
 
 MODEL_TYPE = "qwen2_audio"
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
@@ -43,45 +33,6 @@ class Qwen2AudioRenderer(PromptRenderer):
                 role, body = USER, f"<tool_response>\n{body}\n</tool_response>"
             text += f"<|im_start|>{role}\n{body}<|im_end|>\n"
         return text + "<|im_start|>assistant\n"
-
-
-class Qwen2AudioModel(LocalModel):
-    """Qwen2AudioForConditionalGeneration and its processor, from_pretrained."""
-
-    def __init__(self, checkpoint: str, options: LoadOptions) -> None:
-        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-
-        self.model = Qwen2AudioForConditionalGeneration.from_pretrained(
-            checkpoint, dtype=options.dtype, device_map=options.device_map,
-            quantization_config=options.quantization_config,
-        ).eval()
-        self.processor = AutoProcessor.from_pretrained(checkpoint)
-        self.tokenizer = self.processor.tokenizer
-        self.audio_token_id = self.model.config.audio_token_id
-        self.context_tokens = self.model.config.text_config.max_position_embeddings
-        eos = self.model.generation_config.eos_token_id  # None, an id or a list of ids
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.stop_ids = sorted({*self.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"]), *eos})
-
-    def token_ids(self, prompt: Prompt) -> list[int]:
-        """The tokenizer's ids of the prompt text (one <|AUDIO|> per part)."""
-        return self.tokenizer(prompt.text)["input_ids"]
-
-    def count_tokens(self, text: str) -> int:
-        """Exact token count of text."""
-        return len(self.tokenizer(text)["input_ids"])
-
-    def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
-        """The processor's mel features of one part, padded to the 30-s window, with its frame mask."""
-        out = self.processor.feature_extractor(
-            samples, sampling_rate=SAMPLE_RATE, padding="max_length", return_attention_mask=True, return_tensors="pt",
-        )
-        return {"input_features": out["input_features"][0], "feature_attention_mask": out["attention_mask"][0]}
-
-    def n_audio_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The encoder's own length rule on each part's valid frames, so audio tokens and encoder outputs agree."""
-        n_frames = features["feature_attention_mask"].sum(-1)
-        return self.model.model.audio_tower._get_feat_extract_output_lengths(n_frames)[1]
 
 
 class Qwen2Audio(Family):
@@ -116,9 +67,6 @@ class Qwen2Audio(Family):
         n_half_tokens = -(-n_samples // (SAMPLES_PER_FRAME * FRAMES_PER_HALF_TOKEN))
         return min(MAX_AUDIO_TOKENS_PER_PART, n_half_tokens // 2)
 
-    def load(self, checkpoint: str, options: LoadOptions) -> LocalModel:
-        """Qwen2AudioForConditionalGeneration.from_pretrained, quantized as options say."""
-        return Qwen2AudioModel(checkpoint, options)
 
     def request_messages(self, prompt: Prompt) -> list[dict]:
         """The prompt as OpenAI chat messages, laid out so the model's chat template renders the local prompt text.

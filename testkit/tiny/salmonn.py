@@ -1,7 +1,7 @@
 """Tiny random-weight SALMONN parts in the ORIGINAL formats, and the decode yaml that names them.
 
     vicuna/           a LLaMA folder: config.json, safetensors, tokenizer.model (a sentencepiece BPE
-                      with byte fallback, tests/data/salmonn/tokenizer.model, trained by train_tokenizer())
+                      with byte fallback, testkit/data/salmonn/tokenizer.model, trained by train_tokenizer())
     whisper/          a Whisper folder as openai/whisper-large-v2's: config, weights, preprocessor_config.json
     beats.pt          {'cfg': dict, 'model': state_dict}: the names BEATs' own code gives, weight norm as
                       weight_g/weight_v, the relative position bias repeated under every layer, a classifier
@@ -9,7 +9,7 @@
     decode_config.yaml  SALMONN's configs/decode_config.yaml with these parts' paths, relative to its folder
 
 Run as a script to write them for the parity run of the original code:
-    python -m tests.tiny_salmonn /tmp/tiny-salmonn
+    python -m testkit.tiny.salmonn /tmp/tiny-salmonn
 
 Weights come from one seeded generator in a fixed order, spread enough that greedy choices are far apart.
 build_salmonn(folder, FULL_SIZES["13b"], ...) writes the real 7B or 13B architecture with small random
@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 import yaml
 
-DATA = Path(__file__).resolve().parent / "data" / "salmonn"
-SEED = 0
+from testkit import DATA as TESTKIT_DATA
+from testkit.tiny.common import SEED, Weights
+
+DATA = TESTKIT_DATA / "salmonn"
 LLM = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6}
 WHISPER = {"d_model": 64, "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 128,
@@ -94,38 +96,6 @@ TOKENIZER_TEXT = (  # what the tiny tokenizer learns its merges from
     "Please transcribe the speech. What instrument plays the tune? Is the speaker happy or sad? "
     "The audio is a person speaking about the weather; a dog barks; music with a piano and drums. "
 )
-
-
-class Weights:
-    """Random tensors from one seeded generator; the order of calls fixes every value.
-
-    spread: wide enough that greedy choices are far apart (parity tests); otherwise std 0.02, which keeps a
-    deep model's activations finite.
-    """
-
-    def __init__(self, seed: int = SEED, spread: bool = True) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-        self.spread = spread
-
-    def normal(self, *shape: int, std: float) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.generator) * (std if self.spread else 0.02)
-
-    def norm(self, n: int) -> dict[str, torch.Tensor]:
-        return {"weight": 1.0 + self.normal(n, std=0.1), "bias": self.normal(n, std=0.1)}
-
-    def linear(self, n_out: int, n_in: int, std: float = 0.15, bias: bool = True) -> dict[str, torch.Tensor]:
-        return {"weight": self.normal(n_out, n_in, std=std)} | ({"bias": self.normal(n_out, std=0.1)} if bias else {})
-
-    def fill(self, module: torch.nn.Module, std: float = 0.15) -> None:
-        """Every parameter of a transformers model, in name order: norms about 1, the rest spread."""
-        with torch.no_grad():
-            for name, tensor in sorted(module.state_dict().items()):
-                if not tensor.is_floating_point():
-                    continue
-                if "norm" in name.lower() and name.endswith("weight"):
-                    tensor.copy_(1.0 + self.normal(*tensor.shape, std=0.1))
-                elif "encoder.embed_positions" not in name:  # Whisper's encoder sinusoids stay as they are
-                    tensor.copy_(self.normal(*tensor.shape, std=std))
 
 
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,13 +1,13 @@
 """Run the ORIGINAL Qwen-Audio-Chat code on the tiny checkpoint and save what it computes, as test data.
 
 Not part of the project and never imported by it: it runs once, by hand, in a side virtual environment
-with the original's own pins, and its output file is committed (tests/data/qwen_audio_chat/parity.json).
+with the original's own pins, and its output file is committed (testkit/data/qwen_audio_chat/parity.json).
 
     python3 -m venv /tmp/qa-orig
     /tmp/qa-orig/bin/pip install torch==2.13.0 transformers==4.32.0 tiktoken einops \\
         transformers_stream_generator==0.0.4 pillow matplotlib requests safetensors "numpy<2.3"
     # the original code: GitHub QwenLM/Qwen-Audio (same files as the hub repository), e.g. a clone at $REPO
-    /tmp/qa-orig/bin/python tests/parity/run_original_qwen_audio_chat.py $REPO tests/data/qwen_audio_chat/parity.json
+    /tmp/qa-orig/bin/python testkit/parity/run_original_qwen_audio_chat.py $REPO testkit/data/qwen_audio_chat/parity.json
 
 The original's .py files are copied into a temporary copy of the tiny checkpoint (with an empty
 `cpp_kernels.py`, which its loader demands and only int8 KV caching uses) and loaded with
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.parity.qwen_audio_chat_cases import CASES, CLIPS, SAMPLE_RATE, SYSTEM, clip  # noqa: E402
-from tests.tiny_qwen_audio_chat import build_tiny_qwen_audio_chat  # noqa: E402
+from testkit.parity.qwen_audio_chat_cases import CASES, CLIPS, SAMPLE_RATE, SYSTEM, clip  # noqa: E402
+from testkit.tiny.qwen_audio_chat import build_tiny_qwen_audio_chat  # noqa: E402
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.generation import GenerationConfig  # noqa: E402

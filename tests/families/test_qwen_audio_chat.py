@@ -1,7 +1,7 @@
 """Qwen-Audio-Chat from its original files: loading, parity with the original code, streaming, cache, timestamps.
 
-The parity data (tests/data/qwen_audio_chat/parity.json) is what the ORIGINAL code computed on the same
-tiny checkpoint, run once in a side environment by tests/parity/run_original_qwen_audio_chat.py.
+The parity data (testkit/data/qwen_audio_chat/parity.json) is what the ORIGINAL code computed on the same
+tiny checkpoint, run once in a side environment by testkit/parity/run_original_qwen_audio_chat.py.
 """
 
 import json
@@ -17,13 +17,14 @@ from chat import BackendError, Clip, Conversation, GenerationSettings, Response,
 from chat.families import get_family
 from chat.families.base import format_timestamps
 from chat.local import LocalBackend
-from chat.scripted import ScriptedBackend
+from testkit.scripted import ScriptedBackend
 from chat.turn import TextChunk, ToolCallFinished
+from testkit import DATA
 from tests.conftest import one_intra_op_thread, tone
-from tests.parity.qwen_audio_chat_cases import CASES, CLIPS, REPLY_1, SAMPLE_RATE, clip
-from tests.tiny_qwen_audio_chat import AUDIO, HIDDEN
+from testkit.parity.qwen_audio_chat_cases import CASES, CLIPS, REPLY_1, SAMPLE_RATE, clip
+from testkit.tiny.qwen_audio_chat import AUDIO, HIDDEN
 
-PARITY = json.loads((Path(__file__).parent / "data" / "qwen_audio_chat" / "parity.json").read_text())
+PARITY = json.loads((DATA / "qwen_audio_chat" / "parity.json").read_text())
 LOGIT_TOLERANCE = 1e-4
 # The original encodes all clips of a prompt as one padded batch, so the 3-s clip of the two-turn case
 # is encoded next to the 7.5-s one, and the frames at its end see that clip's padding through the

@@ -1,4 +1,4 @@
-"""SALMONN loaded and run on transformers 5: the family of chat/families/salmonn.py.
+"""SALMONN loaded and run on transformers 5: the family of chat/families/salmonn/family.py.
 
 Every part loads from its original files with today's libraries: Vicuna as a LlamaForCausalLM
 (quantized by bitsandbytes as any transformers model), LoRA as peft adapters on its q_proj and v_proj,
@@ -37,8 +37,8 @@ from transformers.utils import cached_file
 from chat.audio import SAMPLE_RATE
 from chat.errors import BackendError, SettingsError
 from chat.families.base import LoadOptions, LocalModel
-from chat.families.beats import FBANK_FRAMES, Beats, beats_fbank, load_beats
-from chat.families.salmonn import (
+from chat.families.salmonn.beats import FBANK_FRAMES, Beats, beats_fbank, load_beats
+from chat.families.salmonn.family import (
     BOS,
     EOS,
     REPLY_START,

@@ -1,4 +1,4 @@
-"""Voxtral loaded and run with transformers 5 and mistral-common: the family of chat/families/voxtral.py."""
+"""Voxtral loaded and run with transformers 5 and mistral-common: the family of chat/families/voxtral/family.py."""
 
 import numpy as np
 import torch
@@ -10,7 +10,7 @@ from transformers.utils import cached_file
 
 from chat.audio import SAMPLE_RATE
 from chat.families.base import LoadOptions, LocalModel
-from chat.families.voxtral import AUDIO_TOKENS_PER_PART, openai_messages
+from chat.families.voxtral.family import AUDIO_TOKENS_PER_PART, openai_messages
 from chat.openai_content import audio_content
 from chat.prompts import Prompt
 

@@ -1,4 +1,4 @@
-"""Qwen-Audio-Chat loaded and run on transformers 5: the family of chat/families/qwen_audio_chat.py.
+"""Qwen-Audio-Chat loaded and run on transformers 5: the family of chat/families/qwen_audio_chat/family.py.
 
 The checkpoint (`model_type: "qwen"`, `transformer.*` tensor names, `qwen.tiktoken`, `mel_filters.npz`)
 loads into transformers 5 modules: the language model is a Qwen2ForCausalLM (the same architecture
@@ -21,7 +21,14 @@ import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 from torch import nn
-from transformers import AttentionInterface, Qwen2AudioEncoder, Qwen2AudioEncoderConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AttentionInterface,
+    Qwen2AudioEncoder,
+    Qwen2AudioEncoderConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    WhisperFeatureExtractor,
+)
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Chunk, WeightConverter, WeightRenaming
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -30,7 +37,7 @@ from transformers.utils import cached_file
 
 from chat.audio import SAMPLE_RATE
 from chat.families.base import LoadOptions, LocalModel
-from chat.families.qwen_audio_chat import AUDIO_END, AUDIO_PAD, AUDIO_START, SAMPLES_PER_FRAME
+from chat.families.qwen_audio_chat.family import AUDIO_END, AUDIO_PAD, AUDIO_START, SAMPLES_PER_FRAME
 from chat.prompts import Prompt
 
 RANKS_FILE = "qwen.tiktoken"
@@ -199,8 +206,6 @@ class QwenAudioChatModel(LocalModel):
     """The loaded checkpoint: QwenAudioChatForCausalLM, the tiktoken tokenizer and Whisper's 80-bin log-mel."""
 
     def __init__(self, checkpoint: str, options: LoadOptions) -> None:
-        from transformers import WhisperFeatureExtractor
-
         self.tokenizer = QwenTokenizer(cached_file(checkpoint, RANKS_FILE))
         original = json.loads(Path(cached_file(checkpoint, "config.json")).read_text())
         self.config = qwen2_config(original, self.tokenizer)

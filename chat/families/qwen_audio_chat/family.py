@@ -6,7 +6,7 @@ choosing a family costs no torch or transformers import.
 """
 
 from chat.conversation import ASSISTANT, Message
-from chat.families.base import Family, LoadOptions, LocalModel
+from chat.families.base import Family
 from chat.prompts import AudioPart, PromptRenderer, exchanges
 from chat.settings import GenerationSettings
 
@@ -72,11 +72,6 @@ class QwenAudioChat(Family):
         """Tokens of a part of n_samples: T // 2 with T = (n_samples // 160 - 1) // 2 + 1."""
         return ((n_samples // SAMPLES_PER_FRAME - 1) // 2 + 1) // 2
 
-    def load(self, checkpoint: str, options: LoadOptions) -> LocalModel:
-        """The official files, loaded natively (no remote code), quantized as options say."""
-        from chat.families.qwen_audio_chat_model import QwenAudioChatModel
-
-        return QwenAudioChatModel(checkpoint, options)
 
 
 FAMILY = QwenAudioChat()

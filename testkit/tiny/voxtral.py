@@ -9,7 +9,7 @@ TEKKEN_VOCAB ranks, and Voxtral's special tokens at their ranks ([AUDIO] is 24, 
 assumes). `version` picks the tokenizer generation, which decides how tool calls are written: v7 writes
 `[TOOL_CALLS][{"name": ..., "arguments": ...}]`, v11 and later `[TOOL_CALLS]name[ARGS]{...}`.
 
-Run as a script to write one:  python -m tests.tiny_voxtral /tmp/tiny-voxtral [v7|v11]
+Run as a script to write one:  python -m testkit.tiny.voxtral /tmp/tiny-voxtral [v7|v11]
 build_voxtral(folder, FULL_MINI, ...) writes Voxtral Mini's real shapes with random weights, for bench/gpu.py.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, VoxtralConfig, VoxtralForConditionalGeneration, WhisperFeatureExtractor
 
-from tests.tiny_salmonn import Weights
+from testkit.tiny.common import Weights
 
 TEKKEN_VOCAB = 400  # the first ranks: 256 bytes and the commonest merges
 N_SPECIAL = 40

@@ -7,7 +7,7 @@ names (`transformer.h.N.attn.c_attn`, `transformer.audio.blocks.N.attn.query`, .
 `qwen.tiktoken` and `mel_filters.npz`, and `tokenizer_config.json`.
 
 Run as a script to write one for the parity run of the original code:
-    python tests/tiny_qwen_audio_chat.py /tmp/tiny-qwen-audio-chat
+    python testkit/tiny/qwen_audio_chat.py /tmp/tiny-qwen-audio-chat
 
 build_qwen_audio_chat(folder, FULL_SIZE, ...) writes the real 7B architecture with random weights the
 same way, for bench/gpu.py.
@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-DATA = Path(__file__).resolve().parent / "data" / "qwen_audio_chat"
+from testkit import DATA as TESTKIT_DATA
+
+DATA = TESTKIT_DATA / "qwen_audio_chat"
 SEED = 0
 N_SHARDS = 2
 HIDDEN = 64

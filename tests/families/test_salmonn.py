@@ -1,8 +1,8 @@
 """SALMONN from its own four parts: loading, parity with the original code stage by stage, prompts, the app.
 
-The parity data (tests/data/salmonn/parity.json) is what the ORIGINAL code computed on the same tiny
+The parity data (testkit/data/salmonn/parity.json) is what the ORIGINAL code computed on the same tiny
 parts (torch 2.0.1, transformers 4.28.0, peft 0.3.0), run once in a side environment by
-tests/parity/run_original_salmonn.py.
+testkit/parity/run_original_salmonn.py.
 """
 
 import io
@@ -19,15 +19,16 @@ from safetensors import safe_open
 
 from chat import BackendError, Clip, Conversation, GenerationSettings, Response, load_backend
 from chat.families import get_family
-from chat.families.beats import FBANK_FRAMES
-from chat.families.salmonn_model import LlamaSentencePiece
+from chat.families.salmonn.beats import FBANK_FRAMES
+from chat.families.salmonn.model import LlamaSentencePiece
 from chat.local import LocalBackend
 from chat.tools import toolbox_for
+from testkit import DATA
 from tests.conftest import one_intra_op_thread, tone
-from tests.parity.salmonn_cases import CASES, N_NEW_TOKENS, SAMPLE_RATE, clip, sampled_frames
-from tests.tiny_salmonn import BEATS_CFG
+from testkit.parity.salmonn_cases import CASES, N_NEW_TOKENS, SAMPLE_RATE, clip, sampled_frames
+from testkit.tiny.salmonn import BEATS_CFG
 
-PARITY = json.loads((Path(__file__).parent / "data" / "salmonn" / "parity.json").read_text())["cases"]
+PARITY = json.loads((DATA / "salmonn" / "parity.json").read_text())["cases"]
 STAGE_TOLERANCE = 1e-4
 GREEDY = GenerationSettings(temperature=0, max_new_tokens=N_NEW_TOKENS, repetition_penalty=1.0)
 FAMILY = get_family("salmonn")

@@ -1,0 +1,46 @@
+"""Qwen2-Audio loaded and run with transformers' own model and processor: the family of family.py."""
+
+import numpy as np
+import torch
+from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+from chat.audio import SAMPLE_RATE
+from chat.families.base import LoadOptions, LocalModel
+from chat.prompts import Prompt
+
+
+class Qwen2AudioModel(LocalModel):
+    """Qwen2AudioForConditionalGeneration and its processor, from_pretrained."""
+
+    def __init__(self, checkpoint: str, options: LoadOptions) -> None:
+        self.model = Qwen2AudioForConditionalGeneration.from_pretrained(
+            checkpoint, dtype=options.dtype, device_map=options.device_map,
+            quantization_config=options.quantization_config,
+        ).eval()
+        self.processor = AutoProcessor.from_pretrained(checkpoint)
+        self.tokenizer = self.processor.tokenizer
+        self.audio_token_id = self.model.config.audio_token_id
+        self.context_tokens = self.model.config.text_config.max_position_embeddings
+        eos = self.model.generation_config.eos_token_id  # None, an id or a list of ids
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.stop_ids = sorted({*self.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"]), *eos})
+
+    def token_ids(self, prompt: Prompt) -> list[int]:
+        """The tokenizer's ids of the prompt text (one <|AUDIO|> per part)."""
+        return self.tokenizer(prompt.text)["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        """Exact token count of text."""
+        return len(self.tokenizer(text)["input_ids"])
+
+    def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
+        """The processor's mel features of one part, padded to the 30-s window, with its frame mask."""
+        out = self.processor.feature_extractor(
+            samples, sampling_rate=SAMPLE_RATE, padding="max_length", return_attention_mask=True, return_tensors="pt",
+        )
+        return {"input_features": out["input_features"][0], "feature_attention_mask": out["attention_mask"][0]}
+
+    def n_audio_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The encoder's own length rule on each part's valid frames, so audio tokens and encoder outputs agree."""
+        n_frames = features["feature_attention_mask"].sum(-1)
+        return self.model.model.audio_tower._get_feat_extract_output_lengths(n_frames)[1]

@@ -4,13 +4,13 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from chat.audio import SAMPLE_RATE
 from chat.conversation import DONE, FAILED, STOPPED, Conversation, Figures, Message
 from chat.errors import ChatError, ConversationError
 from chat.families.base import Family
-from chat.prompts import Prompt
+from chat.prompts import Prompt, estimate_tokens
 from chat.settings import GenerationSettings
 
 STOPPED_NOTE = "Stopped by the user."
@@ -30,6 +30,13 @@ class Stats:
     audio_s: float = 0.0
     peak_gpu_memory_mb: float | None = None  # None where there is no GPU
     n_dropped_turns: int = 0
+    started_at: float = field(default_factory=time.monotonic)  # when the reply was asked for (time.monotonic)
+
+    def first_token(self) -> None:
+        """Note that the first token was generated now, if this is the first time. A backend calls this where
+        tokens are produced: text may reach the reader later (a streamer holds it back until a word ends)."""
+        if self.time_to_first_token_s is None:
+            self.time_to_first_token_s = time.monotonic() - self.started_at
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -64,9 +71,9 @@ class Backend:
         """
         raise NotImplementedError
 
-    def count_tokens(self, text: str) -> int | None:
-        """Exact prompt token count of text, or None to let the renderer estimate."""
-        return None
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        """A prompt's length in tokens: estimated from its text unless the backend holds the model's tokenizer."""
+        return estimate_tokens(prompt)
 
     def close(self) -> None:
         """Release the model or connection."""
@@ -95,10 +102,8 @@ class Response:
         self.backend, self.conversation = backend, conversation
         self.settings = settings or backend.default_settings
         max_prompt_tokens = backend.context_tokens - self.settings.max_new_tokens
-        exact = backend.count_tokens("") is not None
         shown = conversation if system_prompt is None else replace(conversation, system_prompt=system_prompt)
-        self.prompt = backend.family.renderer.render(shown, max_prompt_tokens, backend.count_tokens if exact else None,
-                                                     tools)
+        self.prompt = backend.family.renderer.render(shown, max_prompt_tokens, backend.count_prompt_tokens, tools)
         self.stats = Stats(
             audio_s=sum(len(p.samples) for p in self.prompt.audio_parts) / SAMPLE_RATE,
             n_dropped_turns=self.prompt.n_dropped_turns,
@@ -139,13 +144,12 @@ class Response:
         if self._iterating:
             raise RuntimeError("A Response can be iterated only once at a time.")
         self._iterating = True
-        start = time.monotonic()
+        self.stats.started_at = time.monotonic()
         status, note = STOPPED, STOPPED_NOTE
         chunks = self.backend.execute(self.prompt, self.settings, self.stats, self._cancel)
         try:
             for chunk in chunks:
-                if self.stats.time_to_first_token_s is None:
-                    self.stats.time_to_first_token_s = time.monotonic() - start
+                self.stats.first_token()  # a backend that cannot see its tokens: the first text is the first token
                 self.chunks.append(chunk)
                 yield chunk
                 if self._cancel.is_set():
@@ -159,7 +163,7 @@ class Response:
             chunks.close()
             if self._end_at is not None and status == STOPPED:
                 self.chunks, status, note = [self.text[: self._end_at]], DONE, self.history_note
-            self.stats.duration_s = time.monotonic() - start
+            self.stats.duration_s = time.monotonic() - self.stats.started_at
             self.message = self.conversation.add_assistant(self.text, status=status, note=note, figures=self.figures())
             failure = f" ({note})" if status == FAILED else ""
             log.log(logging.WARNING if failure else logging.INFO, "reply %s%s: %s", status, failure,

@@ -21,7 +21,6 @@ from chat.settings import GenerationSettings
 
 MAX_CACHED_PARTS = 128  # features of one part: 128 mel bins x 3000 frames x fp32 = 1.5 MB (SALMONN's: 3 MB)
 GENERATION_THREAD = "local-backend-generate"
-TOKEN_INPUTS = ("input_ids", "attention_mask", "past_key_values")  # every other input of generate() is per audio part
 BYTES_PER_MB = 2**20
 MEMORY_HINT = "Try --quantization 4bit, fewer or shorter clips, or a lower max_new_tokens."
 
@@ -87,46 +86,53 @@ class LocalBackend(Backend):
         """The checkpoint's own sampling defaults where it states them (SALMONN's yaml), else its family's."""
         return self.loaded.settings or self.family.settings
 
-    def count_tokens(self, text: str) -> int:
-        """Exact token count of text, as the model's tokenizer splits it."""
-        return self.loaded.count_tokens(text)
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        """Exact: the length of the model's own token ids of the prompt."""
+        return len(self.loaded.token_ids(prompt))
 
-    def prepare(self, prompt: Prompt) -> dict[str, torch.Tensor]:
-        """The model's inputs: token ids with each audio placeholder expanded, and the mel features of every part.
+    def prepare(self, prompt: Prompt, last_reply: KeyValueCache | None = None) -> dict[str, torch.Tensor]:
+        """The model's inputs: the prompt's token ids and the audio features of the parts the forward pass reads.
 
-        Each part's features are computed once and cached, so a turn costs the same however many
-        clips the history holds.
+        With last_reply, its attention cache cut to the prefix its tokens share with the prompt is passed
+        as past_key_values, and only the parts after the cut are encoded: a turn costs the same however
+        many clips the history holds. Each part's features are computed once and cached.
         """
-        ids = torch.tensor(self.loaded.token_ids(prompt))  # (n_text_tokens,)
-        is_audio = ids == self.loaded.audio_token_id
-        if int(is_audio.sum()) != len(prompt.audio_parts):
+        ids = torch.tensor(self.loaded.token_ids(prompt))  # (n_tokens,)
+        runs = audio_runs(ids, self.loaded.audio_token_id)
+        if [end - start for start, end in runs] != [part.n_audio_tokens for part in prompt.audio_parts]:
             raise BackendError(
-                f"The prompt has {int(is_audio.sum())} audio placeholders for {len(prompt.audio_parts)} audio "
+                f"The prompt's audio tokens ({len(runs)} runs) do not match its {len(prompt.audio_parts)} audio "
                 "parts; remove the model's audio tokens from your message."
             )
-        inputs = {}
-        repeats = torch.ones_like(ids)
-        if prompt.audio_parts:
-            features = [self._features(part) for part in prompt.audio_parts]
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]}
+        n_reused = 0
+        if last_reply is not None:
+            part_keys = [(part.clip.id, part.index) for part in prompt.audio_parts]
+            n_reused = reusable_prefix(last_reply, ids, runs, part_keys)
+        if n_reused:
+            last_reply.cache.crop(n_reused - len(last_reply.token_ids))  # a negative count: how many to remove
+            inputs["past_key_values"] = last_reply.cache
+        new_parts = [part for part, (start, _) in zip(prompt.audio_parts, runs) if start >= n_reused]
+        if new_parts:
+            features = [self._features(part) for part in new_parts]
             inputs |= {name: torch.stack([part[name] for part in features]) for name in features[0]}  # (n_parts, ...)
-            n_audio_tokens = self.loaded.n_audio_tokens(inputs)
-            repeats[is_audio] = n_audio_tokens.to(repeats.dtype)
-        inputs["input_ids"] = ids.repeat_interleave(repeats)[None]  # (1, n_tokens)
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        return {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
+        return {name: value.to(self.model.device) if name != "past_key_values" else value
+                for name, value in inputs.items()}
 
     def execute(
         self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event
     ) -> Iterator[str]:
         """Stream the reply from a worker thread that stops within one token of cancel or of the caller leaving."""
-        inputs = self.prepare(prompt)
-        n_prompt = stats.n_prompt_tokens = inputs["input_ids"].shape[1]
-        part_keys = [(part.clip.id, part.index) for part in prompt.audio_parts]
+        n_prompt = stats.n_prompt_tokens = self.count_prompt_tokens(prompt)
         with self._cache_lock:
             last_reply, self._last_reply = self._last_reply, None
         position_encoding = self.loaded.position_encoding(n_prompt)
-        if last_reply is not None and last_reply.position_encoding == position_encoding:
-            stats.n_reused_prompt_tokens = continue_from(last_reply, inputs, part_keys, self.loaded.audio_token_id)
+        if last_reply is not None and last_reply.position_encoding != position_encoding:
+            last_reply = None
+        inputs = self.prepare(prompt, last_reply)
+        if "past_key_values" in inputs:
+            stats.n_reused_prompt_tokens = inputs["past_key_values"].get_seq_length()
+        part_keys = [(part.clip.id, part.index) for part in prompt.audio_parts]
         finished = threading.Event()  # set when the caller stops listening, however it leaves
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[Exception] = []
@@ -134,6 +140,7 @@ class LocalBackend(Backend):
         class CountOrStop(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
                 stats.n_tokens = input_ids.shape[1] - n_prompt
+                stats.first_token()
                 stop = cancel.is_set() or finished.is_set()
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
@@ -198,44 +205,32 @@ class LocalBackend(Backend):
         return value
 
 
-def continue_from(
-    last_reply: KeyValueCache, inputs: dict[str, torch.Tensor], part_keys: list[tuple[str, int]], audio_token_id: int
-) -> int:
-    """Let generate() start from the last reply's cache where its tokens begin the new input; returns how many.
+def audio_runs(ids: torch.Tensor, audio_token_id: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of audio tokens in ids, in order: one run per audio part."""
+    is_audio = ids == audio_token_id
+    follows_audio = torch.cat([is_audio.new_zeros(1), is_audio[:-1]])
+    precedes_audio = torch.cat([is_audio[1:], is_audio.new_zeros(1)])
+    starts = (is_audio & ~follows_audio).nonzero()[:, 0].tolist()
+    ends = ((is_audio & ~precedes_audio).nonzero()[:, 0] + 1).tolist()
+    return list(zip(starts, ends))
 
-    The cache is cut back to the common prefix: equal token ids and, since every clip's audio tokens
-    share one id, the same clip parts behind them. The cut never falls inside a clip's audio tokens
-    and leaves at least one token to compute. Only the audio parts after the cut are encoded: the
-    features of earlier ones are dropped from inputs.
-    """
-    ids = inputs["input_ids"][0]
+
+def reusable_prefix(
+    last_reply: KeyValueCache, ids: torch.Tensor, runs: list[tuple[int, int]], part_keys: list[tuple[str, int]]
+) -> int:
+    """How many of ids the last reply's cache holds: the common prefix of equal token ids and, since every clip's
+    audio tokens share one id, the same clip parts behind them. The cut never falls inside a clip's audio tokens
+    and leaves at least one token to compute."""
     cached = last_reply.token_ids.to(ids.device)
     n = min(len(cached), len(ids) - 1)
     differs = (cached[:n] != ids[:n]).nonzero()
     n = int(differs[0]) if len(differs) else n
-    is_audio = ids == audio_token_id
-    follows_audio = torch.cat([is_audio.new_zeros(1), is_audio[:-1]])
-    precedes_audio = torch.cat([is_audio[1:], is_audio.new_zeros(1)])
-    run_starts = (is_audio & ~follows_audio).nonzero()[:, 0].tolist()  # one run of audio tokens per part
-    run_ends = ((is_audio & ~precedes_audio).nonzero()[:, 0] + 1).tolist()
-    for k, (start, end) in enumerate(zip(run_starts, run_ends)):
+    for k, (start, end) in enumerate(runs):
         if start >= n:
             break
         same_part = k < len(last_reply.part_keys) and last_reply.part_keys[k] == part_keys[k]
         if not same_part or n < end:
-            n = start  # another clip behind the same ids, or a cut inside this clip: encode it whole again
-            break
-    if n == 0:
-        return 0
-    last_reply.cache.crop(n - len(cached))  # a negative count: how many tokens to remove from the end
-    inputs["past_key_values"] = last_reply.cache
-    if "input_features" in inputs:
-        after_cut = torch.tensor([start >= n for start in run_starts], dtype=torch.bool)
-        for name in [name for name in inputs if name not in TOKEN_INPUTS]:
-            if after_cut.any():
-                inputs[name] = inputs[name][after_cut.to(inputs[name].device)]
-            else:
-                del inputs[name]
+            return start  # another clip behind the same ids, or a cut inside this clip: encode it whole again
     return n
 
 

@@ -1,4 +1,9 @@
-"""Prompts: exactly what a model sees, and the base of each family's renderer (chat.families)."""
+"""Prompts: exactly what a model sees, and the base of each family's renderer (chat.families).
+
+A family renders a conversation once, into segments: text its tokenizer encodes on its own, control tokens, and
+audio parts. The token ids come from the segments (LocalModel.token_ids), and so does the prompt's text, which a
+person reads and the remote backend's length estimate counts.
+"""
 
 import math
 import re
@@ -12,7 +17,7 @@ from chat.clip import Clip
 from chat.conversation import USER, Conversation, Message
 from chat.errors import PromptTooLongError
 
-CHARS_PER_TOKEN_ESTIMATE = 3  # used only when no tokenizer is given; errs on the long side
+CHARS_PER_TOKEN_ESTIMATE = 3  # used only when the tokenizer is out of reach; errs on the long side
 ZERO_WIDTH_SPACE = "\u200b"
 
 
@@ -36,15 +41,87 @@ class AudioPart:
 
 
 @dataclass(frozen=True)
-class Prompt:
-    """Exactly what the model sees: the text and the audio parts its placeholders stand for."""
+class Text:
+    """Text the family's tokenizer encodes on its own, as the model's original code encoded it apart."""
 
     text: str
-    audio_parts: tuple[AudioPart, ...]
+    shown: str | None = None  # how it reads in the prompt's text, where that differs (SALMONN's leading `▁`)
+
+
+@dataclass(frozen=True)
+class Control:
+    """One control token (`<|im_start|>`, `</s>`), by its spelling in the model's vocabulary."""
+
+    token: str
+
+
+@dataclass(frozen=True)
+class AudioSlot:
+    """Where an audio part's tokens go: part.n_audio_tokens of the family's audio token."""
+
+    part: AudioPart
+    token: str  # the audio token's spelling, for the prompt's text (one stands for the part's run)
+
+
+Segment = Text | Control | AudioSlot
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Exactly what the model sees, as segments, and the conversation they were rendered from."""
+
+    segments: tuple[Segment, ...]
     messages: tuple[Message, ...]  # the messages rendered, after history was dropped
     n_dropped_turns: int = 0  # oldest exchanges left out so the prompt fits the context
     system: str = ""  # the system prompt rendered
     tools: tuple[dict, ...] = ()  # tool specs (OpenAI function format) for a family whose template takes them
+
+    @property
+    def text(self) -> str:
+        """The prompt as text, one audio token standing for each part's run of them."""
+        return "".join(_shown(segment) for segment in self.segments)
+
+    @property
+    def audio_parts(self) -> tuple[AudioPart, ...]:
+        """The audio parts in the order the prompt refers to them."""
+        return tuple(segment.part for segment in self.segments if isinstance(segment, AudioSlot))
+
+
+def _shown(segment: Segment) -> str:
+    if isinstance(segment, Text):
+        return segment.text if segment.shown is None else segment.shown
+    return segment.token
+
+
+class Segments:
+    """A prompt being written: text joins the text before it unless it is encoded apart."""
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+        self.apart = False  # whether the next text starts a piece of its own
+
+    def text(self, text: str, shown: str | None = None) -> None:
+        """Add text, encoded with the text right before it unless break_text() came between them."""
+        if not text:
+            return
+        last = self.segments[-1] if self.segments else None
+        if isinstance(last, Text) and not self.apart and shown is None and last.shown is None:
+            self.segments[-1] = Text(last.text + text)
+        else:
+            self.segments.append(Text(text, shown))
+        self.apart = False
+
+    def break_text(self) -> None:
+        """Encode the next text apart from the text before it, as the model's original code did."""
+        self.apart = True
+
+    def control(self, token: str) -> None:
+        """Add a control token."""
+        self.segments.append(Control(token))
+
+    def audio(self, part: AudioPart, token: str) -> None:
+        """Add an audio part, spelled as token in the prompt's text."""
+        self.segments.append(AudioSlot(part, token))
 
 
 class PromptRenderer:
@@ -59,23 +136,23 @@ class PromptRenderer:
         self,
         conversation: Conversation,
         max_tokens: int | None = None,
-        count_tokens: Callable[[str], int] | None = None,
+        count_tokens: Callable[[Prompt], int] | None = None,
         tools: tuple[dict, ...] = (),
     ) -> Prompt:
         """Render the conversation for a reply, dropping the oldest turns while it exceeds max_tokens.
 
+        count_tokens gives a prompt's exact length in tokens; without one it is estimated from its text.
         tools are specs for a family that writes them in its own template (a native tool style, chat.toolcalls);
         others get their tools in the system prompt. The current turn is never dropped: if it alone does not fit,
         PromptTooLongError says by how much.
         """
-        count_tokens = count_tokens or (lambda text: math.ceil(len(text) / CHARS_PER_TOKEN_ESTIMATE))
+        count_tokens = count_tokens or estimate_tokens
         numbers = {clip.id: n for n, clip in enumerate(conversation.clips(), start=1)}
         turns = conversation.turns()
         for n_dropped in range(max(1, len(turns))):
             messages = tuple(m for turn in turns[n_dropped:] for m in turn)
             prompt = self._prompt(conversation.system_prompt, messages, numbers, n_dropped, tools)
-            # each part stands in the text as one placeholder token
-            needed = count_tokens(prompt.text) + sum(p.n_audio_tokens - 1 for p in prompt.audio_parts)
+            needed = count_tokens(prompt)
             if max_tokens is None or needed <= max_tokens:
                 return prompt
         raise PromptTooLongError(
@@ -88,9 +165,9 @@ class PromptRenderer:
         system, messages = self.defuse(system), tuple(replace(m, text=self.defuse(m.text)) for m in messages)
         parts = {clip.id: self.parts(clip, numbers[clip.id]) for message in messages for clip in message.clips}
         system = system or self.family.system_prompt
-        text = self.render_text(system, messages, parts, tools)
-        ordered = tuple(part for message in messages for clip in message.clips for part in parts[clip.id])
-        return Prompt(text, ordered, messages, n_dropped, system, tools)
+        segments = Segments()
+        self.write(segments, system, messages, parts, tools)
+        return Prompt(tuple(segments.segments), messages, n_dropped, system, tools)
 
     def parts(self, clip: Clip, number: int) -> list[AudioPart]:
         """The clip as the window-sized parts the model hears, each with its token count; none for a lost clip."""
@@ -100,9 +177,9 @@ class PromptRenderer:
         return [AudioPart(clip, number, index, len(pieces), samples, self.family.n_audio_tokens(len(samples)))
                 for index, samples in enumerate(pieces)]
 
-    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
-                    tools: tuple[dict, ...]) -> str:
-        """The prompt text, ending where the assistant's reply begins; parts maps clip ids to their parts."""
+    def write(self, prompt: Segments, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
+              tools: tuple[dict, ...]) -> None:
+        """Write the prompt, ending where the assistant's reply begins; parts maps clip ids to their parts."""
         raise NotImplementedError
 
     def defuse(self, text: str) -> str:
@@ -112,6 +189,12 @@ class PromptRenderer:
         and a typed `<|AUDIO|>` would claim a clip that is not there.
         """
         return self.control_token.sub(lambda match: f"{match.group()[0]}{ZERO_WIDTH_SPACE}{match.group()[1:]}", text)
+
+
+def estimate_tokens(prompt: Prompt) -> int:
+    """A prompt's length in tokens from its text, for a backend whose tokenizer is out of reach; errs on the long side."""
+    # each part stands in the text as one audio token
+    return math.ceil(len(prompt.text) / CHARS_PER_TOKEN_ESTIMATE) + sum(p.n_audio_tokens - 1 for p in prompt.audio_parts)
 
 
 def exchanges(messages: tuple[Message, ...]) -> list[tuple[Message, list[Message]]]:

@@ -28,7 +28,7 @@ START_HINT = (
 class RemoteBackend(Backend):
     """Streams replies from `POST {api_base}/chat/completions`; one HTTP connection pool, shared by threads.
 
-    count_tokens stays None: the tokenizer lives on the server, so the renderer estimates prompt length.
+    Prompt lengths are estimated (Backend.count_prompt_tokens): the tokenizer lives on the server.
     The family comes from the served model's name; a name of no known family is served as Qwen2-Audio.
     """
 

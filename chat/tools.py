@@ -5,29 +5,30 @@ reach the network. Every result is a new clip with the next Audio number; the or
 and a bad call comes back as an error message for the model instead of an exception.
 """
 
+from __future__ import annotations
+
 import inspect
 import math
-import re
 import reprlib
 import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from chat.audio import MIN_CLIP_S, SAMPLE_RATE
-from chat.backend import Backend
 from chat.clip import EDITED, Clip
-from chat.conversation import DEFAULT_SYSTEM_PROMPT, USER, Conversation
-from chat.edit_tools import EDITS, Audio, Edit, keep_range, word_finder
+from chat.conversation import DEFAULT_SYSTEM_PROMPT, Conversation
+from chat.edit_tools import EDITS, Audio, Edit, word_finder
 from chat.errors import ChatError
 from chat.timestamps import DEFAULT_WORD_MODEL, WordTimestamper
 from chat.toolcalls import get_parser
 
+if TYPE_CHECKING:  # the backends import the families, whose timestamp edits (Qwen-Audio-Chat's) use these tools
+    from chat.backend import Backend
+
 MAX_ITEMS = 50  # longest list a call may pass (ranges, clips to join)
 ERROR_PREFIX = "Error: "  # how a refused or failed call reads in its tool message
-MAX_SPAN_CLIPS = 8  # clips one reply's timestamps may create
-AUDIO_REFERENCE = re.compile(r"\bAudio (\d+)\b")  # how a person names a clip
 
 
 @dataclass(frozen=True)
@@ -112,52 +113,9 @@ def run_tool_call(
         return ToolResult.failure(f"There is no tool {reprlib.repr(name)}; the tools are: {', '.join(toolbox.tools)}.")
     try:
         output = tool.function(**_arguments(tool, arguments, conversation))
-        return ToolResult(output) if isinstance(output, str) else _new_clip(conversation, tool.name, output)
+        return ToolResult(output) if isinstance(output, str) else new_clip(conversation, tool.name, output)
     except (ChatError, ValueError, RuntimeError) as e:  # RuntimeError: ffmpeg or the word model failed
         return ToolResult.failure(f"{tool.name}: {e}")
-
-
-def span_clips(conversation: Conversation, spans: list[tuple[float, float]]) -> tuple[str, list[Clip], bool]:
-    """Each (start_s, end_s) span of the clip the question was about as a new clip, as the first generation's demo did.
-
-    Returns the tool message's text, the clips, and whether any span failed. At most MAX_SPAN_CLIPS
-    clips come from one reply, like the tool-call limit: a reply full of timestamps cannot flood the chat.
-    """
-    source = _asked_about(conversation)
-    if source is None:
-        return f"{ERROR_PREFIX}there is no clip of yours to cut these times from.", [], True
-    lines, clips, failed = [], [], False
-    unique = list(dict.fromkeys(spans))  # a repeated span would repeat a clip
-    for start_s, end_s in unique[:MAX_SPAN_CLIPS]:
-        try:
-            result = _new_clip(conversation, "keep_range", keep_range(source, start_s, end_s), n_pending=len(clips))
-        except (ChatError, ValueError) as e:
-            lines.append(f"{ERROR_PREFIX}{start_s:g}–{end_s:g} s: {e}")
-            failed = True
-            continue
-        lines.append(result.text)
-        clips.append(result.clip)
-    if len(unique) > MAX_SPAN_CLIPS:
-        lines.append(f"Only the first {MAX_SPAN_CLIPS} of the {len(unique)} spans became clips, the limit per reply.")
-    return "\n".join(lines), clips, failed
-
-
-def _asked_about(conversation: Conversation) -> Audio | None:
-    """The clip the last question was about: the one `Audio N` it names, else its last clip, else the last one sent.
-
-    The first generation's demo always took the last clip sent; a question such as "when is 'hello'
-    said in Audio 1?" after more clips came means Audio 1.
-    """
-    user_clips = [clip for message in conversation.messages if message.role == USER for clip in message.clips]
-    if not user_clips:
-        return None
-    question = next(message for message in reversed(conversation.messages) if message.role == USER)
-    named = {int(n) for n in AUDIO_REFERENCE.findall(question.text) if 1 <= int(n) <= len(conversation.clips())}
-    if len(named) == 1:
-        number = named.pop()
-        return Audio(number, conversation.clip(number))
-    clip = question.clips[-1] if question.clips else user_clips[-1]
-    return Audio(conversation.number(clip), clip)
 
 
 TOOLS_INTRO = (
@@ -249,8 +207,9 @@ def _with_clips(value: object, annotation: object, conversation: Conversation) -
     return value
 
 
-def _new_clip(conversation: Conversation, tool_name: str, edit: Edit, n_pending: int = 0) -> ToolResult:
-    """The edit as a clip numbered as it will be once added (after n_pending clips not yet added)."""
+def new_clip(conversation: Conversation, tool_name: str, edit: Edit, n_pending: int = 0) -> ToolResult:
+    """The edit as a clip numbered as it will be once added (after n_pending clips not yet added); ValueError when it
+    is too short or exactly a clip of the conversation."""
     number = len(conversation.clips()) + n_pending + 1
     duration_s = len(edit.samples) / SAMPLE_RATE
     if duration_s < MIN_CLIP_S:

@@ -10,11 +10,10 @@ from chat.conversation import DONE, Conversation, Message, ToolUse
 from chat.errors import ToolError
 from chat.settings import GenerationSettings
 from chat.toolcalls import ToolCall, get_parser
-from chat.tools import ToolBox, ToolResult, run_tool_call, span_clips, tool_system_prompt
+from chat.tools import ToolBox, ToolResult, run_tool_call, tool_system_prompt
 
 POLL_S = 0.02  # how often a waiting reader checks whether the worker has ended
 DEFAULT_MAX_TOOL_CALLS = 4  # per turn, like llm's chain_limit: a looping model cannot edit forever
-SPANS_TOOL = "timestamp_spans"  # the tool name recorded for clips cut at a reply's <|t|> timestamps
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,8 @@ class Turn:
     and recorded on the reply as `shown`. With tools, a completed call ends its Response (whose
     message keeps the text up to and including the call), runs, and is recorded as a tool message;
     then a new Response continues the reply. A call past max_tool_calls is refused with a message the
-    model answers; a second one ends the turn. A family trained on timestamps gets the clips its
-    finished reply names.
+    model answers; a second one ends the turn. A finished reply may take a step of its own in its
+    family (Family.after_reply: Qwen-Audio-Chat's timestamps become clips).
     """
 
     def __init__(
@@ -88,7 +87,7 @@ class Turn:
             if self._cancel.is_set():
                 return
             if call is None:
-                yield from self._cut_spans()
+                yield from self._after_reply()
                 return
             n_calls += 1
             yield from self._run(call, allowed=n_calls <= self.max_tool_calls)
@@ -139,14 +138,15 @@ class Turn:
         message = self.conversation.add_tool(name, result.text, clips, failed=bool(result.error))
         yield ToolCallFinished(message, result.error or "")
 
-    def _cut_spans(self) -> Iterator[Event]:
-        """The first generation's speech editing: clips of the `<|t1|> ... <|t2|>` spans a finished reply names."""
-        spans = self.backend.family.timestamp_spans(self.response.text)
-        if not spans or self.response.message.status != DONE:
+    def _after_reply(self) -> Iterator[Event]:
+        """The step a finished reply takes by itself in its family (Qwen-Audio-Chat's timestamp spans become clips)."""
+        if self.response.message.status != DONE:
             return
-        text, clips, failed = span_clips(self.conversation, spans)
-        yield ToolCallStarted(SPANS_TOOL, {"spans": [list(span) for span in spans]})
-        yield ToolCallFinished(self.conversation.add_tool(SPANS_TOOL, text, clips, failed=failed))
+        step = self.backend.family.after_reply(self.conversation)
+        if step is None:
+            return
+        yield ToolCallStarted(step.tool, step.arguments)
+        yield ToolCallFinished(self.conversation.add_tool(step.tool, step.text, step.clips, failed=step.failed))
 
 
 def pump(turn: Turn, events: queue.Queue) -> None:

@@ -15,10 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from chat.audio import SAMPLE_RATE  # noqa: E402
-from testkit.tiny.qwen2_audio import build_tiny_qwen2_audio
-from testkit.tiny.whisper import build_tiny_whisper  # noqa: E402
+from chat.clip import Clip  # noqa: E402
+from chat.local import LocalBackend  # noqa: E402
+from testkit.tiny.qwen2_audio import build_tiny_qwen2_audio  # noqa: E402
 from testkit.tiny.qwen_audio_chat import build_tiny_qwen_audio_chat  # noqa: E402
 from testkit.tiny.salmonn import build_tiny_salmonn  # noqa: E402
+from testkit.tiny.whisper import build_tiny_whisper  # noqa: E402
 
 FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "webm")
 
@@ -40,6 +42,21 @@ def tone(seconds: float, frequency_hz: float = 440.0, sample_rate: int = SAMPLE_
     """A float32 sine wave."""
     t = np.arange(int(round(seconds * sample_rate))) / sample_rate
     return (amplitude * np.sin(2 * np.pi * frequency_hz * t)).astype(np.float32)
+
+
+def noise(seconds: float, seed: int = 0) -> np.ndarray:
+    """Quiet white noise, float32 at 16 kHz."""
+    return (0.1 * np.random.default_rng(seed).standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
+
+
+def tone_clip(seconds: float, frequency_hz: float, name: str) -> Clip:
+    """A tone clip; distinct frequencies give distinct clip ids."""
+    return Clip.from_array(tone(seconds, frequency_hz), SAMPLE_RATE, name=name)
+
+
+def numbered_clip(k: int, seconds: float = 0.5) -> Clip:
+    """Clip k of a conversation, named c{k}.wav, its own pitch giving it its own id."""
+    return tone_clip(seconds, 100 + 7 * k, f"c{k}.wav")
 
 
 def write_audio(path: Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> Path:
@@ -93,3 +110,11 @@ def tiny_salmonn(tmp_path_factory) -> Path:
 def tiny_whisper(tmp_path_factory) -> Path:
     """A tiny random-weight Whisper checkpoint folder."""
     return build_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"))
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_qwen2_audio) -> Iterator[LocalBackend]:
+    """The tiny Qwen2-Audio in 4-bit on the CPU, loaded once per module; a module testing another model overrides
+    it with its own."""
+    with one_intra_op_thread():
+        yield LocalBackend(str(tiny_qwen2_audio), quantization="4bit")

@@ -7,8 +7,8 @@ import pytest
 
 from chat import Clip, ClipError
 from chat.audio import MAX_CLIP_S, SAMPLE_RATE
-from chat.families import FAMILIES
 from chat.clip import RECORDED, UPLOADED
+from chat.families import FAMILIES
 from tests.conftest import FORMATS, tone, write_audio
 
 

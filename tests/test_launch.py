@@ -12,8 +12,8 @@ import gradio.networking
 import pytest
 
 import launch
-from testkit.scripted import ScriptedBackend
 from chat.store import Store
+from testkit.scripted import ScriptedBackend
 from tests.openai_server import OpenAIServer
 from tests.test_web import free_port
 

@@ -1,35 +1,21 @@
-"""The local transformers backend on a tiny real Qwen2-Audio: loading, exact inputs, streaming, cancel, failures."""
+"""The local transformers backend on a tiny real Qwen2-Audio: token counts, streaming, cancel, failures, loading."""
 
 import gc
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
 from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2Config
 
-from chat import BackendError, Clip, Conversation, GenerationSettings, Response, SettingsError
-from chat.audio import SAMPLE_RATE
+from chat import BackendError, Conversation, GenerationSettings, Response, SettingsError
 from chat.conversation import DONE, FAILED, STOPPED
-from chat.local import GENERATION_THREAD, LocalBackend, generate_kwargs
 from chat.families import get_family
-from tests.conftest import one_intra_op_thread, tone
+from chat.local import GENERATION_THREAD, LocalBackend, generate_kwargs
+from tests.conftest import tone_clip
 
 SAMPLED = GenerationSettings(seed=0, max_new_tokens=24)  # random weights sampled: several streamed chunks
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_qwen2_audio) -> Iterator[LocalBackend]:
-    """The tiny checkpoint loaded once for the module, in 4-bit on the CPU."""
-    with one_intra_op_thread():
-        yield LocalBackend(str(tiny_qwen2_audio), quantization="4bit")
-
-
-def clip(seconds: float, frequency_hz: float, name: str) -> Clip:
-    """A tone clip; distinct frequencies give distinct clip ids."""
-    return Clip.from_array(tone(seconds, frequency_hz), SAMPLE_RATE, name=name)
 
 
 def generation_threads() -> list[threading.Thread]:
@@ -37,27 +23,15 @@ def generation_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == GENERATION_THREAD]
 
 
-def test_loads_in_4bit_on_cpu_leaving_the_audio_path_and_head_unquantized(backend):
-    import bitsandbytes as bnb
-
-    modules = dict(backend.model.named_modules())
-    assert isinstance(modules["model.language_model.layers.0.mlp.down_proj"], bnb.nn.Linear4bit)
-    for name, module in modules.items():
-        if name.startswith(("model.audio_tower", "model.multi_modal_projector", "lm_head")):
-            assert not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)), name
-    assert backend.quantization == "4bit" and backend.model.device.type == "cpu"
-    assert backend.context_tokens == backend.model.config.text_config.max_position_embeddings
-
-
 def test_streams_a_two_clip_two_turn_conversation(backend):
     conversation = Conversation()
-    conversation.add_user("What is this sound?", [clip(2.0, 440, "a.wav")])
+    conversation.add_user("What is this sound?", [tone_clip(2.0, 440, "a.wav")])
     first = Response(backend, conversation, SAMPLED)
     chunks = list(first)
     assert len(chunks) >= 3 and first.text.strip()
     assert first.message.status == DONE and conversation.messages[-1].text == first.text
 
-    conversation.add_user("And this one?", [clip(1.5, 660, "b.wav")])
+    conversation.add_user("And this one?", [tone_clip(1.5, 660, "b.wav")])
     second = Response(backend, conversation, SAMPLED)
     assert [(p.number, p.index) for p in second.prompt.audio_parts] == [(1, 0), (2, 0)]
     assert len(list(second)) >= 2 and second.message.status == DONE
@@ -69,7 +43,7 @@ def test_streams_a_two_clip_two_turn_conversation(backend):
 
 def test_token_counts_are_exact(backend):
     conversation = Conversation()
-    conversation.add_user("Describe it.", [clip(2.0, 330, "c.wav")])
+    conversation.add_user("Describe it.", [tone_clip(2.0, 330, "c.wav")])
     greedy = GenerationSettings(temperature=0, max_new_tokens=12)
     response = Response(backend, conversation, greedy)
     inputs = backend.prepare(response.prompt)
@@ -79,29 +53,7 @@ def test_token_counts_are_exact(backend):
     assert response.stats.n_tokens == len(expected)
     assert streamed == backend.tokenizer.decode(expected, skip_special_tokens=True)
     # the renderer's context budget counts what the model really receives
-    prompt = response.prompt
-    audio_tokens = sum(part.n_audio_tokens - 1 for part in prompt.audio_parts)
-    assert backend.count_tokens(prompt.text) + audio_tokens == response.stats.n_prompt_tokens
-
-
-def test_prepared_inputs_match_the_processor_and_carry_every_part(backend):
-    conversation = Conversation()
-    conversation.add_user("Compare them.", [clip(2.0, 500, "short.wav"), clip(70.0, 250, "long.wav")])
-    prompt = get_family("qwen2-audio").renderer.render(conversation)
-    assert [(p.number, p.index) for p in prompt.audio_parts] == [(1, 0), (2, 0), (2, 1), (2, 2)]
-    assert "Audio 2 (part 3 of 3): <|audio_bos|><|AUDIO|><|audio_eos|>" in prompt.text
-
-    inputs = backend.prepare(prompt)
-    n_audio = int((inputs["input_ids"] == backend.model.config.audio_token_id).sum())
-    assert n_audio == sum(part.n_audio_tokens for part in prompt.audio_parts) == 50 + 3 * 583
-    assert inputs["input_features"].shape[0] == inputs["feature_attention_mask"].shape[0] == len(prompt.audio_parts)
-    # the same tensors the processor builds from scratch (keyword audio=, not the ignored audios=)
-    expected = backend.loaded.processor(
-        text=prompt.text, audio=[p.samples for p in prompt.audio_parts], sampling_rate=SAMPLE_RATE, return_tensors="pt"
-    )
-    assert torch.equal(inputs["input_ids"], expected["input_ids"])
-    assert torch.equal(inputs["feature_attention_mask"], expected["feature_attention_mask"].to(torch.long))
-    assert torch.allclose(inputs["input_features"], expected["input_features"])
+    assert backend.count_prompt_tokens(response.prompt) == response.stats.n_prompt_tokens == n_prompt
 
 
 def test_audio_features_are_computed_once_per_clip_part(backend, monkeypatch):
@@ -113,11 +65,11 @@ def test_audio_features_are_computed_once_per_clip_part(backend, monkeypatch):
 
     monkeypatch.setattr(backend.loaded.processor, "feature_extractor", counting)
     conversation = Conversation()
-    conversation.add_user("One.", [clip(40.0, 700, "two-parts.wav")])
+    conversation.add_user("One.", [tone_clip(40.0, 700, "two-parts.wav")])
     backend.prepare(get_family("qwen2-audio").renderer.render(conversation))
     assert len(computed) == 2
     conversation.add_assistant("A tone.")
-    conversation.add_user("Two.", [clip(2.0, 710, "d.wav")])
+    conversation.add_user("Two.", [tone_clip(2.0, 710, "d.wav")])
     longer = get_family("qwen2-audio").renderer.render(conversation)
     backend.prepare(longer)
     backend.prepare(longer)
@@ -126,7 +78,7 @@ def test_audio_features_are_computed_once_per_clip_part(backend, monkeypatch):
 
 def test_cancel_from_another_thread_stops_within_one_token(backend):
     conversation = Conversation()
-    conversation.add_user("Talk.", [clip(2.0, 880, "e.wav")])
+    conversation.add_user("Talk.", [tone_clip(2.0, 880, "e.wav")])
     response = Response(backend, conversation, GenerationSettings(seed=0, max_new_tokens=500))
     at_cancel = []
 
@@ -147,7 +99,7 @@ def test_cancel_from_another_thread_stops_within_one_token(backend):
 
 def test_closing_the_iterator_stops_and_leaves_no_thread(backend):
     conversation = Conversation()
-    conversation.add_user("Talk.", [clip(2.0, 990, "f.wav")])
+    conversation.add_user("Talk.", [tone_clip(2.0, 990, "f.wav")])
     response = Response(backend, conversation, GenerationSettings(seed=0, max_new_tokens=500))
     chunks = iter(response)
     first = next(chunks)
@@ -161,7 +113,7 @@ def test_the_same_seed_gives_the_same_reply(backend):
     replies = []
     for _ in range(2):
         conversation = Conversation()
-        conversation.add_user("Again.", [clip(2.0, 1100, "g.wav")])
+        conversation.add_user("Again.", [tone_clip(2.0, 1100, "g.wav")])
         replies.append("".join(Response(backend, conversation, GenerationSettings(seed=7, max_new_tokens=12))))
     assert replies[0] == replies[1] and replies[0]
 
@@ -193,7 +145,7 @@ def test_a_failure_mid_reply_is_recorded_and_the_conversation_stays_usable(backe
 
     monkeypatch.setattr(backend.model, "generate", generate_then_fail)
     conversation = Conversation()
-    conversation.add_user("Hello.", [clip(2.0, 1200, "h.wav")])
+    conversation.add_user("Hello.", [tone_clip(2.0, 1200, "h.wav")])
     response = Response(backend, conversation, GenerationSettings(seed=0, max_new_tokens=20))
     chunks = []
     with pytest.raises(BackendError, match=message):
@@ -254,7 +206,7 @@ def test_8bit_loads_and_replies_on_cpu(tiny_qwen2_audio):
 
     assert isinstance(local.model.model.language_model.layers[0].mlp.down_proj, bnb.nn.Linear8bitLt)
     conversation = Conversation()
-    conversation.add_user("Hi.", [clip(1.0, 1300, "i.wav")])
+    conversation.add_user("Hi.", [tone_clip(1.0, 1300, "i.wav")])
     response = Response(local, conversation, GenerationSettings(temperature=0, max_new_tokens=4))
     list(response)
     assert response.message.status == DONE and response.stats.n_tokens >= 1
@@ -285,7 +237,7 @@ def test_real_size_model_in_4bit_on_the_gpu(tiny_qwen2_audio, tmp_path):
     local = LocalBackend(str(tmp_path))
     assert local.quantization == "4bit" and local.context_tokens == 8192
     conversation = Conversation()
-    conversation.add_user("What is this?", [clip(30.0, 440, "j.wav")])
+    conversation.add_user("What is this?", [tone_clip(30.0, 440, "j.wav")])
     response = Response(local, conversation, GenerationSettings(seed=0, max_new_tokens=16))
     list(response)
     assert response.message.status == DONE and response.stats.n_tokens >= 1
@@ -319,9 +271,9 @@ def encoded_parts(backend: LocalBackend, monkeypatch) -> list[int]:
 
 def test_a_follow_up_turn_starts_from_the_cached_history_and_encodes_only_the_new_clip(full_precision, monkeypatch):
     conversation = Conversation()
-    conversation.add_user("What is this?", [clip(2.0, 300, "a.wav"), clip(1.0, 500, "b.wav")])
+    conversation.add_user("What is this?", [tone_clip(2.0, 300, "a.wav"), tone_clip(1.0, 500, "b.wav")])
     "".join(Response(full_precision, conversation, GREEDY))
-    conversation.add_user("And this one?", [clip(1.5, 700, "c.wav")])
+    conversation.add_user("And this one?", [tone_clip(1.5, 700, "c.wav")])
     follow_up = Response(full_precision, conversation, GREEDY)
     expected = fresh_reply(full_precision, follow_up)
     calls = encoded_parts(full_precision, monkeypatch)
@@ -332,20 +284,20 @@ def test_a_follow_up_turn_starts_from_the_cached_history_and_encodes_only_the_ne
 
 def test_another_clip_behind_the_same_token_ids_is_encoded_again(full_precision, monkeypatch):
     first, second = Conversation(), Conversation()
-    first.add_user("Describe.", [clip(2.0, 300, "a.wav")])
-    second.add_user("Describe.", [clip(2.0, 900, "other.wav")])  # the same length: the same token ids
+    first.add_user("Describe.", [tone_clip(2.0, 300, "a.wav")])
+    second.add_user("Describe.", [tone_clip(2.0, 900, "other.wav")])  # the same length: the same token ids
     "".join(Response(full_precision, first, GREEDY))
     response = Response(full_precision, second, GREEDY)
     expected = fresh_reply(full_precision, response)
     calls = encoded_parts(full_precision, monkeypatch)
     assert "".join(response) == expected and calls == [1]
-    audio_start = response.prompt.text.index("<|AUDIO|>")  # in the text, before expansion
-    assert 0 < response.stats.n_reused_prompt_tokens <= full_precision.count_tokens(response.prompt.text[:audio_start])
+    audio_start = full_precision.loaded.token_ids(response.prompt).index(full_precision.loaded.audio_token_id)
+    assert 0 < response.stats.n_reused_prompt_tokens <= audio_start
 
 
 def test_a_regenerated_reply_reuses_the_question_and_matches_a_fresh_one(full_precision):
     conversation = Conversation()
-    conversation.add_user("Describe.", [clip(2.0, 400, "a.wav")])
+    conversation.add_user("Describe.", [tone_clip(2.0, 400, "a.wav")])
     "".join(Response(full_precision, conversation, GREEDY))
     conversation.drop_reply()
     again = Response(full_precision, conversation, GREEDY)

@@ -1,13 +1,17 @@
 """Word timestamps from a real (tiny, random) Whisper checkpoint, and the find_words tool that returns them."""
 
 import json
+from pathlib import Path
 
 import pytest
+from transformers import AutoProcessor, WhisperForConditionalGeneration, pipeline
 
+from chat.audio import SAMPLE_RATE
 from chat.clip import Clip
 from chat.conversation import Conversation
 from chat.timestamps import Word, WordTimestamper, _ordered_words
 from chat.tools import ToolBox, run_tool_call
+from tests.conftest import noise
 
 N_TOKENS = 16  # random weights never stop on their own: keep generation short
 
@@ -20,6 +24,24 @@ def speech(speech_wav) -> Clip:
 @pytest.fixture(scope="module")
 def timestamper(tiny_whisper) -> WordTimestamper:
     return WordTimestamper(str(tiny_whisper), max_new_tokens=N_TOKENS)
+
+
+def test_whisper_word_timestamps_through_the_pipeline(tiny_whisper: Path):
+    asr = pipeline("automatic-speech-recognition", model=str(tiny_whisper))
+    result = asr(noise(4), return_timestamps="word", generate_kwargs={"max_new_tokens": 12, "language": "en"})
+    assert result["text"] and result["chunks"]
+    for chunk in result["chunks"]:
+        start, end = chunk["timestamp"]
+        assert chunk["text"] and 0.0 <= start <= end <= 30.0
+
+
+def test_whisper_token_timestamps_through_generate(tiny_whisper: Path):
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper)
+    processor = AutoProcessor.from_pretrained(tiny_whisper)
+    inputs = processor(noise(4), sampling_rate=SAMPLE_RATE, return_attention_mask=True, return_tensors="pt")
+    out = model.generate(**inputs, return_token_timestamps=True, max_new_tokens=8, language="en", task="transcribe")
+    assert out["token_timestamps"].shape == out["sequences"].shape
+    assert processor.batch_decode(out["sequences"], skip_special_tokens=True)[0]
 
 
 def test_words_lie_inside_the_clip_in_order(timestamper, speech):

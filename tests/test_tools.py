@@ -11,7 +11,7 @@ from chat.clip import EDITED, Clip
 from chat.conversation import Conversation
 from chat.edit_tools import Audio, Edit, delete_ranges, reverse
 from chat.toolcalls import get_parser
-from chat.tools import ERROR_PREFIX, Tool, ToolBox, run_tool_call, span_clips, tool_system_prompt
+from chat.tools import ERROR_PREFIX, Tool, ToolBox, run_tool_call, tool_system_prompt
 from tests.conftest import tone
 
 SR = SAMPLE_RATE
@@ -218,29 +218,6 @@ def test_system_prompt_declares_every_tool_and_its_example_is_a_valid_call(style
 def test_a_toolbox_without_the_example_tool_leaves_the_example_out():
     prompt = tool_system_prompt(ToolBox([Tool.from_function(reverse)]), "hermes")
     assert '"name": "reverse"' in prompt and "Example" not in prompt
-
-
-def test_timestamp_spans_become_clips_of_the_last_user_clip(conversation):
-    text, clips, failed = span_clips(conversation, [(0.5, 1.0), (0.5, 1.0), (2.0, 2.5), (2.9, 3.5)])
-    assert failed and [clip.note for clip in clips] == ["Audio 3 = Audio 2 cut to 0.5–1 s", "Audio 4 = Audio 2 cut to 2–2.5 s"]
-    assert np.array_equal(clips[1].samples, A2[n(2.0):n(2.5)])
-    assert "Error: 2.9–3.5 s: end_s 3.5 s is past the end of the clip" in text
-    assert unchanged(conversation)
-
-
-def test_timestamp_spans_cut_the_one_clip_the_question_names(conversation):
-    conversation.add_assistant("Two clips.")
-    conversation.add_user("When is the first word said in Audio 1?")
-    _, clips, failed = span_clips(conversation, [(0.5, 1.0)])
-    assert not failed and clips[0].note == "Audio 3 = Audio 1 cut to 0.5–1 s"
-    assert np.array_equal(clips[0].samples, A1[n(0.5):n(1.0)])
-
-
-def test_timestamp_spans_with_no_clip_to_cut_are_an_error():
-    conversation = Conversation()
-    conversation.add_user("When?")
-    text, clips, failed = span_clips(conversation, [(0.5, 1.0)])
-    assert failed and clips == [] and text == "Error: there is no clip of yours to cut these times from."
 
 
 def test_an_edit_longer_than_the_clip_limit_is_refused():

@@ -10,10 +10,11 @@ from chat.clip import Clip
 from chat.conversation import ASSISTANT, DONE, STOPPED, TOOL, USER, Conversation
 from chat.errors import BackendError, ToolError
 from chat.families import get_family
+from chat.families.qwen_audio_chat.spans import SPANS_TOOL
 from chat.remote import RemoteBackend
-from testkit.scripted import ScriptedBackend
 from chat.tools import ToolBox
-from chat.turn import SPANS_TOOL, TextChunk, ToolCallFinished, ToolCallStarted, Turn, in_batches
+from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn, in_batches
+from testkit.scripted import ScriptedBackend
 from tests.conftest import tone
 from tests.openai_server import OpenAIServer, decoded_audio
 

@@ -1,13 +1,12 @@
 """What a model family is: the few facts and functions that differ from one audio-language model to the next.
 
-A family module (qwen2_audio.py, qwen_audio_chat.py, ...) subclasses Family and, for local use,
-LocalModel. Everything else (the local and remote backends, turns, tools, the page and the
+A family's folder (qwen2_audio/, qwen_audio_chat/, ...) subclasses Family in family.py and, for local use,
+LocalModel in model.py. Everything else (the local and remote backends, turns, tools, the page and the
 terminal) works through these two interfaces and never names a model.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,18 +14,26 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from chat.audio import SAMPLE_RATE, n_windows
-from chat.conversation import DEFAULT_SYSTEM_PROMPT
-from chat.prompts import Prompt, PromptRenderer
+from chat.clip import Clip
+from chat.conversation import DEFAULT_SYSTEM_PROMPT, Conversation
+from chat.prompts import Control, Prompt, PromptRenderer, Text
 from chat.settings import GenerationSettings
 from chat.toolcalls import ReplyReader, get_parser
 
 if TYPE_CHECKING:  # torch is imported when a checkpoint is loaded, not when a family is chosen
     import torch
 
-TIMESTAMP_TOKEN = re.compile(r"<\|(\d{1,2}\.\d{2})\|>")  # the first generation's <|3.04|> tokens
-# The end of a streamed text that may still change how it reads: timestamps that a second one may pair
-# with, and the start of a token still arriving (`<`, `<|3.`, `<|3.04|`).
-UNFINISHED_TIMESTAMPS = re.compile(r"(<\|\d{1,2}\.\d{2}\|>\s*)*(<(\|(\d{1,2}(\.(\d{1,2}(\|>?)?)?)?)?)?)?\Z")
+
+@dataclass(frozen=True)
+class ReplyStep:
+    """A step a finished reply takes by itself, shown and recorded as a tool step (Qwen-Audio-Chat's timestamp
+    spans, cut into clips)."""
+
+    tool: str
+    arguments: dict
+    text: str  # the tool message
+    clips: tuple[Clip, ...] = ()  # the clips it adds, numbered next
+    failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,9 @@ class LoadOptions:
 class LocalModel:
     """A loaded checkpoint as the local backend drives it: token ids, audio features, generate().
 
-    model.generate() takes input_ids with each audio placeholder already repeated to its part's
-    token count, attention_mask, and for the parts still to encode the tensors of features(), each
-    stacked over the parts (n_parts, ...).
+    model.generate() takes input_ids with each part's run of audio tokens (as many as the family's rule
+    says), attention_mask, and for the parts still to encode the tensors of features(), each stacked
+    over the parts (n_parts, ...).
     """
 
     model: torch.nn.Module
@@ -54,19 +61,27 @@ class LocalModel:
     settings: GenerationSettings | None = None  # sampling defaults the checkpoint states, over its family's
 
     def token_ids(self, prompt: Prompt) -> list[int]:
-        """The prompt's token ids with one audio_token_id per audio part."""
+        """The prompt's token ids: each text encoded on its own, each control token's id, each part's audio tokens."""
+        ids: list[int] = []
+        for segment in prompt.segments:
+            if isinstance(segment, Text):
+                ids += self.encode(segment.text)
+            elif isinstance(segment, Control):
+                ids.append(self.control_id(segment.token))
+            else:
+                ids += [self.audio_token_id] * segment.part.n_audio_tokens
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of a piece of text, encoded on its own."""
+        raise NotImplementedError
+
+    def control_id(self, token: str) -> int:
+        """The id of a control token."""
         raise NotImplementedError
 
     def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         """The model's audio inputs of one part by name, e.g. input_features (n_mels, n_frames)."""
-        raise NotImplementedError
-
-    def n_audio_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Audio tokens of each part (n_parts,), from the parts' features() stacked (the encoder's own length rule)."""
-        raise NotImplementedError
-
-    def count_tokens(self, text: str) -> int:
-        """Exact token count of plain text."""
         raise NotImplementedError
 
     def position_encoding(self, n_tokens: int) -> object:
@@ -91,7 +106,6 @@ class Family:
     settings = GenerationSettings()  # its published sampling defaults
     tool_style: str | None = "hermes"  # the tool-call format it is offered (chat.toolcalls); None: it has none
     offers_tools = False  # whether the editing tools are offered unless a person says otherwise: if trained on calls
-    timestamp_edits = False  # whether <|t|> timestamp pairs in a reply become clips
     control_tokens: tuple[str, ...] = ()  # tokens a person's text must not produce
     unquantized_modules: tuple[str, ...] = ()  # full module paths kept in bf16 when the LLM is quantized
     served_by_vllm = False
@@ -133,48 +147,8 @@ class Family:
 
     def reader(self, tools: bool) -> ReplyReader:
         """Reads a streamed reply: text meant for the person and, with tools, the calls it makes."""
-        return FormattedReader(get_parser(self.tool_style) if tools else ReplyReader(), self.timestamp_edits)
+        return get_parser(self.tool_style) if tools else ReplyReader()
 
-    def timestamp_spans(self, text: str) -> list[tuple[float, float]]:
-        """(start_s, end_s) pairs of the timestamp tokens in a reply, as the first generation's demo cut them.
-
-        Like that demo, only an even number of timestamps counts; pairs that do not run forward are skipped.
-        """
-        if not self.timestamp_edits:
-            return []
-        times = [float(t) for t in TIMESTAMP_TOKEN.findall(text)]
-        if len(times) % 2:
-            return []
-        return [(start, end) for start, end in zip(times[::2], times[1::2]) if end > start]
-
-
-class FormattedReader(ReplyReader):
-    """A reader whose shown text has timestamp tokens written as times a person reads: `<|3.04|>` → `3.04 s`."""
-
-    def __init__(self, inner: ReplyReader, timestamps: bool) -> None:
-        super().__init__()
-        self.inner, self.timestamps = inner, timestamps
-        self.held = ""  # the end of the text so far, while UNFINISHED_TIMESTAMPS may still change it
-
-    def feed(self, chunk: str) -> tuple[str, list]:
-        text, calls = self.inner.feed(chunk)
-        return self._format(text, final=bool(calls)), calls  # a call ends the text shown
-
-    def finish(self) -> tuple[str, list]:
-        text, calls = self.inner.finish()
-        return self._format(text, final=True), calls
-
-    def _format(self, text: str, final: bool) -> str:
-        if not self.timestamps:
-            return text
-        text = self.held + text
-        n_shown = len(text) if final else UNFINISHED_TIMESTAMPS.search(text).start()
-        text, self.held = text[:n_shown], text[n_shown:]
-        return format_timestamps(text)
-
-
-def format_timestamps(text: str) -> str:
-    """`<|3.04|> to <|3.23|>` as `3.04 s to 3.23 s`; a pair right next to each other as `3.04 s – 3.23 s`."""
-    text = re.sub(r"<\|(\d{1,2}\.\d{2})\|>\s*<\|(\d{1,2}\.\d{2})\|>", r"\1 s – \2 s", text)
-    return TIMESTAMP_TOKEN.sub(r"\1 s", text)
-
+    def after_reply(self, conversation: Conversation) -> ReplyStep | None:
+        """The step the reply that ends the conversation takes by itself, if any; the base family takes none."""
+        return None

@@ -11,9 +11,12 @@ with the original's own pins, and its output file is committed (testkit/data/sal
     /tmp/salmonn-orig/venv/bin/python testkit/parity/run_original_salmonn.py $REPO /tmp/tiny-salmonn \\
         testkit/data/salmonn/parity.json
 
-Shims, all here and none in the original files: BERT-base's config comes from the tiny parts instead of
-the hub; the LLaMA loads in fp32 (torch 2.0.1 has no fp16 matmul on the CPU) and the parts are moved
-nowhere (`.cuda()` is a no-op), as the original runs its model on the CPU with the same code path.
+Shims, all here and none in the original files, which change the original in nothing but what cannot run
+here: BertConfig.from_pretrained("bert-base-uncased") cannot download, so it returns bert-base-uncased's own
+config.json values (BERT_BASE_UNCASED: 12 heads, its layer norm eps, activation, vocabulary, ...) with only
+the sizes the tiny checkpoint's tensors dictate (hidden_size, intermediate_size) changed; no value is set to
+what the project assumes. The LLaMA loads in fp32 (torch 2.0.1 has no fp16 matmul on the CPU) and the parts
+are moved nowhere (`.cuda()` is a no-op), as the original runs its model on the CPU with the same code path.
 """
 
 import json
@@ -31,7 +34,19 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from salmonn_cases import CASES, N_NEW_TOKENS, SAMPLE_RATE, clip, sampled_frames  # noqa: E402
 
-TINY_BERT = {"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 512}  # testkit/tiny/salmonn.py QFORMER
+BERT_BASE_UNCASED = {  # bert-base-uncased's config.json, which the original downloads
+    "architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1, "gradient_checkpointing": False,
+    "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02,
+    "intermediate_size": 3072, "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert",
+    "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 0, "position_embedding_type": "absolute",
+    "type_vocab_size": 2, "use_cache": True, "vocab_size": 30522,
+}
+
+
+def tiny_sizes(ckpt: dict) -> dict:
+    """The Q-Former's sizes that the tiny checkpoint's tensors dictate: all that differs from bert-base-uncased."""
+    return {"hidden_size": ckpt["speech_query_tokens"].shape[-1],
+            "intermediate_size": ckpt["speech_Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0]}
 
 
 def original_code(repo: Path) -> Path:
@@ -55,19 +70,25 @@ def main(repo: Path, parts: Path, output: Path) -> None:
     from transformers import WhisperFeatureExtractor
     from utils import prepare_one_sample
 
-    qformer.BertConfig.from_pretrained = classmethod(lambda cls, name: qformer.BertConfig(**TINY_BERT))
+    config = yaml.safe_load((parts / "decode_config.yaml").read_text())
+    model_config = dict(config["model"], prompt_path="")  # training prompts: not read for decoding
+    for key in ("llama_path", "whisper_path", "beats_path", "ckpt"):
+        model_config[key] = str(parts / model_config[key])
+    ckpt = torch.load(model_config["ckpt"], map_location="cpu")["model"]
+
+    def bert_config(cls, name):
+        assert name == "bert-base-uncased", name
+        return cls(**BERT_BASE_UNCASED | tiny_sizes(ckpt))
+
+    qformer.BertConfig.from_pretrained = classmethod(bert_config)
     llama_from_pretrained = salmonn.LlamaForCausalLM.from_pretrained
     salmonn.LlamaForCausalLM.from_pretrained = lambda path, **kw: llama_from_pretrained(
         path, **{**kw, "torch_dtype": torch.float32})
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
-    config = yaml.safe_load((parts / "decode_config.yaml").read_text())
-    model_config = dict(config["model"], prompt_path="")  # training prompts: not read for decoding
-    for key in ("llama_path", "whisper_path", "beats_path", "ckpt"):
-        model_config[key] = str(parts / model_config[key])
     torch.manual_seed(0)
     model = salmonn.SALMONN.from_config(model_config).eval()
-    placed = model.load_state_dict(torch.load(model_config["ckpt"], map_location="cpu")["model"], strict=False)
+    placed = model.load_state_dict(ckpt, strict=False)
     assert not placed.unexpected_keys, placed.unexpected_keys  # every tensor of the fixture's .pth has its place
     processor = WhisperFeatureExtractor.from_pretrained(model_config["whisper_path"])
     tokenizer = model.llama_tokenizer

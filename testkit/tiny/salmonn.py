@@ -45,7 +45,7 @@ BEATS_CFG = {
     "max_distance": 128, "gru_rel_pos": True, "finetuned_model": True, "predictor_dropout": 0.0,
     "predictor_class": 5,
 }
-QFORMER = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 512}  # 2 heads of BERT's 64
+QFORMER = {"hidden_size": 96, "num_hidden_layers": 2, "intermediate_size": 192}  # BERT-base's 12 heads, of 8
 
 
 @dataclass(frozen=True)

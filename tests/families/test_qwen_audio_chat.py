@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -15,14 +16,14 @@ from transformers import TextIteratorStreamer
 
 from chat import BackendError, Clip, Conversation, GenerationSettings, Response, Turn, load_backend
 from chat.families import get_family
-from chat.families.base import format_timestamps
+from chat.families.qwen_audio_chat.spans import format_timestamps, span_clips, timestamp_spans
 from chat.local import LocalBackend
-from testkit.scripted import ScriptedBackend
 from chat.turn import TextChunk, ToolCallFinished
 from testkit import DATA
-from tests.conftest import one_intra_op_thread, tone
 from testkit.parity.qwen_audio_chat_cases import CASES, CLIPS, REPLY_1, SAMPLE_RATE, clip
+from testkit.scripted import ScriptedBackend
 from testkit.tiny.qwen_audio_chat import AUDIO, HIDDEN
+from tests.conftest import numbered_clip, one_intra_op_thread, tone
 
 PARITY = json.loads((DATA / "qwen_audio_chat" / "parity.json").read_text())
 LOGIT_TOLERANCE = 1e-4
@@ -33,6 +34,7 @@ LOGIT_TOLERANCE = 1e-4
 BATCHED_ENCODING_TOLERANCE = 0.05
 GREEDY = GenerationSettings(temperature=0, max_new_tokens=12, repetition_penalty=1.0)
 FAMILY = get_family("qwen-audio-chat")
+QAC_AUDIO = "<audio>[[[AUDIO:modality]]]</audio>"  # one pad, repeated to the part's length when tokenized
 
 
 @pytest.fixture(scope="module")
@@ -239,8 +241,68 @@ def test_timestamps_are_shown_readably_however_the_stream_splits_them(split):
     ],
 )
 def test_timestamp_spans(text, spans):
-    assert FAMILY.timestamp_spans(text) == spans
-    assert get_family("qwen2-audio").timestamp_spans(text) == []  # a family not trained on them
+    assert timestamp_spans(text) == spans
+
+
+def test_only_this_family_cuts_a_replys_timestamps_into_clips():
+    conversation = Conversation()
+    conversation.add_user("When is it said?", [Clip.from_array(tone(3.0), SAMPLE_RATE, name="a.wav")])
+    conversation.add_assistant("From <|0.50|> to <|1.50|>.")
+    step = FAMILY.after_reply(conversation)
+    assert step.tool == "timestamp_spans" and step.arguments == {"spans": [[0.5, 1.5]]} and len(step.clips) == 1
+    assert get_family("qwen2-audio").after_reply(conversation) is None  # a family not trained on them
+
+
+SPANS_A1 = tone(2.0, 440.0)  # Audio 1: 2 s of 440 Hz
+SPANS_A2 = np.concatenate([np.zeros(SAMPLE_RATE // 2), tone(2.0, 220.0), np.zeros(SAMPLE_RATE // 2)]).astype(np.float32)
+
+
+@pytest.fixture
+def two_clips() -> Conversation:
+    """A question about Audio 1 (a tone) and Audio 2 (a tone between half-seconds of silence)."""
+    conversation = Conversation()
+    conversation.add_user("Edit these.", [Clip(SPANS_A1, name="a.wav"), Clip(SPANS_A2, name="b.wav")])
+    return conversation
+
+
+def n(seconds: float) -> int:
+    return round(seconds * SAMPLE_RATE)
+
+
+def test_timestamp_spans_become_clips_of_the_last_user_clip(two_clips):
+    text, clips, failed = span_clips(two_clips, [(0.5, 1.0), (0.5, 1.0), (2.0, 2.5), (2.9, 3.5)])
+    assert failed and [clip.note for clip in clips] == ["Audio 3 = Audio 2 cut to 0.5–1 s",
+                                                        "Audio 4 = Audio 2 cut to 2–2.5 s"]
+    assert np.array_equal(clips[1].samples, SPANS_A2[n(2.0):n(2.5)])
+    assert "Error: 2.9–3.5 s: end_s 3.5 s is past the end of the clip" in text
+    assert len(two_clips.messages) == 1 and len(two_clips.clips()) == 2  # nothing added yet
+
+
+def test_timestamp_spans_of_identical_audio_make_one_clip_referred_to_twice(two_clips):
+    text, clips, failed = span_clips(two_clips, [(0.0, 0.25), (0.25, 0.5), (0.5, 1.0)])  # Audio 2 starts silent
+    assert not failed and [clip.note for clip in clips] == ["Audio 3 = Audio 2 cut to 0–0.25 s",
+                                                            "Audio 4 = Audio 2 cut to 0.5–1 s"]
+    assert "0.25–0.5 s of " in text and "is the same audio as Audio 3." in text
+    two_clips.add_assistant("<|0.00|><|0.25|> and <|0.25|><|0.50|>")
+    two_clips.add_tool("timestamp_spans", text, tuple(clips))  # every clip is new to the conversation
+    assert [c.id for c in two_clips.clips()[2:]] == [c.id for c in clips]
+
+
+def test_timestamp_spans_cut_the_one_clip_the_question_names(two_clips):
+    two_clips.add_assistant("Two clips.")
+    two_clips.add_user("When is the first word said in Audio 1?")
+    _, clips, failed = span_clips(two_clips, [(0.5, 1.0)])
+    assert not failed and clips[0].note == "Audio 3 = Audio 1 cut to 0.5–1 s"
+    assert np.array_equal(clips[0].samples, SPANS_A1[n(0.5):n(1.0)])
+
+
+def test_timestamp_spans_with_no_clip_to_cut_are_an_error():
+    conversation = Conversation()
+    conversation.add_user("When?")
+    text, clips, failed = span_clips(conversation, [(0.5, 1.0)])
+    assert failed and clips == [] and text == "Error: there is no clip of yours to cut these times from."
+
+
 
 
 def test_a_reply_full_of_timestamps_makes_at_most_eight_clips():
@@ -310,6 +372,28 @@ def test_loads_in_8bit_too(tiny_qwen_audio_chat):
 def test_the_two_turn_history_uses_the_reply_as_the_original_saw_it():
     text = FAMILY.renderer.render(parity_conversation("two_turns")).text
     assert f"<|im_start|>assistant\n{REPLY_1}<|im_end|>\n<|im_start|>user\nAudio 2: <audio>" in text
+
+
+def test_qwen_audio_chat_layout_is_make_context_with_the_web_demos_queries():
+    c = Conversation()
+    c.add_user("What is it?", [numbered_clip(1)])
+    c.add_assistant("A tone.")
+    c.add_user("And this?", [numbered_clip(2)])
+    assert FAMILY.renderer.render(c).text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>"
+        f"\n<|im_start|>user\nAudio 1: {QAC_AUDIO}\nWhat is it?<|im_end|>\n<|im_start|>assistant\nA tone.<|im_end|>"
+        f"\n<|im_start|>user\nAudio 2: {QAC_AUDIO}\nAnd this?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_qwen_audio_chat_continues_a_reply_after_a_tool_result():
+    c = Conversation()
+    c.add_user("Reverse it.", [numbered_clip(1)])
+    c.add_assistant('Action: reverse\nAction Input: {"clip": 1}')
+    c.add_tool("reverse", "Audio 2 made (0.5 s)", (numbered_clip(2),))
+    text = FAMILY.renderer.render(c).text
+    assert text.endswith('<|im_start|>assistant\nAction: reverse\nAction Input: {"clip": 1}\n'
+                         f'Observation: Audio 2: {QAC_AUDIO}\nAudio 2 made (0.5 s)\n')
 
 
 # --- the page and the terminal, unchanged, with this family -------------------------------------------------------

@@ -24,14 +24,14 @@ from chat.families import get_family
 from chat.families.voxtral.family import openai_messages
 from chat.local import LocalBackend
 from chat.remote import RemoteBackend
-from testkit.scripted import ScriptedBackend
 from chat.timestamps import WordTimestamper
 from chat.toolcalls import get_parser
 from chat.tools import ToolBox, toolbox_for
 from chat.turn import ToolCallFinished, ToolCallStarted, Turn
+from testkit.scripted import ScriptedBackend
+from testkit.tiny.voxtral import build_tiny_voxtral
 from tests.conftest import tone
 from tests.openai_server import OpenAIServer, decoded_audio
-from testkit.tiny.voxtral import build_tiny_voxtral
 
 FAMILY = get_family("voxtral")
 GREEDY = GenerationSettings(temperature=0, max_new_tokens=8, repetition_penalty=1.0)

@@ -1,12 +1,14 @@
 """Qwen2-Audio-Instruct (Qwen/Qwen2-Audio-7B-Instruct): its checkpoints, prompts, audio tokens and server layout."""
 
+from chat.clip import Clip
 from chat.conversation import ASSISTANT, TOOL, USER, Message
 from chat.families.base import Family
 from chat.openai_content import audio_content, text_content
-from chat.prompts import AudioPart, Prompt, PromptRenderer
+from chat.prompts import AudioPart, Prompt, PromptRenderer, Segments
 
 MODEL_TYPE = "qwen2_audio"
-AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS = "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"
 FRAMES_PER_HALF_TOKEN = 2  # 10-ms mel frames per encoder step before the pool of 2
 SAMPLES_PER_FRAME = 160
 MAX_AUDIO_TOKENS_PER_PART = 750  # a full 30-s window
@@ -20,19 +22,35 @@ class Qwen2AudioRenderer(PromptRenderer):
     user turn `<tool_response>...</tool_response>`, the Qwen2.5 convention.
     """
 
-    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
-                    tools: tuple[dict, ...]) -> str:
-        """The prompt text, ending where the assistant's reply begins."""
-        text = f"<|im_start|>system\n{system}<|im_end|>\n"
+    def write(self, prompt: Segments, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
+              tools: tuple[dict, ...]) -> None:
+        """The prompt, ending where the assistant's reply begins; the text between control tokens is encoded whole."""
+        self.turn(prompt, "system", system)
         for message in messages:
             if message.role == ASSISTANT and not message.text:
                 continue  # a reply that failed before its first token has nothing to show the model
-            audio = "".join(f"{part.label}: {AUDIO_PLACEHOLDER}\n" for clip in message.clips for part in parts[clip.id])
-            role, body = message.role, audio + message.text
             if message.role == TOOL:
-                role, body = USER, f"<tool_response>\n{body}\n</tool_response>"
-            text += f"<|im_start|>{role}\n{body}<|im_end|>\n"
-        return text + "<|im_start|>assistant\n"
+                self.turn(prompt, USER, "<tool_response>\n", message.clips, parts, f"{message.text}\n</tool_response>")
+            else:
+                self.turn(prompt, message.role, "", message.clips, parts, message.text)
+        prompt.control(IM_START)
+        prompt.text("assistant\n")
+
+    @staticmethod
+    def turn(prompt: Segments, role: str, before: str, clips: tuple[Clip, ...] = (),
+             parts: dict[str, list[AudioPart]] | None = None, after: str = "") -> None:
+        """`<|im_start|>role\n`, text before the clips, each clip part on a labelled line, text after, `<|im_end|>\n`."""
+        prompt.control(IM_START)
+        prompt.text(f"{role}\n{before}")
+        for part in (part for clip in clips for part in parts[clip.id]):
+            prompt.text(f"{part.label}: ")
+            prompt.control(AUDIO_BOS)
+            prompt.audio(part, AUDIO_TOKEN)
+            prompt.control(AUDIO_EOS)
+            prompt.text("\n")
+        prompt.text(after)
+        prompt.control(IM_END)
+        prompt.text("\n")
 
 
 class Qwen2Audio(Family):
@@ -43,7 +61,7 @@ class Qwen2Audio(Family):
     example_checkpoint = "Qwen/Qwen2-Audio-7B-Instruct"
     # Not trained on tool calls (its users report that function prompts are ignored): the editing tools are
     # offered only when a person asks for them (--tools), in the Qwen2.5 Hermes format
-    control_tokens = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+    control_tokens = (IM_START, IM_END, "<|endoftext|>", AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS)
     # Left in bf16 when the language model is quantized. The Whisper-large audio encoder (0.6B weights,
     # 1.3 GB) is what hears: quantization noise there reaches every audio token of every clip, for a small
     # saving. The projector is one small layer that maps audio into the LLM's embedding space. lm_head turns

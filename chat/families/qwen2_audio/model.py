@@ -6,7 +6,7 @@ from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from chat.audio import SAMPLE_RATE
 from chat.families.base import LoadOptions, LocalModel
-from chat.prompts import Prompt
+from chat.families.qwen2_audio.family import IM_END, IM_START
 
 
 class Qwen2AudioModel(LocalModel):
@@ -23,15 +23,15 @@ class Qwen2AudioModel(LocalModel):
         self.context_tokens = self.model.config.text_config.max_position_embeddings
         eos = self.model.generation_config.eos_token_id  # None, an id or a list of ids
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.stop_ids = sorted({*self.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"]), *eos})
+        self.stop_ids = sorted({*self.tokenizer.convert_tokens_to_ids([IM_END, IM_START]), *eos})
 
-    def token_ids(self, prompt: Prompt) -> list[int]:
-        """The tokenizer's ids of the prompt text (one <|AUDIO|> per part)."""
-        return self.tokenizer(prompt.text)["input_ids"]
+    def encode(self, text: str) -> list[int]:
+        """The tokenizer's ids of text."""
+        return self.tokenizer(text)["input_ids"]
 
-    def count_tokens(self, text: str) -> int:
-        """Exact token count of text."""
-        return len(self.tokenizer(text)["input_ids"])
+    def control_id(self, token: str) -> int:
+        """The tokenizer's id of a special token."""
+        return self.tokenizer.convert_tokens_to_ids(token)
 
     def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         """The processor's mel features of one part, padded to the 30-s window, with its frame mask."""
@@ -39,8 +39,3 @@ class Qwen2AudioModel(LocalModel):
             samples, sampling_rate=SAMPLE_RATE, padding="max_length", return_attention_mask=True, return_tensors="pt",
         )
         return {"input_features": out["input_features"][0], "feature_attention_mask": out["attention_mask"][0]}
-
-    def n_audio_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The encoder's own length rule on each part's valid frames, so audio tokens and encoder outputs agree."""
-        n_frames = features["feature_attention_mask"].sum(-1)
-        return self.model.model.audio_tower._get_feat_extract_output_lengths(n_frames)[1]

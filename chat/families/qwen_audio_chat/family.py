@@ -5,14 +5,16 @@ abilities); qwen_audio_chat_model.py loads and runs it, imported only when a che
 choosing a family costs no torch or transformers import.
 """
 
-from chat.conversation import ASSISTANT, Message
-from chat.families.base import Family
-from chat.prompts import AudioPart, PromptRenderer, exchanges
+from chat.conversation import ASSISTANT, Conversation, Message
+from chat.families.base import Family, ReplyStep
+from chat.families.qwen_audio_chat.spans import TimestampReader, spans_step
+from chat.prompts import AudioPart, PromptRenderer, Segments, exchanges
 from chat.settings import GenerationSettings
+from chat.toolcalls import ReplyReader
 
 MODEL_TYPE = "qwen"  # with `audio` in config.json: Qwen-VL shares the model_type
 AUDIO_PAD, AUDIO_START, AUDIO_END = "[[[AUDIO:modality]]]", "<audio>", "</audio>"
-QUERY_AUDIO = f"{AUDIO_START}{AUDIO_PAD}{AUDIO_END}"  # one pad per part; the backend repeats it to the part's tokens
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SAMPLES_PER_FRAME = 160  # 10-ms mel frames
 
 
@@ -23,22 +25,51 @@ class QwenAudioChatRenderer(PromptRenderer):
     Qwen-7B-Chat family was trained on; a clip a tool made is heard there too.
     """
 
-    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
-                    tools: tuple[dict, ...]) -> str:
-        """The prompt text, ending where the assistant's reply begins (or continues after a tool)."""
-        text = f"<|im_start|>system\n{system}<|im_end|>"
+    def write(self, prompt: Segments, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
+              tools: tuple[dict, ...]) -> None:
+        """The prompt, ending where the assistant's reply begins (or continues after a tool).
+
+        As make_context does, a turn's role, its newline and its content are encoded apart.
+        """
+        self.turn_start(prompt, "system")
+        prompt.text(system)
+        prompt.control(IM_END)
         pairs = exchanges(messages)
         for index, (query, reply) in enumerate(pairs):
-            text += f"\n<|im_start|>user\n{_audio(query, parts)}{query.text}<|im_end|>\n<|im_start|>assistant\n"
-            text += "".join(m.text if m.role == ASSISTANT else f"\nObservation: {_audio(m, parts)}{m.text}\n"
-                            for m in reply)
+            prompt.text("\n")
+            self.turn_start(prompt, "user")
+            _audio(prompt, query, parts)
+            prompt.text(query.text)
+            prompt.control(IM_END)
+            prompt.text("\n")
+            self.turn_start(prompt, "assistant")
+            for message in reply:
+                if message.role == ASSISTANT:
+                    prompt.text(message.text)
+                else:
+                    prompt.text("\nObservation: ")
+                    _audio(prompt, message, parts)
+                    prompt.text(f"{message.text}\n")
             if index < len(pairs) - 1:
-                text += "<|im_end|>"
-        return text
+                prompt.control(IM_END)
+
+    @staticmethod
+    def turn_start(prompt: Segments, role: str) -> None:
+        """`<|im_start|>`, then the role, its newline and the turn's content, each encoded apart."""
+        prompt.control(IM_START)
+        prompt.text(role)
+        prompt.break_text()
+        prompt.text("\n")
+        prompt.break_text()
 
 
-def _audio(message: Message, parts: dict[str, list[AudioPart]]) -> str:
-    return "".join(f"{part.label}: {QUERY_AUDIO}\n" for clip in message.clips for part in parts[clip.id])
+def _audio(prompt: Segments, message: Message, parts: dict[str, list[AudioPart]]) -> None:
+    for part in (part for clip in message.clips for part in parts[clip.id]):
+        prompt.text(f"{part.label}: ")
+        prompt.control(AUDIO_START)
+        prompt.audio(part, AUDIO_PAD)
+        prompt.control(AUDIO_END)
+        prompt.text("\n")
 
 
 class QwenAudioChat(Family):
@@ -52,13 +83,20 @@ class QwenAudioChat(Family):
     tool_style = "react"  # Qwen-7B-Chat's tool format, when a person asks for the tools (--tools)
     # Not offered the tools by default: it edits speech by answering with timestamps, as its demo did; it saw
     # no tool list in training, and one (about 1,700 tokens) would take most of the 2048 tokens it was trained on.
-    timestamp_edits = True
     # a person's text may hold any audio token but these three, which would claim a clip (as in make_context,
     # ChatML tokens are text there anyway; they are broken up so a renderer's split never sees them)
-    control_tokens = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", AUDIO_START, AUDIO_END, AUDIO_PAD)
+    control_tokens = (IM_START, IM_END, "<|endoftext|>", AUDIO_START, AUDIO_END, AUDIO_PAD)
     # the Whisper-style encoder, its projection into the LLM, and lm_head: see the Qwen2-Audio family for why
     unquantized_modules = ("audio_tower", "audio_projector", "lm_head")
     renderer_class = QwenAudioChatRenderer
+
+    def reader(self, tools: bool) -> ReplyReader:
+        """The reply's text with its timestamps readable (`3.04 s`), and with tools its ReAct calls."""
+        return TimestampReader(super().reader(tools))
+
+    def after_reply(self, conversation: Conversation) -> ReplyStep | None:
+        """The clips the reply's timestamp spans name, cut from the clip the question was about."""
+        return spans_step(conversation)
 
     def recognizes(self, config: dict) -> bool:
         """config.json of model_type qwen with an audio encoder."""

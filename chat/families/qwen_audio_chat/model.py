@@ -12,7 +12,6 @@ from the first token once three 30-s clips are in the prompt.
 
 import json
 import math
-import re
 import unicodedata
 from pathlib import Path
 
@@ -38,7 +37,6 @@ from transformers.utils import cached_file
 from chat.audio import SAMPLE_RATE
 from chat.families.base import LoadOptions, LocalModel
 from chat.families.qwen_audio_chat.family import AUDIO_END, AUDIO_PAD, AUDIO_START, SAMPLES_PER_FRAME
-from chat.prompts import Prompt
 
 RANKS_FILE = "qwen.tiktoken"
 MEL_FILTERS_FILE = "mel_filters.npz"
@@ -220,22 +218,13 @@ class QwenAudioChatModel(LocalModel):
         self.context_tokens = original["max_position_embeddings"]
         self.stop_ids = [self.tokenizer.ids[token] for token in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")]
 
-    def token_ids(self, prompt: Prompt) -> list[int]:
-        """Ids exactly as make_context builds them: ChatML tokens, then each role and its content encoded apart."""
-        ids = []
-        for piece in re.split(r"(<\|im_start\|>|<\|im_end\|>)", prompt.text):
-            if piece in ("<|im_start|>", "<|im_end|>"):
-                ids.append(self.tokenizer.ids[piece])
-                continue
-            after_start = ids and ids[-1] == self.tokenizer.ids["<|im_start|>"]
-            role, newline, content = piece.partition("\n") if after_start else ("", "", piece)
-            for text in (role, newline, content):
-                ids += self.tokenizer.encode(text) if text else []
-        return ids
+    def encode(self, text: str) -> list[int]:
+        """Ids of a piece of text, as the original encodes a role or a turn's content."""
+        return self.tokenizer.encode(text)
 
-    def count_tokens(self, text: str) -> int:
-        """Token count of text."""
-        return len(self.tokenizer.encode(text))
+    def control_id(self, token: str) -> int:
+        """The id of a ChatML or audio control token."""
+        return self.tokenizer.ids[token]
 
     def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         """The log-mel of the part padded to 30 s, and a mask of its own n_samples // 160 frames."""
@@ -244,11 +233,6 @@ class QwenAudioChatModel(LocalModel):
         mask = torch.zeros(features.shape[-1], dtype=torch.long)
         mask[: len(samples) // SAMPLES_PER_FRAME] = 1
         return {"input_features": features, "feature_attention_mask": mask}
-
-    def n_audio_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """T // 2 with T = (mel_len - 1) // 2 + 1, the frames after the stride-2 convolution."""
-        n_frames = features["feature_attention_mask"].sum(-1)
-        return ((n_frames - 1) // 2 + 1) // 2
 
     def position_encoding(self, n_tokens: int) -> float:
         """Dynamic NTK: the RoPE base for a prompt of n_tokens, set before its prefill and kept while decoding."""

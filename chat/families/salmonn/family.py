@@ -24,11 +24,11 @@ import yaml
 from chat.conversation import ASSISTANT, Message
 from chat.errors import BackendError
 from chat.families.base import Family
-from chat.prompts import AudioPart, PromptRenderer, exchanges
+from chat.prompts import AudioPart, PromptRenderer, Segments, exchanges
 from chat.settings import GenerationSettings
 
 BOS, EOS, SPEECH_HERE = "<s>", "</s>", "<SpeechHere>"
-SPEECH = f"<Speech>{SPEECH_HERE}</Speech>"
+SPEECH_START, SPEECH_END = "<Speech>", "</Speech>"
 USER_TURN, REPLY_START = "USER: ", "\nASSISTANT:"  # the yaml's prompt_template, "USER: {}\nASSISTANT:"
 WHISPER_FRAMES = 1500  # Whisper's output for its fixed 30-s input
 SECOND_PER_WINDOW = 0.333333  # the Q-Former's window and stride in both released configs
@@ -48,23 +48,25 @@ def n_query_windows(second_per_window: float, second_stride: float) -> int:
 class SalmonnRenderer(PromptRenderer):
     """The original prompt for one clip and one question, extended in Vicuna's multi-turn style (see the module)."""
 
-    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
-                    tools: tuple[dict, ...]) -> str:
-        """The prompt text, ending where the assistant's reply begins; system is not used (none was trained)."""
+    def write(self, prompt: Segments, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
+              tools: tuple[dict, ...]) -> None:
+        """The prompt, ending where the assistant's reply begins; system is not used (none was trained)."""
         labelled = sum(len(clip_parts) for clip_parts in parts.values()) > 1
-        text = BOS
+        prompt.control(BOS)
         pairs = exchanges(messages)
         for index, (query, replies) in enumerate(pairs):
-            audio = [f"{part.label}: {SPEECH}" if labelled else SPEECH
-                     for clip in query.clips for part in parts[clip.id]]
-            # the original joins speech and question with one space, also when the question is empty
-            text += USER_TURN + (" ".join(audio) + " " + query.text if audio else query.text) + REPLY_START
+            prompt.text(USER_TURN)
+            for part in (part for clip in query.clips for part in parts[clip.id]):
+                # the original joins speech and question with one space, also when the question is empty
+                prompt.text(f"{part.label}: {SPEECH_START}" if labelled else SPEECH_START)
+                prompt.audio(part, SPEECH_HERE)
+                prompt.text(f"{SPEECH_END} ")
+            prompt.text(query.text + REPLY_START)
             if index < len(pairs) - 1:
                 reply = "".join(m.text for m in replies if m.role == ASSISTANT)
-                text += (f" {reply}" if reply else "") + EOS
-        return text
-
-
+                prompt.break_text()  # a reply is tokenized apart, as SALMONN's training targets were
+                prompt.text(reply, shown=f" {reply}")  # sentencepiece's leading `▁` reads as a space
+                prompt.control(EOS)
 class Salmonn(Family):
     """SALMONN 7B (Vicuna-7B v1.5) and 13B (Vicuna-13B v1.1), from their decode yaml."""
 

@@ -41,17 +41,16 @@ from chat.families.salmonn.beats import FBANK_FRAMES, Beats, beats_fbank, load_b
 from chat.families.salmonn.family import (
     BOS,
     EOS,
-    REPLY_START,
-    SPEECH_HERE,
+    FAMILY,
+    SECOND_PER_WINDOW,
     WHISPER_FRAMES,
     n_query_windows,
     window_frames,
 )
-from chat.prompts import Prompt
 from chat.settings import GenerationSettings
 
 MIN_SAMPLES = SAMPLE_RATE  # the original pads audio shorter than 1 s to 1 s
-BERT_HEAD_WIDTH = 64  # BERT-base (the Q-Former's base): 12 heads of 64; the checkpoint's shapes do not say
+BERT_BASE_HEADS = 12  # the original builds the Q-Former from bert-base-uncased's config whatever the checkpoint's width
 BERT_LAYER_NORM_EPS = 1e-12
 LORA_TARGETS = r"model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"  # the LLM's only: Whisper and BEATs have q_proj too
 
@@ -89,14 +88,17 @@ def read_decode_config(path: str) -> DecodeConfig:
 
     if model.get("lora", True) is False or model.get("use_speech_Qformer", True) is False:
         raise BackendError(f"{path} turns off LoRA or the Q-Former; the released SALMONN checkpoints use both.")
+    windows = tuple(float(model.get(key, SECOND_PER_WINDOW)) for key in ("second_per_window", "second_stride"))
+    if n_query_windows(*windows) != FAMILY.n_audio_tokens(FAMILY.window_samples):
+        raise BackendError(f"{path} sets Q-Former windows of {windows[0]:g} s every {windows[1]:g} s; SALMONN's released "
+                           f"checkpoints use {SECOND_PER_WINDOW:g} s, the only windows this app runs.")
     return DecodeConfig(
         llama=part("llama_path", "the Vicuna folder, e.g. lmsys/vicuna-13b-v1.1", False),
         whisper=part("whisper_path", "the Whisper folder, openai/whisper-large-v2", False),
         beats=part("beats_path", "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt", True),
         ckpt=part("ckpt", "SALMONN's checkpoint, salmonn_v1.pth or salmonn_7b_v0.pth", True),
         lora_rank=int(model.get("lora_rank", 8)), lora_alpha=int(model.get("lora_alpha", 32)),
-        second_per_window=float(model.get("second_per_window", 0.333333)),
-        second_stride=float(model.get("second_stride", 0.333333)),
+        second_per_window=windows[0], second_stride=windows[1],
         query_tokens=int(model.get("num_speech_query_token", 1)),
         settings=generation_settings(config.get("generate") or {}, path),
     )
@@ -216,11 +218,11 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
 
 
 def qformer_config(ckpt: dict, encoder_width: int) -> Blip2QFormerConfig:
-    """The Q-Former's shape from the checkpoint's tensors; BERT-base's head width, which no tensor shows."""
+    """The Q-Former's shape from the checkpoint's tensors; BERT-base's head count, which no tensor shows."""
     width = ckpt["speech_query_tokens"].shape[-1]
     layers = {int(m.group(1)) for n in ckpt if (m := re.match(r"speech_Qformer\.bert\.encoder\.layer\.(\d+)\.", n))}
     return Blip2QFormerConfig(
-        hidden_size=width, num_hidden_layers=len(layers), num_attention_heads=width // BERT_HEAD_WIDTH,
+        hidden_size=width, num_hidden_layers=len(layers), num_attention_heads=BERT_BASE_HEADS,
         intermediate_size=ckpt["speech_Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
         cross_attention_frequency=1, encoder_hidden_size=encoder_width, layer_norm_eps=BERT_LAYER_NORM_EPS,
         hidden_act="gelu",
@@ -277,7 +279,6 @@ class SalmonnModel(LocalModel):
         self.model.audio = audio.to(device=self.model.device, dtype=options.dtype).eval()
         self.feature_extractor = WhisperFeatureExtractor.from_pretrained(config.whisper)
         self.audio_token_id = llama_config.audio_token_id
-        self.n_windows = audio.n_windows
         self.context_tokens = llama_config.max_position_embeddings
         self.stop_ids = [self.tokenizer.eos_id]
         self.settings = config.settings
@@ -294,21 +295,13 @@ class SalmonnModel(LocalModel):
         expected = {n for n, _ in self.model.named_parameters() if ".lora_" in n}
         _load_exactly(self.model, lora, expected, config.ckpt)
 
-    def token_ids(self, prompt: Prompt) -> list[int]:
-        """BOS, then each piece between the markers tokenized apart; a reply's piece starts after `ASSISTANT: `."""
-        ids = []
-        markers = {BOS: self.tokenizer.bos_id, EOS: self.tokenizer.eos_id, SPEECH_HERE: self.audio_token_id}
-        for piece in re.split(f"({re.escape(BOS)}|{re.escape(EOS)}|{re.escape(SPEECH_HERE)})", prompt.text):
-            if piece in markers:
-                ids.append(markers[piece])
-                continue
-            for text in re.split(f"(?<={re.escape(REPLY_START)}) ", piece):
-                ids += self.tokenizer.encode(text) if text else []
-        return ids
+    def encode(self, text: str) -> list[int]:
+        """Ids of a piece of text, with sentencepiece's leading `▁`, as the original encodes each piece apart."""
+        return self.tokenizer.encode(text)
 
-    def count_tokens(self, text: str) -> int:
-        """Token count of text."""
-        return len(self.tokenizer.encode(text))
+    def control_id(self, token: str) -> int:
+        """The id of `<s>` or `</s>`."""
+        return {BOS: self.tokenizer.bos_id, EOS: self.tokenizer.eos_id}[token]
 
     def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         """Whisper's log-mel of the part padded to 30 s, and BEATs' fbank of the part itself (padded to 30 s' frames).
@@ -323,10 +316,6 @@ class SalmonnModel(LocalModel):
         fbank_mask[: len(fbank)] = 1
         return {"input_features": mel, "fbank": F.pad(fbank, (0, 0, 0, FBANK_FRAMES - len(fbank))),
                 "fbank_mask": fbank_mask}
-
-    def n_audio_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One token per Q-Former window, for every part."""
-        return torch.full((len(features["input_features"]),), self.n_windows)
 
 
 def _load_exactly(module: nn.Module, state: dict, expected: set[str], source: str) -> None:

@@ -18,12 +18,11 @@ import json
 from chat.conversation import ASSISTANT, TOOL, USER, Message
 from chat.families.base import Family
 from chat.openai_content import audio_content
-from chat.prompts import AudioPart, Prompt, PromptRenderer
+from chat.prompts import AudioPart, Prompt, PromptRenderer, Segments
 from chat.settings import GenerationSettings
 
 MODEL_TYPE = "voxtral"
 AUDIO_TOKENS_PER_PART = 375  # 12.5 audio tokens per second of a 30-s chunk
-AUDIO = "[BEGIN_AUDIO][AUDIO]"  # in the text: one [AUDIO] stands for the part's 375
 
 
 def call_id(number: int) -> str:
@@ -75,23 +74,45 @@ def openai_messages(prompt: Prompt, audio: dict[tuple[str, int], dict], system_r
 class VoxtralRenderer(PromptRenderer):
     """mistral-common's layout written out (the ids come from mistral-common itself; see the module)."""
 
-    def render_text(self, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
-                    tools: tuple[dict, ...]) -> str:
-        """The prompt text: what the ids spell, with one [AUDIO] per part."""
-        text = f"<s>[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT]"
+    def write(self, prompt: Segments, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
+              tools: tuple[dict, ...]) -> None:
+        """What the ids spell, one [AUDIO] standing for each part's run."""
+        prompt.control("<s>")
+        _wrapped(prompt, "SYSTEM_PROMPT", system)
         if tools:
-            text += f"[AVAILABLE_TOOLS]{json.dumps(list(tools), ensure_ascii=False)}[/AVAILABLE_TOOLS]"
+            _wrapped(prompt, "AVAILABLE_TOOLS", json.dumps(list(tools), ensure_ascii=False))
         for message in messages:
-            audio = "".join(f"{part.label}:{AUDIO}" for clip in message.clips for part in parts[clip.id])
             if message.role == USER:
-                text += f"[INST]{audio}{message.text}[/INST]"
+                prompt.control("[INST]")
+                _audio(prompt, message, parts)
+                prompt.text(message.text)
+                prompt.control("[/INST]")
             elif message.role == ASSISTANT:
                 calls = [{"name": c.name, "arguments": c.arguments} for c in message.calls]
-                text += message.display_text if calls else message.text
-                text += f"[TOOL_CALLS]{json.dumps(calls, ensure_ascii=False)}</s>" if calls else "</s>"
+                prompt.text(message.display_text if calls else message.text)
+                if calls:
+                    prompt.control("[TOOL_CALLS]")
+                    prompt.text(json.dumps(calls, ensure_ascii=False))
+                prompt.control("</s>")
             else:
-                text += f"[TOOL_RESULTS]{message.text}[/TOOL_RESULTS]" + (f"[INST]{audio}[/INST]" if audio else "")
-        return text
+                _wrapped(prompt, "TOOL_RESULTS", message.text)
+                if any(parts[clip.id] for clip in message.clips):  # a lost clip is not heard
+                    prompt.control("[INST]")
+                    _audio(prompt, message, parts)
+                    prompt.control("[/INST]")
+
+
+def _wrapped(prompt: Segments, tag: str, text: str) -> None:
+    prompt.control(f"[{tag}]")
+    prompt.text(text)
+    prompt.control(f"[/{tag}]")
+
+
+def _audio(prompt: Segments, message: Message, parts: dict[str, list[AudioPart]]) -> None:
+    for part in (part for clip in message.clips for part in parts[clip.id]):
+        prompt.text(f"{part.label}:")
+        prompt.control("[BEGIN_AUDIO]")
+        prompt.audio(part, "[AUDIO]")
 
 
 class Voxtral(Family):

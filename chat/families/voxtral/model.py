@@ -10,7 +10,7 @@ from transformers.utils import cached_file
 
 from chat.audio import SAMPLE_RATE
 from chat.families.base import LoadOptions, LocalModel
-from chat.families.voxtral.family import AUDIO_TOKENS_PER_PART, openai_messages
+from chat.families.voxtral.family import openai_messages
 from chat.openai_content import audio_content
 from chat.prompts import Prompt
 
@@ -58,27 +58,14 @@ class VoxtralModel(LocalModel):
         self.stop_ids = [self.tokenizer.tekken.eos_id]
 
     def token_ids(self, prompt: Prompt) -> list[int]:
-        """mistral-common's ids of the prompt's messages and tools, each part's [AUDIO] run as one placeholder."""
+        """mistral-common's ids of the prompt's messages and tools: it writes Voxtral's prompt as it was trained."""
         audio = {(part.clip.id, part.index): PART_PLACEHOLDER for part in prompt.audio_parts}
         system_role = not prompt.audio_parts or self.tokenizer.tekken.version >= TokenizerVersion.v13
         request = ChatCompletionRequest.from_openai(messages=openai_messages(prompt, audio, system_role),
                                                     tools=list(prompt.tools) or None)
-        return _one_per_run(self.mistral.encode_chat_completion(request).tokens, self.audio_token_id)
-
-    def count_tokens(self, text: str) -> int:
-        """Token count of plain text."""
-        return len(self.tokenizer.tekken.encode(text, bos=False, eos=False))
+        return self.mistral.encode_chat_completion(request).tokens
 
     def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         """The 128-bin log-mel of the part padded to 30 s, as Voxtral's processor makes it."""
         out = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, padding="max_length", return_tensors="pt")
         return {"input_features": out["input_features"][0]}
-
-    def n_audio_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """375 per part: every part is one 30-s chunk."""
-        return torch.full((len(features["input_features"]),), AUDIO_TOKENS_PER_PART)
-
-
-def _one_per_run(ids: list[int], token: int) -> list[int]:
-    """ids with each run of token shortened to one token."""
-    return [i for n, i in enumerate(ids) if i != token or n == 0 or ids[n - 1] != token]

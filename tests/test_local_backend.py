@@ -7,8 +7,9 @@ import time
 
 import pytest
 import torch
-from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2Config
+from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2Config, TextIteratorStreamer
 
+import chat.local
 from chat import BackendError, Conversation, GenerationSettings, Response, SettingsError
 from chat.conversation import DONE, FAILED, STOPPED
 from chat.families import get_family
@@ -54,6 +55,37 @@ def test_token_counts_are_exact(backend):
     assert streamed == backend.tokenizer.decode(expected, skip_special_tokens=True)
     # the renderer's context budget counts what the model really receives
     assert backend.count_prompt_tokens(response.prompt) == response.stats.n_prompt_tokens == n_prompt
+
+
+class TextAtTheEnd(TextIteratorStreamer):
+    """A streamer that holds all text back until the reply ends, as TextIteratorStreamer does until a word ends."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.held = ""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.held += text
+        if stream_end:
+            super().on_finalized_text(self.held, stream_end=True)
+
+
+def test_the_first_token_is_timed_when_it_is_generated_not_when_its_text_arrives(backend, monkeypatch):
+    step_s = 0.02
+    monkeypatch.setattr(chat.local, "TextIteratorStreamer", TextAtTheEnd)
+    conversation = Conversation()
+    conversation.add_user("Describe it.", [tone_clip(1.0, 330, "c.wav")])
+    response = Response(backend, conversation, GenerationSettings(seed=0, max_new_tokens=10))
+    slow = backend.model.register_forward_pre_hook(lambda *_: time.sleep(step_s))  # a slow GPU: each step >= step_s
+    try:
+        chunks = list(response)
+    finally:
+        slow.remove()
+    stats = response.stats
+    assert len(chunks) == 1 and stats.n_tokens >= 5  # the whole reply arrived as one late chunk
+    # the tokens after the first took at least one step each, however busy the machine
+    assert stats.time_to_first_token_s <= stats.duration_s - (stats.n_tokens - 1) * step_s
+    assert stats.tokens_per_s <= 1 / step_s
 
 
 def test_audio_features_are_computed_once_per_clip_part(backend, monkeypatch):

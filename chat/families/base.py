@@ -7,6 +7,8 @@ terminal) works through these two interfaces and never names a model.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +24,8 @@ from chat.toolcalls import ReplyReader, get_parser
 
 if TYPE_CHECKING:  # torch is imported when a checkpoint is loaded, not when a family is chosen
     import torch
+
+MAX_REMEMBERED_PIECES = 4096  # texts a local model keeps the ids of: a long conversation's, so a turn encodes its new ones
 
 
 @dataclass(frozen=True)
@@ -60,20 +64,38 @@ class LocalModel:
     context_tokens: int
     settings: GenerationSettings | None = None  # sampling defaults the checkpoint states, over its family's
 
+    _remembered: OrderedDict[str, list[int]] | None = None  # text → ids of the pieces encoded last
+    _remembered_lock = threading.Lock()
+
     def token_ids(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids: each text encoded on its own, each control token's id, each part's audio tokens."""
+        texts = iter(self._encode_remembered([segment.text for segment in prompt.segments if isinstance(segment, Text)]))
         ids: list[int] = []
         for segment in prompt.segments:
             if isinstance(segment, Text):
-                ids += self.encode(segment.text)
+                ids += next(texts)
             elif isinstance(segment, Control):
                 ids.append(self.control_id(segment.token))
             else:
                 ids += [self.audio_token_id] * segment.part.n_audio_tokens
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        """The ids of a piece of text, encoded on its own."""
+    def _encode_remembered(self, texts: list[str]) -> list[list[int]]:
+        """encode(texts), remembering the most recent pieces: a turn's history is encoded once, not on every turn."""
+        with self._remembered_lock:
+            if self._remembered is None:
+                self._remembered = OrderedDict()
+            new = [text for text in dict.fromkeys(texts) if text not in self._remembered]
+            self._remembered.update(zip(new, self.encode(new)))
+            encoded = [self._remembered[text] for text in texts]
+            for text in texts:
+                self._remembered.move_to_end(text)
+            while len(self._remembered) > MAX_REMEMBERED_PIECES:
+                self._remembered.popitem(last=False)
+        return encoded
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each piece of text, each encoded on its own (in one call: a prompt has hundreds)."""
         raise NotImplementedError
 
     def control_id(self, token: str) -> int:

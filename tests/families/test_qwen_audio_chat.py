@@ -164,7 +164,7 @@ def test_a_clip_over_30_s_reaches_the_model_as_all_of_its_parts(backend, monkeyp
 
 def test_follow_up_turns_reuse_the_cache_only_under_the_same_rope_base(backend):
     def fresh_reply(conversation: Conversation) -> str:
-        backend._last_reply = None
+        backend.last_reply = None
         return "".join(Response(backend, conversation, GREEDY))
 
     conversation = parity_conversation("one_clip")

@@ -196,7 +196,7 @@ def test_a_follow_up_turn_reuses_the_cache_and_replies_as_from_scratch(backend):
     assert follow_up.stats.n_reused_prompt_tokens >= 1
     conversation.undo()
     conversation.add_user("And Audio 2?", [case_clip("under_1_s")])
-    backend._last_reply = None
+    backend.last_reply = None
     assert "".join(Response(backend, conversation, GREEDY)) == text
     conversation.add_user("Say more.")
     third = Response(backend, conversation, GREEDY)
@@ -204,7 +204,7 @@ def test_a_follow_up_turn_reuses_the_cache_and_replies_as_from_scratch(backend):
     assert third.stats.n_reused_prompt_tokens > 2 * N_WINDOWS  # both clips came from the cache
     conversation.undo()
     conversation.add_user("Say more.")
-    backend._last_reply = None
+    backend.last_reply = None
     assert "".join(Response(backend, conversation, GREEDY)) == text
 
 

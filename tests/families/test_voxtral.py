@@ -151,7 +151,7 @@ def test_a_follow_up_turn_reuses_the_cache_and_replies_as_from_scratch(voxtral):
     assert follow_up.stats.n_reused_prompt_tokens > 375
     conversation.undo()
     conversation.add_user("And this?", [Clip(tone(2.5, 300.0), name="b.wav")])
-    backend._last_reply = None
+    backend.last_reply = None
     assert "".join(Response(backend, conversation, GREEDY)) == text
 
 

@@ -25,9 +25,9 @@ class Qwen2AudioModel(LocalModel):
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.stop_ids = sorted({*self.tokenizer.convert_tokens_to_ids([IM_END, IM_START]), *eos})
 
-    def encode(self, text: str) -> list[int]:
-        """The tokenizer's ids of text."""
-        return self.tokenizer(text)["input_ids"]
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """The tokenizer's ids of each text."""
+        return self.tokenizer(texts)["input_ids"] if texts else []
 
     def control_id(self, token: str) -> int:
         """The tokenizer's id of a special token."""

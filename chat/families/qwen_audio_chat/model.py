@@ -218,9 +218,9 @@ class QwenAudioChatModel(LocalModel):
         self.context_tokens = original["max_position_embeddings"]
         self.stop_ids = [self.tokenizer.ids[token] for token in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")]
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of a piece of text, as the original encodes a role or a turn's content."""
-        return self.tokenizer.encode(text)
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each piece of text, as the original encodes a role or a turn's content."""
+        return [self.tokenizer.encode(text) for text in texts]
 
     def control_id(self, token: str) -> int:
         """The id of a ChatML or audio control token."""

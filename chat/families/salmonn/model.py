@@ -295,9 +295,9 @@ class SalmonnModel(LocalModel):
         expected = {n for n, _ in self.model.named_parameters() if ".lora_" in n}
         _load_exactly(self.model, lora, expected, config.ckpt)
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of a piece of text, with sentencepiece's leading `▁`, as the original encodes each piece apart."""
-        return self.tokenizer.encode(text)
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each piece of text, with sentencepiece's leading `▁`, as the original encodes each piece apart."""
+        return [self.tokenizer.encode(text) for text in texts]
 
     def control_id(self, token: str) -> int:
         """The id of `<s>` or `</s>`."""

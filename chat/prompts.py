@@ -86,6 +86,14 @@ class Prompt:
         """The audio parts in the order the prompt refers to them."""
         return tuple(segment.part for segment in self.segments if isinstance(segment, AudioSlot))
 
+    @property
+    def clip_parts(self) -> dict[str, list[AudioPart]]:
+        """Each clip's parts, by clip id."""
+        parts: dict[str, list[AudioPart]] = {}
+        for part in self.audio_parts:
+            parts.setdefault(part.clip.id, []).append(part)
+        return parts
+
 
 def _shown(segment: Segment) -> str:
     if isinstance(segment, Text):

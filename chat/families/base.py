@@ -25,7 +25,7 @@ from chat.toolcalls import ReplyReader, get_parser
 if TYPE_CHECKING:  # torch is imported when a checkpoint is loaded, not when a family is chosen
     import torch
 
-MAX_REMEMBERED_PIECES = 4096  # texts a local model keeps the ids of: a long conversation's, so a turn encodes its new ones
+MAX_REMEMBERED_PIECES = 4096  # texts whose ids a local model keeps: a long chat's, so a turn encodes only its new ones
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,12 @@ class LocalModel:
 
     def token_ids(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids: each text encoded on its own, each control token's id, each part's audio tokens."""
-        texts = iter(self._encode_remembered([segment.text for segment in prompt.segments if isinstance(segment, Text)]))
+        texts = [segment.text for segment in prompt.segments if isinstance(segment, Text)]
+        encoded = iter(self._encode_remembered(texts))
         ids: list[int] = []
         for segment in prompt.segments:
             if isinstance(segment, Text):
-                ids += next(texts)
+                ids += next(encoded)
             elif isinstance(segment, Control):
                 ids.append(self.control_id(segment.token))
             else:

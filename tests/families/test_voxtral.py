@@ -54,9 +54,8 @@ def wav_base64(clip: Clip) -> str:
 
 def reference_messages(prompt, system_role: bool) -> list[dict]:
     """The prompt's messages with each part's real audio, in the processor's own content format."""
-    audio = {(p.clip.id, p.index): {"type": "audio", "base64": wav_base64(Clip(p.samples, "part"))}
-             for p in prompt.audio_parts}
-    return openai_messages(prompt, audio, system_role)
+    return openai_messages(prompt, lambda p: {"type": "audio", "base64": wav_base64(Clip(p.samples, "part"))},
+                           system_role)
 
 
 def conversation_of(n_clips: int, n_turns: int) -> Conversation:

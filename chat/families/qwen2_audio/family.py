@@ -1,6 +1,7 @@
 """Qwen2-Audio-Instruct (Qwen/Qwen2-Audio-7B-Instruct): its checkpoints, prompts, audio tokens and server layout."""
 
-from chat.clip import Clip
+from dataclasses import dataclass
+
 from chat.conversation import ASSISTANT, TOOL, USER, Message
 from chat.families.base import Family
 from chat.openai_content import audio_content, text_content
@@ -14,43 +15,57 @@ SAMPLES_PER_FRAME = 160
 MAX_AUDIO_TOKENS_PER_PART = 750  # a full 30-s window
 
 
+@dataclass(frozen=True)
+class ChatTurn:
+    """One turn of the chat template: its role, then text, the clip parts (each on a labelled line), then text."""
+
+    role: str
+    before: str
+    parts: tuple[AudioPart, ...]
+    after: str
+
+
+def chat_turns(messages: tuple[Message, ...], parts: dict[str, list[AudioPart]]) -> list[ChatTurn]:
+    """The messages as the template's turns, the one layout of both the local prompt and a server's request.
+
+    A reply that failed before its first token has nothing to show the model and is left out. The template
+    has no tool role: a tool's result is a user turn in `<tool_response>` tags, the Qwen2.5 convention, with
+    the clip it made inside them.
+    """
+    turns = []
+    for message in messages:
+        heard = tuple(part for clip in message.clips for part in parts[clip.id])
+        if message.role == TOOL:
+            turns.append(ChatTurn(USER, "<tool_response>\n", heard, f"{message.text}\n</tool_response>"))
+        elif message.role == USER or message.text:
+            turns.append(ChatTurn(message.role, "", heard, message.text))
+    return turns
+
+
 class Qwen2AudioRenderer(PromptRenderer):
     """Byte-identical to the processor's chat template for clips up to 30 s.
 
     Clips carry their conversation number rather than a per-prompt counter, so dropped history
-    never renumbers them, and long clips appear as labelled parts. Tool results go back as the
-    user turn `<tool_response>...</tool_response>`, the Qwen2.5 convention.
+    never renumbers them, and long clips appear as labelled parts.
     """
 
     def write(self, prompt: Segments, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
               tools: tuple[dict, ...]) -> None:
         """The prompt, ending where the assistant's reply begins; the text between control tokens is encoded whole."""
-        self.turn(prompt, "system", system)
-        for message in messages:
-            if message.role == ASSISTANT and not message.text:
-                continue  # a reply that failed before its first token has nothing to show the model
-            if message.role == TOOL:
-                self.turn(prompt, USER, "<tool_response>\n", message.clips, parts, f"{message.text}\n</tool_response>")
-            else:
-                self.turn(prompt, message.role, "", message.clips, parts, message.text)
+        for turn in [ChatTurn("system", "", (), system), *chat_turns(messages, parts)]:
+            prompt.control(IM_START)
+            prompt.text(f"{turn.role}\n{turn.before}")
+            for part in turn.parts:
+                prompt.text(f"{part.label}: ")
+                prompt.control(AUDIO_BOS)
+                prompt.audio(part, AUDIO_TOKEN)
+                prompt.control(AUDIO_EOS)
+                prompt.text("\n")
+            prompt.text(turn.after)
+            prompt.control(IM_END)
+            prompt.text("\n")
         prompt.control(IM_START)
         prompt.text("assistant\n")
-
-    @staticmethod
-    def turn(prompt: Segments, role: str, before: str, clips: tuple[Clip, ...] = (),
-             parts: dict[str, list[AudioPart]] | None = None, after: str = "") -> None:
-        """`<|im_start|>role\n`, text before the clips, each clip part on a labelled line, text after, `<|im_end|>\n`."""
-        prompt.control(IM_START)
-        prompt.text(f"{role}\n{before}")
-        for part in (part for clip in clips for part in parts[clip.id]):
-            prompt.text(f"{part.label}: ")
-            prompt.control(AUDIO_BOS)
-            prompt.audio(part, AUDIO_TOKEN)
-            prompt.control(AUDIO_EOS)
-            prompt.text("\n")
-        prompt.text(after)
-        prompt.control(IM_END)
-        prompt.text("\n")
 
 
 class Qwen2Audio(Family):
@@ -85,31 +100,25 @@ class Qwen2Audio(Family):
         n_half_tokens = -(-n_samples // (SAMPLES_PER_FRAME * FRAMES_PER_HALF_TOKEN))
         return min(MAX_AUDIO_TOKENS_PER_PART, n_half_tokens // 2)
 
-
     def request_messages(self, prompt: Prompt) -> list[dict]:
-        """The prompt as OpenAI chat messages, laid out so the model's chat template renders the local prompt text.
+        """The prompt's turns as OpenAI chat messages, which the model's chat template on the server renders.
 
-        vLLM renders the request with the model's chat template, which writes `Audio k:` with k
-        counting the audio of the request. That is the conversation's numbering while no history was
-        dropped and no clip is longer than one window; otherwise a note after the audio names the clip.
+        vLLM's template writes `Audio k:` with k counting the audio of the request. That is the
+        conversation's numbering while no history was dropped and no clip is longer than one window;
+        otherwise a note after the audio names the clip.
         """
-        n_sent = 0
         messages: list[dict] = [{"role": "system", "content": prompt.system}]
-        for message in prompt.messages:
-            if message.role == ASSISTANT:
-                if message.text:  # as in the local prompt, a reply that failed before its first token is left out
-                    messages.append({"role": "assistant", "content": message.text})
+        n_sent = 0
+        for turn in chat_turns(prompt.messages, prompt.clip_parts):
+            if turn.role == ASSISTANT:
+                messages.append({"role": ASSISTANT, "content": turn.after})
                 continue
-            audio: list[dict] = []
-            clip_ids = {clip.id for clip in message.clips}
-            for part in (part for part in prompt.audio_parts if part.clip.id in clip_ids):  # a clip is in one message
+            content = [text_content(turn.before)] if turn.before else []
+            for part in turn.parts:
                 n_sent += 1
-                audio += [audio_content(part.samples), *_clip_note(part, n_sent)]
-            if message.role == TOOL:  # the template has no tool role; the local prompt puts the audio inside the tags
-                content = [text_content("<tool_response>\n"), *audio, text_content(f"{message.text}\n</tool_response>")]
-            else:
-                content = audio + ([text_content(message.text)] if message.text else [])
-            messages.append({"role": "user", "content": content})
+                content += [audio_content(part.samples), *_clip_note(part, n_sent)]
+            content += [text_content(turn.after)] if turn.after else []
+            messages.append({"role": turn.role, "content": content})
         return messages
 
 

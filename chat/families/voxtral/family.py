@@ -2,9 +2,10 @@
 
 Its "chat template" is mistral-common, Mistral's own tokenizer library: it writes the system prompt,
 the tool list ([AVAILABLE_TOOLS]), each clip ([BEGIN_AUDIO] then 375 [AUDIO] per 30 s), replies, tool
-calls and tool results exactly as the model was trained. So the token ids come from mistral-common
-(voxtral_model.py), given the conversation as OpenAI-format messages; this module's text is the same
-layout written out, for counting tokens and for reading. Text a person types is never read as a
+calls and tool results exactly as the model was trained. So the conversation's one layout here is
+OpenAI-format messages (openai_messages): the token ids come from mistral-common given them
+(model.py), a vLLM server takes them as they are, and the prompt's text writes them out, for
+reading and for estimating its length. Text a person types is never read as a
 control token: mistral-common encodes it as text.
 
 In the messages each clip part follows its label (`Audio 2:`), a tool's result is a tool message,
@@ -14,10 +15,11 @@ system prompt then opens the first user message.
 """
 
 import json
+from collections.abc import Callable
 
 from chat.conversation import ASSISTANT, TOOL, USER, Message
 from chat.families.base import Family
-from chat.openai_content import audio_content
+from chat.openai_content import audio_content, text_content
 from chat.prompts import AudioPart, Prompt, PromptRenderer, Segments
 from chat.settings import GenerationSettings
 
@@ -30,25 +32,29 @@ def call_id(number: int) -> str:
     return f"{number:09d}"
 
 
-def openai_messages(prompt: Prompt, audio: dict[tuple[str, int], dict], system_role: bool) -> list[dict]:
-    """The prompt as OpenAI-format chat messages, each audio part as audio[(clip id, part index)].
+def openai_messages(prompt: Prompt, audio: Callable[[AudioPart], dict], system_role: bool) -> list[dict]:
+    """The prompt as OpenAI-format chat messages, Voxtral's one layout: mistral-common, a vLLM server and the
+    prompt's own text all take it. audio(part) is a part's content chunk.
 
     system_role: the system prompt is a system message; else it opens the first user message.
     """
-    parts: dict[str, list[AudioPart]] = {}
-    for part in prompt.audio_parts:
-        parts.setdefault(part.clip.id, []).append(part)
+    return chat_messages(prompt.system, prompt.messages, prompt.clip_parts, audio, system_role)
+
+
+def chat_messages(system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
+                  audio: Callable[[AudioPart], dict], system_role: bool) -> list[dict]:
+    """openai_messages() of a prompt's parts before it is one (see there)."""
 
     def heard(message: Message) -> list[dict]:
         return [chunk for clip in message.clips for part in parts.get(clip.id, [])
-                for chunk in ({"type": "text", "text": f"{part.label}:"}, audio[(part.clip.id, part.index)])]
+                for chunk in (text_content(f"{part.label}:"), audio(part))]
 
-    out = [{"role": "system", "content": prompt.system}] if prompt.system and system_role else []
-    system_text = [{"type": "text", "text": prompt.system}] if prompt.system and not system_role else []
+    out = [{"role": "system", "content": system}] if system and system_role else []
+    system_text = [text_content(system)] if system and not system_role else []
     n_calls, open_call = 0, None
-    for message in prompt.messages:
+    for message in messages:
         if message.role == USER:
-            text = [{"type": "text", "text": message.text}] if message.text else []
+            text = [text_content(message.text)] if message.text else []
             out.append({"role": "user", "content": system_text + heard(message) + text})
             system_text = []
         elif message.role == ASSISTANT and message.calls:
@@ -64,55 +70,58 @@ def openai_messages(prompt: Prompt, audio: dict[tuple[str, int], dict], system_r
             if open_call is not None:  # a call the model could not write has no id: its error goes back as a user turn
                 out.append({"role": "tool", "tool_call_id": open_call, "content": message.text})
             else:
-                out.append({"role": "user", "content": [{"type": "text", "text": message.text}]})
+                out.append({"role": "user", "content": [text_content(message.text)]})
             open_call = None
-            if message.clips:
+            if any(parts.get(clip.id) for clip in message.clips):
                 out.append({"role": "user", "content": heard(message)})
     return out
 
 
 class VoxtralRenderer(PromptRenderer):
-    """mistral-common's layout written out (the ids come from mistral-common itself; see the module)."""
+    """The chat messages written out as mistral-common tokenizes them (the ids come from mistral-common itself)."""
 
     def write(self, prompt: Segments, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
               tools: tuple[dict, ...]) -> None:
-        """What the ids spell, one [AUDIO] standing for each part's run."""
+        """What the ids spell, one [AUDIO] standing for each part's run. The tokenizer's version is known only once a
+        checkpoint is loaded: the text shows the layout every version takes (the system prompt opens the first user
+        message where there is audio)."""
         prompt.control("<s>")
-        _wrapped(prompt, "SYSTEM_PROMPT", system)
-        if tools:
-            _wrapped(prompt, "AVAILABLE_TOOLS", json.dumps(list(tools), ensure_ascii=False))
-        for message in messages:
-            if message.role == USER:
+        for message in chat_messages(system, messages, parts, _part, system_role=not any(parts.values())):
+            content = message["content"]
+            if message["role"] == "system":
+                _wrapped(prompt, "SYSTEM_PROMPT", content)
+                if tools:
+                    _wrapped(prompt, "AVAILABLE_TOOLS", json.dumps(list(tools), ensure_ascii=False))
+            elif message["role"] == "user":
                 prompt.control("[INST]")
-                _audio(prompt, message, parts)
-                prompt.text(message.text)
+                for chunk in content:
+                    if chunk["type"] == "text":
+                        prompt.text(chunk["text"])
+                    else:
+                        prompt.control("[BEGIN_AUDIO]")
+                        prompt.audio(chunk["part"], "[AUDIO]")
                 prompt.control("[/INST]")
-            elif message.role == ASSISTANT:
-                calls = [{"name": c.name, "arguments": c.arguments} for c in message.calls]
-                prompt.text(message.display_text if calls else message.text)
-                if calls:
+            elif message["role"] == "assistant":
+                prompt.text(content or "")
+                if "tool_calls" in message:
+                    calls = [{"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}
+                             for call in message["tool_calls"]]
                     prompt.control("[TOOL_CALLS]")
                     prompt.text(json.dumps(calls, ensure_ascii=False))
                 prompt.control("</s>")
             else:
-                _wrapped(prompt, "TOOL_RESULTS", message.text)
-                if any(parts[clip.id] for clip in message.clips):  # a lost clip is not heard
-                    prompt.control("[INST]")
-                    _audio(prompt, message, parts)
-                    prompt.control("[/INST]")
+                _wrapped(prompt, "TOOL_RESULTS", content)
+
+
+def _part(part: AudioPart) -> dict:
+    """A part as a chunk of the messages the prompt's text is written from."""
+    return {"type": "audio_part", "part": part}
 
 
 def _wrapped(prompt: Segments, tag: str, text: str) -> None:
     prompt.control(f"[{tag}]")
     prompt.text(text)
     prompt.control(f"[/{tag}]")
-
-
-def _audio(prompt: Segments, message: Message, parts: dict[str, list[AudioPart]]) -> None:
-    for part in (part for clip in message.clips for part in parts[clip.id]):
-        prompt.text(f"{part.label}:")
-        prompt.control("[BEGIN_AUDIO]")
-        prompt.audio(part, "[AUDIO]")
 
 
 class Voxtral(Family):
@@ -149,8 +158,7 @@ class Voxtral(Family):
         The server's tokenizer version is not known here: with audio, the system prompt opens the first user
         message, which every version takes.
         """
-        audio = {(part.clip.id, part.index): audio_content(part.samples) for part in prompt.audio_parts}
-        return openai_messages(prompt, audio, system_role=not prompt.audio_parts)
+        return openai_messages(prompt, lambda part: audio_content(part.samples), system_role=not prompt.audio_parts)
 
 
 

@@ -17,8 +17,9 @@ from chat.prompts import Prompt
 TOKENIZER_FILE = "tekken.json"
 
 
-# A one-sample clip: mistral-common pads every clip to a 30-s multiple and counts its tokens from that, so it
-# stands for any part (at most 30 s) in the ids; what the model hears is the part's own mel features.
+# A one-sample clip: mistral-common decodes a clip only to count its tokens, padding it to a 30-s multiple, so this
+# stands for any part (at most 30 s) in the ids, without writing every part of the history as a wav on every
+# turn; what the model hears is the part's own mel features.
 PART_PLACEHOLDER = audio_content(np.zeros(1, dtype=np.float32))
 
 
@@ -59,9 +60,9 @@ class VoxtralModel(LocalModel):
 
     def token_ids(self, prompt: Prompt) -> list[int]:
         """mistral-common's ids of the prompt's messages and tools: it writes Voxtral's prompt as it was trained."""
-        audio = {(part.clip.id, part.index): PART_PLACEHOLDER for part in prompt.audio_parts}
         system_role = not prompt.audio_parts or self.tokenizer.tekken.version >= TokenizerVersion.v13
-        request = ChatCompletionRequest.from_openai(messages=openai_messages(prompt, audio, system_role),
+        messages = openai_messages(prompt, lambda part: PART_PLACEHOLDER, system_role)
+        request = ChatCompletionRequest.from_openai(messages=messages,
                                                     tools=list(prompt.tools) or None)
         return self.mistral.encode_chat_completion(request).tokens
 

@@ -131,6 +131,14 @@ class Segments:
         """Add an audio part, spelled as token in the prompt's text."""
         self.segments.append(AudioSlot(part, token))
 
+    def audio_line(self, part: AudioPart, start: str, token: str, end: str) -> None:
+        """A labelled line, `Audio 2: ` and the part between its start and end control tokens (the Qwen layouts)."""
+        self.text(f"{part.label}: ")
+        self.control(start)
+        self.audio(part, token)
+        self.control(end)
+        self.text("\n")
+
 
 class PromptRenderer:
     """Base of one model family's chat format; the family supplies the audio window and token rule."""

@@ -56,11 +56,7 @@ class Qwen2AudioRenderer(PromptRenderer):
             prompt.control(IM_START)
             prompt.text(f"{turn.role}\n{turn.before}")
             for part in turn.parts:
-                prompt.text(f"{part.label}: ")
-                prompt.control(AUDIO_BOS)
-                prompt.audio(part, AUDIO_TOKEN)
-                prompt.control(AUDIO_EOS)
-                prompt.text("\n")
+                prompt.audio_line(part, AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS)
             prompt.text(turn.after)
             prompt.control(IM_END)
             prompt.text("\n")

@@ -65,11 +65,7 @@ class QwenAudioChatRenderer(PromptRenderer):
 
 def _audio(prompt: Segments, message: Message, parts: dict[str, list[AudioPart]]) -> None:
     for part in (part for clip in message.clips for part in parts[clip.id]):
-        prompt.text(f"{part.label}: ")
-        prompt.control(AUDIO_START)
-        prompt.audio(part, AUDIO_PAD)
-        prompt.control(AUDIO_END)
-        prompt.text("\n")
+        prompt.audio_line(part, AUDIO_START, AUDIO_PAD, AUDIO_END)
 
 
 class QwenAudioChat(Family):

@@ -6,8 +6,9 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 from chat.backend import Backend, Response
+from chat.clip import Clip
 from chat.conversation import DONE, Conversation, Message, ToolUse
-from chat.errors import ToolError
+from chat.errors import ChatError, ToolError
 from chat.settings import GenerationSettings
 from chat.toolcalls import ToolCall, get_parser
 from chat.tools import ToolBox, ToolResult, run_tool_call, tool_system_prompt
@@ -135,8 +136,7 @@ class Turn:
         else:
             result = run_tool_call(self.conversation, call.name, call.arguments, self.tools)
         clips = (result.clip,) if result.clip else ()
-        message = self.conversation.add_tool(name, result.text, clips, failed=bool(result.error))
-        yield ToolCallFinished(message, result.error or "")
+        yield self._finished(name, result.text, clips, failed=result.error is not None, error=result.error or "")
 
     def _after_reply(self) -> Iterator[Event]:
         """The step a finished reply takes by itself in its family (Qwen-Audio-Chat's timestamp spans become clips)."""
@@ -146,7 +146,18 @@ class Turn:
         if step is None:
             return
         yield ToolCallStarted(step.tool, step.arguments)
-        yield ToolCallFinished(self.conversation.add_tool(step.tool, step.text, step.clips, failed=step.failed))
+        yield self._finished(step.tool, step.text, step.clips, failed=step.failed)
+
+    def _finished(self, tool: str, text: str, clips: tuple[Clip, ...], failed: bool,
+                  error: str = "") -> ToolCallFinished:
+        """Record a step's result as a tool message. A step that cannot be recorded as it is (its clip is already in
+        the conversation) is recorded as failed, so no step is left looking as if it were still running."""
+        try:
+            message = self.conversation.add_tool(tool, text, clips, failed=failed)
+        except ChatError as e:
+            error = str(e)
+            message = self.conversation.add_tool(tool, ToolResult.failure(error).text, failed=True)
+        return ToolCallFinished(message, error)
 
 
 def pump(turn: Turn, events: queue.Queue) -> None:

@@ -10,6 +10,7 @@ from chat.clip import Clip
 from chat.conversation import ASSISTANT, DONE, STOPPED, TOOL, USER, Conversation
 from chat.errors import BackendError, ToolError
 from chat.families import get_family
+from chat.families.base import ReplyStep
 from chat.families.qwen_audio_chat.spans import SPANS_TOOL
 from chat.remote import RemoteBackend
 from chat.tools import ToolBox
@@ -198,3 +199,20 @@ def test_in_batches_reraises_the_error_after_the_text_before_it():
         for batch in in_batches(Turn(Failing(), conversation)):
             seen += [e.text for e in batch]
     assert seen == ["Half"] and conversation.messages[-1].status == "failed"
+
+
+class RecordsAStepOfAClipItHas(type(get_family("qwen2-audio"))):
+    """A family whose finished replies take a step adding a clip the conversation already holds."""
+
+    def after_reply(self, conversation: Conversation) -> ReplyStep:
+        return ReplyStep("copy", {}, "Audio 2 is a copy.", (conversation.clip(1),))
+
+
+def test_a_step_that_cannot_be_recorded_as_it_is_ends_failed_not_running():
+    conversation = Conversation()
+    conversation.add_user("Copy it.", [Clip(tone(1.0), name="a.wav")])
+    events = list(Turn(ScriptedBackend(family=RecordsAStepOfAClipItHas()), conversation))
+    started, finished = events[-2:]
+    assert started == ToolCallStarted("copy", {}) and isinstance(finished, ToolCallFinished)
+    assert finished.message.failed and "already in this conversation as Audio 1" in finished.error
+    assert conversation.messages[-1] is finished.message and len(conversation.clips()) == 1

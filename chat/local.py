@@ -113,7 +113,7 @@ class LocalBackend(Backend):
             part_keys = [(part.clip.id, part.index) for part in prompt.audio_parts]
             n_reused = reusable_prefix(last_reply, ids, runs, part_keys)
         if n_reused:
-            last_reply.cache.crop(n_reused - len(last_reply.token_ids))  # a negative count: how many to remove
+            last_reply.cache.crop(n_reused - last_reply.cache.get_seq_length())  # negative: how many to remove
             inputs["past_key_values"] = last_reply.cache
         new_parts = [part for part, (start, _) in zip(prompt.audio_parts, runs) if start >= n_reused]
         if new_parts:

@@ -150,7 +150,7 @@ def log_to(path: Path, console_level: int) -> None:
 
 def serve(args: argparse.Namespace, backend, store: Store, description: str) -> int:
     """Serve the page until interrupted; exit code 1 when --share could not make its link."""
-    from app.web import CSS, THEME, build_demo, launch
+    from app.web import CSS, THEME, build_demo, freeze_startup_objects, launch
 
     demo = build_demo(backend, store, description=description, concurrency=args.concurrency, tools=args.tools,
                       word_model=args.word_model)
@@ -165,6 +165,7 @@ def serve(args: argparse.Namespace, backend, store: Store, description: str) -> 
               "Run without --share to serve on this machine only.", file=sys.stderr)
         demo.close()
         return 1
+    freeze_startup_objects()
     demo.block_thread()  # until Ctrl-C
     return 0
 

@@ -5,7 +5,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -13,8 +13,10 @@ import soundfile
 
 from app.cli_text import (
     BANNER,
+    EMPTY_REPLY,
     EXPORT_SUFFIXES,
     added,
+    call_text,
     describe_clip,
     duration,
     help_text,
@@ -23,7 +25,6 @@ from app.cli_text import (
     plural,
     split_args,
     summary,
-    tool_call,
     tool_result,
 )
 from app.recorder import Recorder, play
@@ -33,7 +34,7 @@ from chat.backend import Backend
 from chat.clip import Clip
 from chat.conversation import STOPPED, USER, Conversation
 from chat.errors import ChatError, ClipError, StoreError
-from chat.settings import GenerationSettings, with_setting
+from chat.settings import SETTING_NAMES, GenerationSettings, with_setting
 from chat.store import Store
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for
@@ -47,6 +48,7 @@ except ImportError:  # Windows
 PROMPT = "> "
 RECORDING_PROMPT = "recording (Enter stops, Ctrl-C discards) "
 EXIT_INTERRUPTED = 130  # the shell's code for "ended by Ctrl-C"
+TOOL_MARK = "[tool]"  # before a tool call the reply makes
 TERMINAL_SESSION = "terminal"  # the store's session id of the terminal's conversations
 
 
@@ -152,9 +154,11 @@ class Terminal:
         if turn.response.message is not None and turn.response.message.status == STOPPED:
             self.write("[stopped]" if self.at_line_start or turn.response.text[-1:].isspace() else " [stopped]")
         self.end_line()
+        message = turn.response.message
+        if message is not None and message.empty:
+            self.say(f"[{EMPTY_REPLY}]")
         if turn.response.history_note:
             self.say(f"[{turn.response.history_note}]")
-        message = turn.response.message
         if self.show_figures and message is not None and message.figures is not None:
             self.say(f"[{message.figures.summary()}]")
 
@@ -165,7 +169,7 @@ class Terminal:
                 self.write(event.text)
             elif isinstance(event, ToolCallStarted):
                 self.end_line()
-                self.write(tool_call(event))
+                self.write(f"{TOOL_MARK} {call_text(event)}")
             elif isinstance(event, ToolCallFinished):
                 self.write(tool_result(event.message, self.conversation) + "\n")
 
@@ -253,7 +257,7 @@ class Terminal:
         """Print the stored conversations of this terminal, newest first."""
         for n, saved in enumerate(self._history(), start=1):
             current = " (open)" if saved.id == self.conversation.id else ""
-            self.say(f"{n}. {saved.title} · {saved.updated_at[:16].replace('T', ' ')} UTC{current}")
+            self.say(f"{n}. {saved.title} · {saved.when} UTC{current}")
 
     def open_conversation(self, args: str) -> None:
         """Switch to stored conversation N of /list."""
@@ -303,8 +307,9 @@ class Terminal:
         name, _, value = args.partition(" ")
         if name:
             self.settings = with_setting(self.settings, name, value.strip())
-        shown = ", ".join(f"{field.name} {getattr(self.settings, field.name)}" for field in fields(self.settings))
-        self.say(f"Settings: {shown.replace('seed None', 'seed random')}.")
+        values = [(setting, getattr(self.settings, setting)) for setting in SETTING_NAMES]
+        shown = ", ".join(f"{setting} {'random' if v is None else v}" for setting, v in values)
+        self.say(f"Settings: {shown}.")
 
     def help(self, args: str) -> None:
         """Print the commands."""

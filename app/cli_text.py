@@ -4,13 +4,13 @@ import shlex
 
 from chat.backend import Backend
 from chat.clip import Clip
-from chat.conversation import Conversation, Message
+from chat.conversation import Conversation, Message, ToolUse
 from chat.errors import ChatError
 from chat.tools import tools_note
-from chat.turn import ToolCallStarted
 
 EXPORT_SUFFIXES = (".wav", ".flac", ".ogg")
 TOOL_RESULT_CHARS = 100  # a tool's text result is shown on one line, cut to this length
+EMPTY_REPLY = "The model ended its reply without text."  # said of a reply that has neither text nor a tool call
 
 BANNER = "Type a message, /add FILE, or press Enter on an empty line to talk. /help lists commands; Ctrl-D leaves."
 HELP = f"""\
@@ -35,7 +35,8 @@ Enter once more to send it as a spoken question, or type a question about it.
   /clear               remove every message (the system prompt stays)
   /system [TEXT]       show the system prompt, or set it
   /set [NAME VALUE]    show the generation settings, or set one: max_new_tokens, temperature (0 = greedy),
-                       top_p, top_k (0 = off), repetition_penalty, seed (a number, or random)
+                       top_p, top_k (0 = off), repetition_penalty, seed (a whole number; empty or random:
+                       a new one each time)
   /help                show this help
   /quit                leave (so do Ctrl-D, and Ctrl-C at the prompt)"""
 
@@ -71,10 +72,10 @@ def describe_clip(n: int, clip: Clip, backend: Backend) -> str:
     return f"{line} ({clip.note})" if clip.note else line
 
 
-def tool_call(event: ToolCallStarted) -> str:
-    """`[tool] name(key=value, ...)` with the arguments as the model gave them."""
-    arguments = ", ".join(f"{key}={value!r}" for key, value in event.arguments.items())
-    return f"[tool] {event.name}({arguments})"
+def call_text(call: ToolUse) -> str:
+    """`name(key=value, ...)` with the arguments as the model gave them; each client marks it as a call its own way."""
+    arguments = ", ".join(f"{key}={value!r}" for key, value in call.arguments.items())
+    return f"{call.name}({arguments})"
 
 
 def tool_result(message: Message, conversation: Conversation) -> str:

@@ -5,27 +5,29 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.cli_text import duration, tool_call
+from app.cli_text import EMPTY_REPLY, call_text, duration
 from chat.clip import Clip
 from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, Conversation, Message
 from chat.families import Family
 from chat.turn import ToolCallStarted
 
 ClipPath = Callable[[Clip], Path]  # where a clip's audio file is (chat.store.Store.clip_path)
+TOOL_MARK = "🛠"  # before a tool step's title
 MISSING = "missing: its audio file is gone from the data folder, so the model no longer hears it"
 
 
-def caption(clip: Clip, number: int, family: Family) -> str:
-    """`Audio 2 · question.wav · 4.2 s`, plus how a long clip is sent and how an edited one was made."""
+def caption(clip: Clip, number: int, family: Family) -> tuple[str, str]:
+    """`("Audio 2", "question.wav · 4.2 s")`: the clip's label, then its name, length, how a long clip is sent and
+    how an edited one was made."""
     if clip.missing:
-        return f"Audio {number} · {clip.name} · {MISSING}"
-    parts = [f"Audio {number}", clip.name, duration(clip.duration_s)]
+        return f"Audio {number}", f"{clip.name} · {MISSING}"
+    details = [clip.name, duration(clip.duration_s)]
     n_parts = family.n_parts(clip)
     if n_parts > 1:
-        parts.append(f"sent as {n_parts} parts of {family.window_s:g} s")
+        details.append(f"sent as {n_parts} parts of {family.window_s:g} s")
     if clip.note:
-        parts.append(clip.note.removeprefix(f"Audio {number} = "))  # an edit's note names its own number
-    return " · ".join(parts)
+        details.append(clip.note)
+    return f"Audio {number}", " · ".join(details)
 
 
 def render(
@@ -39,31 +41,38 @@ def render(
 
     family is the loaded model's, for how long clips are sent.
     """
-    # one snapshot: while a reply streams, its worker thread adds tool messages (and their clips) to the conversation
-    messages = list(conversation.messages)
-    numbers = {clip.id: n for n, clip in enumerate((clip for m in messages for clip in m.clips), start=1)}
     shown = []
-    for message in messages:
-        shown += _render(message, numbers, clip_path, family)
-    if streaming:
-        shown.append(gr.ChatMessage(streaming, role="assistant"))
-    if running is not None:
-        title = tool_call(running).replace("[tool]", "🛠", 1)
-        shown.append(gr.ChatMessage("Running…", role="assistant", metadata={"title": title, "status": "pending"}))
-    return shown
+    for message, first_number in numbered(conversation):
+        shown += render_message(message, first_number, clip_path, family)
+    return shown + render_tail(streaming, running)
 
 
-def _render(message: Message, numbers: dict[str, int], clip_path: ClipPath, family: Family) -> list[gr.ChatMessage]:
-    players = [part for clip in message.clips for part in _player(clip, numbers[clip.id], clip_path, family)]
+def numbered(conversation: Conversation) -> list[tuple[Message, int]]:
+    """Each message with the N of Audio N its first clip has (or would have), as one snapshot.
+
+    One snapshot: while a reply streams, its worker thread adds tool messages (and their clips) to the conversation.
+    """
+    numbered, number = [], 1
+    for message in list(conversation.messages):
+        numbered.append((message, number))
+        number += len(message.clips)
+    return numbered
+
+
+def render_message(message: Message, first_number: int, clip_path: ClipPath, family: Family) -> list[gr.ChatMessage]:
+    """One message as the chat shows it (none for a reply that only called a tool); its clips are numbered from
+    first_number on."""
+    players = [part for n, clip in enumerate(message.clips, start=first_number)
+               for part in _player(clip, n, clip_path, family)]
     if message.role == TOOL:
         # a done step folds away, a failed one stays open (no status) so its error is read;
         # a clip the tool made stays in sight, playable, below the step
-        title = f"🛠 {message.tool}"
+        title = f"{TOOL_MARK} {message.tool}"
         metadata = {"title": f"{title} failed"} if message.failed else {"title": title, "status": "done"}
         result = gr.ChatMessage(message.text, role="assistant", metadata=metadata)
         return [result] + ([gr.ChatMessage(players, role="assistant")] if players else [])
     if message.role == ASSISTANT:
-        text = message.display_text.strip()
+        text = f"*{EMPTY_REPLY}*" if message.empty else message.display_text.strip()
         if message.status in (DONE, STOPPED) and message.note:
             text += f"\n\n*{message.note}*"
         elif message.status == FAILED:
@@ -74,8 +83,17 @@ def _render(message: Message, numbers: dict[str, int], clip_path: ClipPath, fami
     return [gr.ChatMessage(players + ([message.text] if message.text else []), role="user")]
 
 
+def render_tail(streaming: str = "", running: ToolCallStarted | None = None) -> list[gr.ChatMessage]:
+    """What follows the recorded messages while a reply is written: its text so far, then a tool call running."""
+    shown = [gr.ChatMessage(streaming, role="assistant")] if streaming else []
+    if running is not None:
+        title = f"{TOOL_MARK} {call_text(running)}"
+        shown.append(gr.ChatMessage("Running…", role="assistant", metadata={"title": title, "status": "pending"}))
+    return shown
+
+
 def _player(clip: Clip, number: int, clip_path: ClipPath, family: Family) -> list[dict | str]:
     # a file part, not a gr.Audio: building a component costs ~0.1 s, and a streaming reply re-renders every chunk
-    label, rest = caption(clip, number, family).split(" · ", 1)
+    label, details = caption(clip, number, family)
     player = [] if clip.missing else [{"path": str(clip_path(clip))}]
-    return [*player, f"**{label}** · {rest}"]
+    return [*player, f"**{label}** · {details}"]

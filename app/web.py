@@ -8,13 +8,15 @@ holds the conversation and the reply being written. API clients call /open_sessi
 
 import datetime
 import functools
+import gc
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gradio as gr
@@ -23,12 +25,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.render import render
+from app.chatview import ChatBlocks, ChatView
+from app.render import ClipPath, render
 from chat.backend import Backend
 from chat.clip import RECORDED, Clip
 from chat.conversation import ASSISTANT, DEFAULT_SYSTEM_PROMPT, STOPPED, Conversation, Message
 from chat.errors import BackendError, ChatError, ClipError, SettingsError, StoreError
-from chat.settings import GenerationSettings
+from chat.settings import SETTING_NAMES, GenerationSettings, settings_from
 from chat.store import Store, from_zip
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for, tools_note
@@ -41,7 +44,6 @@ SESSION_KEY = "audio-chat-session"  # localStorage key of the session id
 SESSION_SECRET = "audio-chat-session-v1"
 SESSION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: 122 random bits, not guessable
 STOP_WAIT_S = 10.0  # a reply stops within one token step; this only bounds a hung backend
-POLL_S = 0.02
 TITLE = "Audio Chat"
 EXAMPLES = [  # shown in the empty chat; a click puts the example in the message box (assets/make_assets.py)
     {"display_text": "Ask a spoken question", "text": "", "files": [str(ASSETS / "question.wav")]},
@@ -75,8 +77,10 @@ class Session:
     id: str
     conversation: Conversation
     user: str = ""  # the login that owns it; empty without logins
+    view: ChatView | None = None  # the chat as the browser gets it; None: the gr.ChatMessage list (no page)
     turn: Turn | None = None
     streaming: bool = False  # respond() is iterating turn (else it is still queued, or never will be)
+    ended: threading.Event = field(default_factory=threading.Event)  # set once turn's reply is recorded and saved
 
 
 def handler(fn: Callable) -> Callable:
@@ -84,29 +88,35 @@ def handler(fn: Callable) -> Callable:
     while every output, and so whatever was typed or attached, stays as it was."""
 
     @functools.wraps(fn)
-    def wrapper(page: "ChatPage", session: Session | None, *args):
+    def wrapper(page: "ChatPage", session: Session | None, *args, **kwargs):
         if session is None:
             raise gr.Error("No session is open: call /open_session first (the page does when it loads).")
         try:
-            return fn(page, session, *args)
+            return fn(page, session, *args, **kwargs)
         except ChatError as e:
-            log.warning("%s refused: %s", fn.__name__, e)
-            raise gr.Error(str(e), print_exception=False) from e
+            raise shown(e, fn.__name__) from e
 
     return wrapper
 
 
-def generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed: str) -> GenerationSettings:
-    """The side panel's values as GenerationSettings; SettingsError names the value that is out of range."""
-    if None in (max_new_tokens, temperature, top_p, top_k, repetition_penalty):
-        raise SettingsError("Every generation setting but the seed needs a value: fill in the empty one.")
-    seed = str(seed or "").strip()
-    if seed and not seed.isdigit():
-        raise SettingsError(f"The seed must be a whole number from 0, or empty for a new one each time, not {seed!r}.")
-    return GenerationSettings(
-        int(max_new_tokens), float(temperature), float(top_p), int(top_k), float(repetition_penalty),
-        int(seed) if seed else None,
-    )
+def shown(error: ChatError, step: str) -> gr.Error:
+    """The gr.Error that shows a refused step's reason on the page."""
+    log.warning("%s refused: %s", step, error)
+    return gr.Error(str(error), print_exception=False)
+
+
+def with_settings(fn: Callable) -> Callable:
+    """fn, a handler that takes a GenerationSettings as `settings`, as an event function that gradio hands every
+    input by name (inputs_kwargs): the side panel's values are read as the terminal's /set reads them."""
+
+    def event(session: Session | None, **values):
+        try:
+            settings = settings_from({name: values.pop(name) for name in SETTING_NAMES})
+        except SettingsError as e:
+            raise shown(e, fn.__name__) from e
+        return fn(session, **values, settings=settings)
+
+    return event
 
 
 def attachment_names(message: dict | None) -> str:
@@ -119,8 +129,10 @@ def attachment_names(message: dict | None) -> str:
 class ChatPage:
     """The event handlers: each changes the session's conversation through the core, saves it, and renders it."""
 
-    def __init__(self, backend: Backend, store: Store, tools: ToolBox | None) -> None:
-        self.backend, self.store, self.tools = backend, store, tools
+    def __init__(self, backend: Backend, store: Store, tools: ToolBox | None,
+                 chatbot: gr.Chatbot | None = None) -> None:
+        """chatbot is the page's: each session's chat is then processed for it message by message (ChatView)."""
+        self.backend, self.store, self.tools, self.chatbot = backend, store, tools, chatbot
 
     def open_session(self, session_id: str | None, request: gr.Request | None = None):
         """Reconnect a browser to its stored conversation; a missing or malformed id starts a new session.
@@ -137,13 +149,13 @@ class ChatPage:
             gr.Warning(str(e))
             conversation = Conversation()
         session = Session(session_id, conversation, user)
+        if self.chatbot is not None:
+            session.view = ChatView(self.chatbot, self._clip_path(session), self.backend.family)
         return session_id, session, *self._opened(session)
 
     @handler
-    def add_message(self, session: Session, message: dict | None, system_prompt: str,
-                    max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed):
+    def add_message(self, session: Session, message: dict | None, system_prompt: str, settings: GenerationSettings):
         """Add the text and attached files to the open user turn and ask for a reply, which /respond streams."""
-        settings = generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         text, files = (message or {}).get("text", "").strip(), (message or {}).get("files") or []
         clips, refused = [], {}  # refused: path -> why
         for path in files:  # decoded before anything changes: a file that fails leaves the conversation as it was
@@ -161,18 +173,16 @@ class ChatPage:
         return self._ask(session, system_prompt, settings, add)
 
     @handler
-    def regenerate(self, session: Session, system_prompt: str,
-                   max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed):
+    def regenerate(self, session: Session, system_prompt: str, settings: GenerationSettings):
         """Replace the last reply with a new one, which /respond_again streams."""
-        settings = generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         return self._ask(session, system_prompt, settings, Conversation.drop_reply)
 
-    def respond(self, session: Session | None) -> Iterator[list[gr.ChatMessage]]:
-        """Stream the reply asked for, re-rendering the whole chat at every event."""
+    def respond(self, session: Session | None) -> Iterator[list]:
+        """Stream the reply asked for, the whole chat at every update (each message processed once: ChatView)."""
         turn = session.turn if session is not None else None
         if turn is None:  # stopped while it waited in the queue
             return
-        session.streaming = True
+        session.streaming, ended = True, session.ended
         batches, streaming, running = in_batches(turn), "", None
         self._save_as_interrupted(session, turn, streaming)
         saved_at = time.monotonic()
@@ -196,6 +206,7 @@ class ChatPage:
             batches.close()  # when gradio closes us mid-reply (Stop), this stops the turn and records the partial reply
             self.store.save(session.id, session.conversation, session.user)
             session.turn, session.streaming = None, False
+            ended.set()
 
     @handler
     def finish(self, session: Session):
@@ -303,7 +314,7 @@ class ChatPage:
             # the prompt is rendered here: a turn too long for the context fails before any model work
             turn = Turn(self.backend, conversation, settings, tools=self.tools)
             self.store.save(session.id, conversation, session.user)  # a full disk refuses the step here
-        session.turn = turn
+        session.ended, session.turn = threading.Event(), turn  # ended first: a stop that sees turn waits on its own
         return self._render(session), *self._inputs(session, busy=True)
 
     def _refuse(self, session: Session, text: str, kept: list[str], reasons: list[str]):
@@ -336,11 +347,8 @@ class ChatPage:
         if not session.streaming:  # still queued: respond() will find no turn and return
             session.turn = None
             return
-        deadline = time.monotonic() + STOP_WAIT_S
-        while session.turn is turn:
-            if time.monotonic() > deadline:
-                raise BackendError(f"The reply did not stop within {STOP_WAIT_S:.0f} s. Wait a moment and try again.")
-            time.sleep(POLL_S)
+        if not session.ended.wait(STOP_WAIT_S):
+            raise BackendError(f"The reply did not stop within {STOP_WAIT_S:.0f} s. Wait a moment and try again.")
 
     def _opened(self, session: Session) -> tuple:
         """Everything the page shows of a conversation just opened: chat, system prompt, inputs, the list."""
@@ -349,13 +357,17 @@ class ChatPage:
     def _history(self, session: Session) -> gr.Radio:
         """This person's conversations, newest first, the open one selected."""
         saved = self.store.history(session.id, session.user)
-        choices = [(f"{s.title} · {s.updated_at[:16].replace('T', ' ')}", s.id) for s in saved]
+        choices = [(f"{s.title} · {s.when}", s.id) for s in saved]
         current = session.conversation.id if any(s.id == session.conversation.id for s in saved) else None
         return gr.Radio(choices=choices, value=current)
 
     def _render(self, session: Session, streaming: str = "", running: ToolCallStarted | None = None) -> list:
-        clip_path = functools.partial(self.store.clip_path, owner=session.user)  # shown to them: they may fetch it
-        return render(session.conversation, clip_path, self.backend.family, streaming, running)
+        if session.view is not None:
+            return session.view.show(session.conversation, streaming, running)
+        return render(session.conversation, self._clip_path(session), self.backend.family, streaming, running)
+
+    def _clip_path(self, session: Session) -> ClipPath:
+        return functools.partial(self.store.clip_path, owner=session.user)  # shown to them: they may fetch it
 
     def _inputs(self, session: Session, busy: bool = False) -> tuple:
         """The message box and the recorder: emptied and locked, with a stop button, while a reply is being written."""
@@ -409,6 +421,14 @@ def launch(demo: gr.Blocks, store: Store, **options) -> None:
     demo.launch(app_kwargs={"middleware": [Middleware(ClipAccess, store=store)]}, **options)
 
 
+def freeze_startup_objects() -> None:
+    """Exempt every object alive now (torch, the model, gradio's app: all kept until the server stops) from garbage
+    collection. A full collection, which the allocations of a long streaming reply trigger, then scans only what
+    came after: with them it stopped the stream for about 120 ms (bench/streaming)."""
+    gc.collect()  # what is garbage already goes first: a frozen object is never collected
+    gc.freeze()
+
+
 def build_demo(
     backend: Backend, store: Store, *, description: str = "", concurrency: int = 1, tools: bool | None = None,
     word_model: str = DEFAULT_WORD_MODEL,
@@ -416,11 +436,12 @@ def build_demo(
     """The chat page. description says which model serves it; concurrency is how many replies run at once;
     tools offers the speech-editing tools (None: as the model family does by default) to a backend that
     supports them, finding words with word_model."""
-    page = ChatPage(backend, store, toolbox_for(backend, tools, word_model))
     defaults = backend.default_settings
-    gr.set_static_paths([store.clips_folder, ASSETS])  # served as they are: no copy into gradio's cache per update
+    # served as they are, wherever the data folder is (gradio refuses other files outside the working directory and
+    # the temp folder), with no copy into gradio's cache per update; a download's folder name is random, unguessable
+    gr.set_static_paths([store.clips_folder, store.downloads_folder, ASSETS])
     # uploads are decoded into the store at once, so gradio's copies can go after a day (checked hourly)
-    with gr.Blocks(title=TITLE, fill_height=True, delete_cache=(3600, 86400)) as demo:
+    with ChatBlocks(title=TITLE, fill_height=True, delete_cache=(3600, 86400)) as demo:
         session_id = gr.BrowserState(None, storage_key=SESSION_KEY, secret=SESSION_SECRET)
         state = gr.State(None)
         with gr.Sidebar(label="Settings", open=False, position="right"):
@@ -436,16 +457,19 @@ def build_demo(
             upload_button = gr.UploadButton("Open a downloaded conversation", file_types=[".zip"], size="sm")
             gr.Markdown("### Generation")
             system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=3)
-            settings = [
-                gr.Number(defaults.max_new_tokens, label="Max new tokens", precision=0, info="1 to 8192"),
-                gr.Slider(0, 2, defaults.temperature, step=0.05, label="Temperature", info="0 = greedy"),
-                gr.Slider(0.05, 1, defaults.top_p, step=0.05, label="Top-p"),
-                gr.Number(defaults.top_k, label="Top-k", precision=0, info="0 = off"),
-                gr.Slider(1, 2, defaults.repetition_penalty, step=0.05, label="Repetition penalty"),
+            settings = {  # by GenerationSettings field: each event hands them to its handler by name
+                "max_new_tokens": gr.Number(defaults.max_new_tokens, label="Max new tokens", precision=0,
+                                            info="1 to 8192"),
+                "temperature": gr.Slider(0, 2, defaults.temperature, step=0.05, label="Temperature",
+                                         info="0 = greedy"),
+                "top_p": gr.Slider(0.05, 1, defaults.top_p, step=0.05, label="Top-p"),
+                "top_k": gr.Number(defaults.top_k, label="Top-k", precision=0, info="0 = off"),
+                "repetition_penalty": gr.Slider(1, 2, defaults.repetition_penalty, step=0.05,
+                                                label="Repetition penalty"),
                 # a Textbox, as gr.Number shows and sends 0 for "no value"
-                gr.Textbox("", label="Seed", placeholder="random",
-                           info="a whole number repeats a reply; empty = random"),
-            ]
+                "seed": gr.Textbox("", label="Seed", placeholder="random",
+                                   info="a whole number repeats a reply; empty = random"),
+            }
         gr.Markdown(
             f"# {TITLE}\nChat about speech, sounds and music. Record or attach clips, then refer to them as "
             f"*Audio 1*, *Audio 2*, … {description} {tools_note(backend)}".strip(),
@@ -456,6 +480,7 @@ def build_demo(
             placeholder="**Record a clip or attach audio files**, then ask about them — or just ask out loud.",
             buttons=["copy_all"], elem_id="chatbot", elem_classes="keeps-content",
         )
+        page = ChatPage(backend, store, toolbox_for(backend, tools, word_model), chatbot)
         with gr.Row(equal_height=True):
             recorder = gr.Audio(sources=["microphone"], type="filepath", format=None, label="Record a clip", scale=1,
                                 elem_id="recorder", elem_classes="keeps-content")
@@ -476,12 +501,13 @@ def build_demo(
                  "concurrency_id": "reply", "show_progress": "minimal"}
         unlock = {"fn": page.finish, "inputs": [state], "outputs": [chatbot, *inputs, history],
                   "api_visibility": "private", "queue": False}
-        sent = chat_input.submit(page.add_message, [state, chat_input, system_prompt, *settings], [chatbot, *inputs],
-                                 api_name="add_message", **quick)
+        sent = chat_input.submit(with_settings(page.add_message), [state], [chatbot, *inputs], api_name="add_message",
+                                 inputs_kwargs={"message": chat_input, "system_prompt": system_prompt, **settings},
+                                 **quick)
         send_reply = sent.success(**reply, api_name="respond")
         send_reply.then(**unlock)
-        retried = chatbot.retry(page.regenerate, [state, system_prompt, *settings], [chatbot, *inputs],
-                                api_name="regenerate", **quick)
+        retried = chatbot.retry(with_settings(page.regenerate), [state], [chatbot, *inputs], api_name="regenerate",
+                                inputs_kwargs={"system_prompt": system_prompt, **settings}, **quick)
         retry_reply = retried.success(**reply, api_name="respond_again")
         retry_reply.then(**unlock)
         replies = [send_reply, retry_reply]

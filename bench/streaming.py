@@ -1,21 +1,27 @@
 """Streaming overhead: how long a chunk takes from the backend making it to a client receiving it.
 
-The real Gradio app (app.web.build_demo) runs in this process on 127.0.0.1 with a scripted backend that
-makes one word ready every 50 ms, or every 13 ms (100 tokens/s, the GPU target, at about 1.3 tokens per
-streamed word), on a fixed schedule as a model's generate thread does, and stamps each with
-time.monotonic(). gradio_client sends a message (/add_message) and streams the reply (/respond), stamping
-each chunk as it arrives. Same clock, so the difference is what the app adds, waiting behind a slow update
-included: the turn and response wrappers, re-rendering the chat, gradio's queue and server-sent events.
+The real Gradio app (app.web.build_demo, launched as launch.py launches it) runs in a process of its own on
+127.0.0.1 with a scripted backend that makes one word ready every 50 ms, or every 13 ms (100 tokens/s, the GPU
+target, at about 1.3 tokens per streamed word), on a fixed schedule as a model's generate thread does, and stamps
+each with time.monotonic(). gradio_client, in this process, sends a message (/add_message) and streams the reply
+(/respond), stamping each chunk as it arrives. time.monotonic() is one clock for every process of the machine, so
+the difference is what the app adds, waiting behind a slow update included: the turn and response wrappers,
+rendering the chat, gradio's queue and server-sent events. The app has its own process, as it has in use (the
+browser is another program): in one process, gradio_client's own work on each update (it copies the whole chat
+to apply each diff) and its garbage collection held the app's threads up; this process also collects no garbage
+while it times.
   socket   when the client's reader thread gets the message, as a browser would
   client   when gradio_client hands it over, after its own polling (every 50 ms) on top
   send to first chunk   from the /add_message call to the first chunk at the socket, less the backend's
            own wait for that chunk: the app's cost of starting a reply, HTTP round trip included
-Each rate is measured with an empty history and with 20 earlier turns of a 10 s clip each, since every
-chunk re-renders the whole conversation.
+Each rate is measured with an empty history and with 20 and 100 earlier turns of a 10 s clip each, since each
+update sends the whole conversation.
 Run: .venv/bin/python -m bench.streaming [--quick]
 """
 
 import argparse
+import gc
+import multiprocessing
 import os
 import re
 import socket
@@ -30,21 +36,22 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from gradio_client import Client, handle_file  # noqa: E402
 
-from app.web import CSS, THEME, build_demo  # noqa: E402
+from app.web import CSS, THEME, build_demo, freeze_startup_objects, launch  # noqa: E402
 from bench.common import ffmpeg, percentile, print_table  # noqa: E402
 from chat.backend import Stats  # noqa: E402
 from chat.prompts import Prompt  # noqa: E402
-from testkit.scripted import ScriptedBackend  # noqa: E402
 from chat.settings import GenerationSettings  # noqa: E402
 from chat.store import Store  # noqa: E402
+from testkit.scripted import ScriptedBackend  # noqa: E402
 
 CHUNK_PERIODS_S = (0.05, 0.013)
 N_CHUNKS = 40
 N_REPLIES = 3
-HISTORY_TURNS = (0, 20)
+HISTORY_TURNS = (0, 20, 100)
 QUICK = {"n_chunks": 5, "n_replies": 1, "rows": [(0.05, 0)]}
 CLIP_S = 10
-TARGET_ADDED_S = 0.05
+TARGET_P50_MS, TARGET_P95_MS = 10.0, 20.0  # added per chunk at the socket, whatever the history
+START_TIMEOUT_S = 300.0  # the app's process imports gradio and torch first
 CHUNK = re.compile(r"w\d{3}\b")  # each scripted chunk is a numbered word, so a client can tell which have arrived
 
 
@@ -111,14 +118,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve(port: int, folder: str, conn) -> None:
+    """The app's process: build and launch the page as launch.py does, then do what the pipe asks.
+
+    ("reply", chunks, period_s): the backend's next reply, one chunk ready every period_s;
+    ("stamps",): when the last reply started and when each of its chunks was ready; ("stop",): close the app.
+    """
+    backend, store = StampedBackend(0.0), Store(folder)
+    demo = build_demo(backend, store)
+    demo.queue(default_concurrency_limit=1)
+    launch(demo, store, server_name="127.0.0.1", server_port=port, theme=THEME, css=CSS, prevent_thread_lock=True,
+           quiet=True)
+    freeze_startup_objects()
+    conn.send("up")
+    try:
+        while (asked := conn.recv())[0] != "stop":
+            if asked[0] == "reply":
+                backend.period_s = asked[2]
+                backend.enqueue(asked[1])
+                backend.ready_at.clear()
+                conn.send(None)
+            else:
+                conn.send((backend.started_at[-1], list(backend.ready_at)))
+    finally:
+        demo.close()
+
+
+class App:
+    """The app in its own process, and a pipe to its backend."""
+
+    def __init__(self, folder: Path) -> None:
+        self.url = f"http://127.0.0.1:{(port := free_port())}/"
+        self.conn, child = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("spawn").Process(target=serve, args=(port, str(folder), child),
+                                                                     daemon=True)
+        self.process.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.conn.poll(0.5):
+            if not self.process.is_alive() or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"the app's process did not start (exit code {self.process.exitcode})")
+        self.conn.recv()
+
+    def reply(self, chunks: list[str], period_s: float) -> None:
+        """Queue the backend's next reply: one chunk ready every period_s."""
+        self.conn.send(("reply", chunks, period_s))
+        self.conn.recv()
+
+    def stamps(self) -> tuple[float, list[float]]:
+        """When the last reply started, and when each of its chunks was ready (time.monotonic())."""
+        self.conn.send(("stamps",))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(("stop",))
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
+
+
 def send(client: Client, text: str, files: list[Path] = ()) -> None:
-    """Type a message (with attachments) and press send, as the page does."""
-    defaults = GenerationSettings()
-    client.predict(
-        {"text": text, "files": [handle_file(str(f)) for f in files]}, "", defaults.max_new_tokens,
-        defaults.temperature, defaults.top_p, defaults.top_k, defaults.repetition_penalty, None,
-        api_name="/add_message",
-    )
+    """Type a message (with attachments) and press send, as the page does, with the side panel as it starts."""
+    client.predict({"text": text, "files": [handle_file(str(f)) for f in files]}, "", api_name="/add_message")
 
 
 def reply_text(chat: list[dict]) -> str:
@@ -129,11 +190,10 @@ def reply_text(chat: list[dict]) -> str:
     return "".join(part.get("text", "") for part in last["content"] if isinstance(part, dict))
 
 
-def one_reply(client: Client, log: ArrivalLog, backend: StampedBackend, n_chunks: int) -> dict[str, list[float]]:
+def one_reply(client: Client, log: ArrivalLog, app: App, n_chunks: int, period_s: float) -> dict[str, list[float]]:
     """Send a message and stream the reply: each chunk's added seconds at the socket and at the client, and the
     first chunk's, counting the send."""
-    backend.enqueue([f"w{i:03d} " for i in range(n_chunks)])
-    backend.ready_at.clear()
+    app.reply([f"w{i:03d} " for i in range(n_chunks)], period_s)
     sent_at = time.monotonic()
     send(client, "How does it sound?")
     log.arrivals.clear()
@@ -143,39 +203,43 @@ def one_reply(client: Client, log: ArrivalLog, backend: StampedBackend, n_chunks
         at_socket += [log.arrivals[index]] * n_new  # chunks that arrived together share a time
         at_client += [time.monotonic()] * n_new
     assert len(at_socket) == n_chunks, f"the client saw {len(at_socket)} of {n_chunks} chunks"
+    started_at, ready_at = app.stamps()
     # the first chunk also carries the send: everything from the click but the backend's own wait
-    backend_wait = backend.ready_at[0] - backend.started_at[-1]
+    backend_wait = ready_at[0] - started_at
     return {
-        "socket": [received - ready for received, ready in zip(at_socket, backend.ready_at)],
-        "client": [received - ready for received, ready in zip(at_client, backend.ready_at)],
+        "socket": [received - ready for received, ready in zip(at_socket, ready_at)],
+        "client": [received - ready for received, ready in zip(at_client, ready_at)],
         "first": [at_socket[0] - sent_at - backend_wait],
     }
 
 
-def add_history(client: Client, backend: StampedBackend, clip_files: list[Path]) -> None:
+def add_history(client: Client, app: App, clip_files: list[Path]) -> None:
     """Earlier turns, each a clip and a question with a short reply, streamed without delay."""
-    period_s, backend.period_s = backend.period_s, 0.0
     for path in clip_files:
-        backend.enqueue(["It is a tone of one pitch."])
+        app.reply(["It is a tone of one pitch."], 0.0)
         send(client, "What is this?", [path])
         client.submit(api_name="/respond").result()
-    backend.period_s = period_s
 
 
-def measure(url: str, backend: StampedBackend, clip_files: list[Path], n_chunks: int, n_replies: int) -> list:
+def measure(app: App, clip_files: list[Path], n_chunks: int, n_replies: int, period_s: float) -> list:
     """One table row: a fresh client session with len(clip_files) earlier turns, then n_replies timed replies."""
-    client = Client(url, verbose=False, download_files=False)
+    client = Client(app.url, verbose=False, download_files=False)
     client.pending_messages_per_event = log = ArrivalLog()
     client.predict(None, api_name="/open_session")  # a new session, as a page load makes
-    add_history(client, backend, clip_files)
+    add_history(client, app, clip_files)
     added = {"socket": [], "client": [], "first": []}
-    for _ in range(n_replies):
-        for key, seconds in one_reply(client, log, backend, n_chunks).items():
-            added[key] += seconds
+    gc.collect()
+    gc.disable()  # the client's own pauses are not the app's
+    try:
+        for _ in range(n_replies):
+            for key, seconds in one_reply(client, log, app, n_chunks, period_s).items():
+                added[key] += seconds
+    finally:
+        gc.enable()
     ms = {key: [1000 * s for s in values] for key, values in added.items()}
     socket_ms, client_ms = ms["socket"], ms["client"]
     return [
-        f"{backend.period_s * 1000:.0f}", len(clip_files), len(socket_ms), f"{percentile(socket_ms, 50):.1f}",
+        f"{period_s * 1000:.0f}", len(clip_files), len(socket_ms), f"{percentile(socket_ms, 50):.1f}",
         f"{percentile(socket_ms, 95):.1f}", f"{max(socket_ms):.1f}", f"{percentile(client_ms, 50):.1f}",
         f"{percentile(client_ms, 95):.1f}", f"{percentile(ms['first'], 50):.0f}",
     ]
@@ -194,21 +258,13 @@ def main(argv: list[str] | None = None) -> None:
         folder = Path(folder)
         clip_files = []
         for i in range(max(n for _, n in cases)):
-            clip_files.append(folder / f"clip-{i:02d}.wav")
+            clip_files.append(folder / f"clip-{i:03d}.wav")
             ffmpeg("-f", "lavfi", "-i", f"sine=frequency={300 + 10 * i}:duration={CLIP_S}", str(clip_files[-1]))
-        backend = StampedBackend(0.0)
-        demo = build_demo(backend, Store(folder / "data"))
-        port = free_port()
-        demo.queue(default_concurrency_limit=1)  # as launch.py serves it
-        demo.launch(server_name="127.0.0.1", server_port=port, theme=THEME, css=CSS, prevent_thread_lock=True,
-                    quiet=True)
+        app = App(folder / "data")
         try:
-            rows = []
-            for period_s, n in cases:
-                backend.period_s = period_s
-                rows.append(measure(f"http://127.0.0.1:{port}/", backend, clip_files[:n], n_chunks, n_replies))
+            rows = [measure(app, clip_files[:n], n_chunks, n_replies, period_s) for period_s, n in cases]
         finally:
-            demo.close()
+            app.close()
     print_table(
         f"Streaming through the Gradio app: {n_replies} replies of {n_chunks} chunks per row; "
         "ms added between a chunk being ready and the client having it",
@@ -216,11 +272,11 @@ def main(argv: list[str] | None = None) -> None:
          "client p50 ms", "client p95 ms", "send to first chunk ms"],
         rows,
     )
-    # the issue's target is on the median added per chunk; the p95 is reported beside it
     worst_p50, worst_p95 = (max(float(row[column]) for row in rows) for column in (3, 4))
-    verdict = "met" if worst_p50 < TARGET_ADDED_S * 1000 else "missed"
-    print(f"worst median added per chunk at the socket: {worst_p50:.1f} ms "
-          f"(target < {TARGET_ADDED_S * 1000:.0f} ms: {verdict}); worst p95: {worst_p95:.1f} ms")
+    verdict = "met" if worst_p50 <= TARGET_P50_MS and worst_p95 <= TARGET_P95_MS else "missed"
+    print(f"worst median added per chunk at the socket: {worst_p50:.1f} ms, worst p95: {worst_p95:.1f} ms "
+          f"(target at most {TARGET_P50_MS:.0f} and {TARGET_P95_MS:.0f} ms, whatever the history: {verdict})")
+
 
 if __name__ == "__main__":
     main()

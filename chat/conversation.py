@@ -76,6 +76,11 @@ class Message:
         """What a person is shown of the message."""
         return self.text if self.shown is None else self.shown
 
+    @property
+    def empty(self) -> bool:
+        """A reply the model ended at once: done, with no text and no tool call."""
+        return self.role == ASSISTANT and self.status == DONE and not self.text.strip() and not self.calls
+
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")

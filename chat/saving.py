@@ -1,10 +1,14 @@
 """Save a conversation with its clips to a folder, and load it back identical."""
 
 import dataclasses
+import errno
 import io
+import itertools
 import json
 import os
+import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypedDict
 
@@ -94,13 +98,14 @@ def from_dict(data: object, load_samples) -> Conversation:
             f"This conversation was saved in format version {data.get('version')!r}; "
             f"this app reads versions {' and '.join(map(str, READABLE_VERSIONS))}. Update the app to open it."
         )
-    messages = [_message(_field(m, dict, f"message {n}"), f"message {n}", data["version"], load_samples)
+    numbers = itertools.count(1)  # each clip's N of Audio N, counted as the clips are read
+    messages = [_message(_field(m, dict, f"message {n}"), f"message {n}", data["version"], load_samples, numbers)
                 for n, m in enumerate(_field(data.get("messages"), list, "messages"), start=1)]
     return Conversation(system_prompt=_field(data.get("system_prompt"), str, "the system prompt"), messages=messages,
                         id=_field(data.get("id"), str, "the conversation id"))
 
 
-def _message(m: dict, where: str, version: int, load_samples) -> Message:
+def _message(m: dict, where: str, version: int, load_samples, numbers: Iterator[int]) -> Message:
     """One saved message, every field checked."""
     if version == 1 and m.get("role") == TOOL:  # version 1 kept the tool's name as the note
         text = m.get("text")
@@ -109,7 +114,7 @@ def _message(m: dict, where: str, version: int, load_samples) -> Message:
     role, status = _field(m.get("role"), str, f"{where}'s role"), _field(m.get("status"), str, f"{where}'s status")
     if role not in ROLES or status not in STATUSES:
         raise StoreError(f"The saved conversation is damaged: {where} has role {role!r} and status {status!r}.")
-    clips = tuple(_clip(_field(c, dict, f"a clip of {where}"), load_samples)
+    clips = tuple(_clip(_field(c, dict, f"a clip of {where}"), load_samples, next(numbers))
                   for c in _field(m.get("clips"), list, f"{where}'s clips"))
     calls = []
     for call in _field(m.get("calls", []), list, f"{where}'s calls"):
@@ -183,13 +188,26 @@ def clip_file(clips_folder: Path, clip_id: str) -> Path:
 
 
 def write_clip(clip: Clip, clips_folder: Path) -> Path:
-    """The clip's float32 wav in clips_folder, written the first time; returns its path."""
+    """The clip's float32 wav in clips_folder, written the first time; returns its path.
+
+    A failed write raises OSError (errno ENOSPC when the disk is full) and leaves no file behind.
+    """
     path = clip_file(clips_folder, clip.id)
     if not path.exists() and not clip.missing:
         # write aside, then rename: a crash or a second thread never leaves a half-written clip under its id
         partial = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.partial.wav")
-        soundfile.write(partial, clip.samples, SAMPLE_RATE, subtype="FLOAT")
-        os.replace(partial, path)
+        try:
+            soundfile.write(partial, clip.samples, SAMPLE_RATE, subtype="FLOAT")
+            os.replace(partial, path)
+        except OSError:
+            partial.unlink(missing_ok=True)
+            raise
+        except soundfile.LibsndfileError as e:
+            # libsndfile tells a full disk only as "System error.": the space left tells it, before the part goes
+            full = shutil.disk_usage(clips_folder).free < clip.samples.nbytes
+            partial.unlink(missing_ok=True)
+            code = errno.ENOSPC if full else errno.EIO
+            raise OSError(code, f"{os.strerror(code)} (libsndfile: {e})", str(path)) from e
     return path
 
 
@@ -214,9 +232,12 @@ def read_clip_bytes(data: bytes, name: str) -> np.ndarray:
         raise StoreError(f"{CLIPS_FOLDER}/{name} is damaged or too large ({e}); the save cannot be loaded.") from e
 
 
-def _clip(data: dict, load_samples) -> Clip:
+def _clip(data: dict, load_samples, number: int) -> Clip:
+    """A saved clip, every field checked; number is its N of Audio N."""
     name, clip_id = _field(data.get("name"), str, "a clip's name"), _field(data.get("id"), str, "a clip's id")
     source, note = _field(data.get("source"), str, f"{name}'s source"), _field(data.get("note"), str, f"{name}'s note")
+    # an edit's note once began with the clip's own label ("Audio 3 = Audio 1 reversed"); the label is shown apart
+    note = note.removeprefix(f"Audio {number} = ")
     if source not in SOURCES or not clip_id.isalnum():
         raise StoreError(f"The saved conversation is damaged: clip {name!r} has source {source!r} and id {clip_id!r}.")
     samples = load_samples(clip_id)

@@ -112,6 +112,11 @@ class Saved:
     title: str
     updated_at: str  # ISO 8601, UTC
 
+    @property
+    def when(self) -> str:
+        """`2025-06-01 14:03`: when it last changed, to the minute, in UTC."""
+        return datetime.datetime.fromisoformat(self.updated_at).strftime("%Y-%m-%d %H:%M")
+
 
 class Store:
     """Saves and loads the conversation of each session; one instance is shared by every thread."""
@@ -119,6 +124,7 @@ class Store:
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = Path(folder) if folder is not None else default_folder()
         self.clips_folder = self.folder / saving.CLIPS_FOLDER
+        self.downloads_folder = self.folder / DOWNLOADS_FOLDER  # each zip in a folder of its own, named at random
         self._granted: set[tuple[str, str]] = set()  # (clip id, login) pairs known to be in clip_owners
         try:
             self.clips_folder.mkdir(parents=True, exist_ok=True)
@@ -209,7 +215,7 @@ class Store:
 
         Downloads older than DOWNLOADS_KEPT_S are removed first, so they never pile up.
         """
-        downloads = self.folder / DOWNLOADS_FOLDER
+        downloads = self.downloads_folder
         now = time.time()
         for old in downloads.glob("*/*.zip"):
             if now - old.stat().st_mtime > DOWNLOADS_KEPT_S:

@@ -214,8 +214,8 @@ def new_clip(conversation: Conversation, tool_name: str, edit: Edit, n_pending: 
     duration_s = len(edit.samples) / SAMPLE_RATE
     if duration_s < MIN_CLIP_S:
         raise ValueError(f"the result would be only {duration_s:.3f} s long; clips need at least {MIN_CLIP_S:g} s.")
-    clip = Clip(edit.samples, name=f"audio{number}-{tool_name}.wav", source=EDITED, note=f"Audio {number} = {edit.how}")
+    clip = Clip(edit.samples, name=f"audio{number}-{tool_name}.wav", source=EDITED, note=edit.how)
     same = [n for n, known in enumerate(conversation.clips(), start=1) if known.id == clip.id]
     if same:
         raise ValueError(f"the result is exactly Audio {same[0]}, so no new clip was made.")
-    return ToolResult(f"{clip.note} ({clip.duration_s:.2f} s).", clip)
+    return ToolResult(f"Audio {number} = {edit.how} ({clip.duration_s:.2f} s).", clip)

@@ -24,15 +24,15 @@ import launch
 from app.cli import EXIT_INTERRUPTED, RECORDING_PROMPT, run_cli
 from app.cli_text import BANNER, help_text, model_line, tool_result
 from app.recorder import SoundDeviceRecorder
-from testkit.recorder import ArrayRecorder
 from chat import BackendError, Clip, ClipError, Conversation, GenerationSettings, saving
 from chat.audio import MAX_CLIP_S, SAMPLE_RATE
 from chat.backend import Backend
 from chat.clip import EDITED, UPLOADED
 from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, USER
 from chat.families import DEFAULT_FAMILY
-from testkit.scripted import ScriptedBackend
 from chat.store import Store
+from testkit.recorder import ArrayRecorder
+from testkit.scripted import ScriptedBackend
 from tests.conftest import tone, write_audio
 
 CTRL_C = KeyboardInterrupt  # an input line that is a Ctrl-C at the prompt
@@ -195,6 +195,15 @@ def test_ctrl_c_during_a_reply_stops_it_keeps_the_partial_reply_and_the_chat():
     code, transcript, conversation = session(["Count.", "And again?", "/quit"], backend, stdout=stdout)
     assert transcript == screen("> Count.", "one two [stopped]", "> And again?", "Again.", "> /quit")
     assert [(m.text, m.status) for m in conversation.messages[1::2]] == [("one two ", STOPPED), ("Again.", DONE)]
+
+
+def test_a_reply_the_model_ends_at_once_says_so():
+    backend = ScriptedBackend()
+    backend.enqueue([])  # the model's first token ends its turn
+    code, transcript, conversation = session(["Anything?", "/quit"], backend)
+    assert transcript == screen("> Anything?", "[The model ended its reply without text.]", "> /quit")
+    assert [(m.role, m.text, m.status) for m in conversation.messages] == [(USER, "Anything?", DONE),
+                                                                           (ASSISTANT, "", DONE)]
 
 
 def test_ctrl_c_at_the_prompt_or_end_of_input_leaves():
@@ -450,8 +459,11 @@ def test_without_a_store_list_says_how_to_keep_conversations():
 
 def test_set_shows_and_changes_the_generation_settings_with_clear_errors():
     code, transcript, conversation = session(["/set temperature 0.2", "/set top_k many", "/set warmth 1", "/set top_p 3",
-                                              "/set seed 7", "Hi", "/set seed random", "/quit"])
+                                              "/set seed -1", "/set top_k", "/set seed 7", "Hi", "/set seed",
+                                              "/set seed 3", "/set seed Random", "/quit"])
     lines = transcript.splitlines()
+    assert "error: seed must be a whole number from 0, or empty or random for a new one each time, not '-1'." in lines
+    assert "error: top_k needs a value: a whole number." in lines
     assert ("Settings: max_new_tokens 512, temperature 0.2, top_p 0.5, top_k 0, repetition_penalty 1.1, "
             "seed random.") in lines
     assert "error: top_k must be a whole number, not 'many'." in lines
@@ -459,4 +471,5 @@ def test_set_shows_and_changes_the_generation_settings_with_clear_errors():
             "repetition_penalty, seed.") in lines
     assert "error: top_p must be above 0 and at most 1." in lines
     assert conversation.messages[-1].figures.settings == GenerationSettings(temperature=0.2, seed=7)
-    assert lines[-2].endswith("seed random.")
+    assert [line.rsplit(", ", 1)[1] for line in lines if line.startswith("Settings:")][-3:] == [
+        "seed random.", "seed 3.", "seed random."]  # empty and random (any case) both mean a new seed each time

@@ -80,3 +80,18 @@ def test_a_clip_whose_audio_was_swapped_is_detected(tmp_path):
     soundfile.write(next((tmp_path / "clips").iterdir()), clip(2).samples, SAMPLE_RATE, subtype="FLOAT")
     with pytest.raises(StoreError, match="does not match its id"):
         load(tmp_path)
+
+
+def test_an_edit_saved_with_its_own_label_in_its_note_reads_without_it(tmp_path):
+    c = Conversation()
+    c.add_user("Reverse Audio 1.", [clip(1)])
+    c.add_assistant("<tool_call>...</tool_call>")
+    edit = Clip(clip(1).samples[::-1], "audio2-reverse.wav", EDITED, note="Audio 2 = Audio 1 reversed")
+    c.add_tool("reverse", "made Audio 2", (edit,))  # as chat.tools wrote an edit's note until it left the label out
+    save(c, tmp_path)
+    loaded = load(tmp_path)
+    assert [x.note for x in loaded.clips()] == ["", "Audio 1 reversed"]  # the label is shown apart, once
+    assert [x.id for x in loaded.clips()] == [x.id for x in c.clips()]
+    save(loaded, tmp_path / "again")
+    assert [x.note for x in load(tmp_path / "again").clips()] == ["", "Audio 1 reversed"]  # and a note without it stays
+

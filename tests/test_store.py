@@ -4,7 +4,9 @@ import io
 import json
 import os
 import re
+import shutil
 import sqlite3
+import subprocess
 import tempfile
 import time
 import zipfile
@@ -157,6 +159,61 @@ def test_an_unusable_data_folder_is_a_store_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(StoreError, match="Choose a writable folder"):
         Store(tmp_path / "file")
+
+
+FULL = r"Nothing was changed: the app's data folder could not be written \(the disk is full\)\. Free some space on it"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A folder on a 256 KB tmpfs, a disk that a 10-second clip fills (mounting one needs root: skipped without)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)]
+    mounted = shutil.which("mount") and subprocess.run(mount, capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here (it needs root); the simulated full disk below runs everywhere")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def store_and_clip(folder: Path) -> tuple[Store, Conversation]:
+    """A store holding a conversation, and that conversation with a 10-second clip (640 KB of float32) added."""
+    store = Store(folder)
+    conversation = Conversation()
+    conversation.add_user("Hi")
+    store.save("s" * 32, conversation)
+    conversation.add_assistant("Hello.")
+    conversation.add_user("Listen.", [Clip(tone(10.0), name="long.wav")])
+    return store, conversation
+
+
+def assert_refused_as_full(store: Store, conversation: Conversation, message: str = FULL) -> None:
+    with pytest.raises(StoreError, match=message):
+        store.save("s" * 32, conversation)
+    assert list(store.clips_folder.iterdir()) == []  # no .partial.wav left behind
+    assert [m.text for m in store.load("s" * 32).messages] == ["Hi"]  # what was stored before is as it was
+
+
+def test_a_full_disk_while_writing_a_clip_says_so_and_leaves_no_partial_file(tiny_disk):
+    assert_refused_as_full(*store_and_clip(tiny_disk))  # libsndfile says only "System error."
+
+
+@pytest.mark.parametrize(("free_bytes", "message"), [
+    (0, FULL),
+    (2**40, r"could not be written \(see the app's log\)\. Try again; if it repeats, ask whoever runs the app\."),
+])
+def test_a_clip_write_that_libsndfile_fails_says_what_to_do_and_leaves_no_partial_file(tmp_path, monkeypatch,
+                                                                                      free_bytes, message):
+    store, conversation = store_and_clip(tmp_path)
+
+    def write_part_then_fail(path, samples, *args, **kwargs):  # as libsndfile fails on a full disk
+        Path(path).write_bytes(samples[:1000].tobytes())
+        raise soundfile.LibsndfileError(2)
+
+    monkeypatch.setattr("chat.saving.soundfile.write", write_part_then_fail)
+    monkeypatch.setattr("chat.saving.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(2**41, 0, free_bytes))
+    assert_refused_as_full(store, conversation, message)
 
 
 def test_zip_round_trip_keeps_everything(tmp_path):

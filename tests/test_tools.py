@@ -90,7 +90,7 @@ def test_each_tool_makes_a_new_clip_and_changes_nothing(conversation, name, argu
     result = run_tool_call(conversation, name, arguments)
     assert result.error is None, result.text
     assert result.text == f"Audio 3 = {how} ({duration_s:.2f} s)."
-    assert (result.clip.source, result.clip.note) == (EDITED, f"Audio 3 = {how}")
+    assert (result.clip.source, result.clip.note) == (EDITED, how)
     assert len(result.clip.samples) == n(duration_s)
     assert check(result.clip.samples)
     assert unchanged(conversation)
@@ -106,7 +106,7 @@ def test_the_new_clip_becomes_the_next_audio_number(conversation):
     conversation.add_tool("reverse", first.text, (first.clip,))
     assert conversation.clip(3) is first.clip
     second = run_tool_call(conversation, "keep_range", {"audio": 3, "start_s": 0, "end_s": 1})
-    assert second.clip.note == "Audio 4 = Audio 3 cut to 0–1 s"
+    assert second.clip.note == "Audio 3 cut to 0–1 s"
     assert np.array_equal(second.clip.samples, A2[::-1][: n(1)])
 
 
@@ -162,7 +162,7 @@ def test_bad_and_malicious_calls_are_refused_with_a_clear_message(conversation, 
 
 def test_a_null_optional_argument_means_its_default(conversation):
     result = run_tool_call(conversation, "change_volume", {"audio": 1, "gain_db": -20, "start_s": None, "end_s": None})
-    assert result.clip.note == "Audio 3 = Audio 1 at -20 dB"
+    assert result.clip.note == "Audio 1 at -20 dB"
 
 
 def test_schema_comes_from_the_signature_and_docstring():

@@ -22,7 +22,7 @@ from tests.openai_server import OpenAIServer, decoded_audio
 CALL = '<tool_call>\n{"name": "delete_ranges", "arguments": {"audio": 2, "ranges": [[1.0, 1.5]]}}\n</tool_call>'
 SPLIT_CALL = ["I'll cut it. <tool", '_call>\n{"name": "delete_ranges", "argu',
               'ments": {"audio": 2, "ranges": [[1.0, 1.5]]}}\n</tool_', "call> (made-up result)"]
-NOTE = "Audio 3 = Audio 2 with 1–1.5 s removed"
+NOTE = "Audio 2 with 1–1.5 s removed"  # how Audio 3 was made
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_a_call_split_across_chunks_runs_and_the_model_continues(conversation):
     assert events[2].error == "" and events[2].message is conversation.messages[2]
     assert shape(conversation)[1:] == [
         (ASSISTANT, "I'll cut it. " + CALL),  # cut right after the call: the made-up result is dropped
-        (TOOL, f"{NOTE} (2.50 s)."),
+        (TOOL, f"Audio 3 = {NOTE} (2.50 s)."),
         (ASSISTANT, "Audio 3 is the cut clip."),
     ]
     assert [m.status for m in conversation.messages[1:]] == [DONE, DONE, DONE]
@@ -70,7 +70,7 @@ def test_a_call_split_across_chunks_runs_and_the_model_continues(conversation):
     assert np.array_equal(conversation.clip(2).samples, tone(3.0, 220.0))  # the original is untouched
     # the model saw the tools both times, and the result with its clip the second time
     assert all("<tools>" in prompt.text for prompt in backend.prompts)
-    assert f"<tool_response>\nAudio 3: <|audio_bos|><|AUDIO|><|audio_eos|>\n{NOTE}" in backend.prompts[1].text
+    assert f"<tool_response>\nAudio 3: <|audio_bos|><|AUDIO|><|audio_eos|>\nAudio 3 = {NOTE}" in backend.prompts[1].text
     assert backend.prompts[1].audio_parts[-1].clip is edited
 
 
@@ -105,7 +105,7 @@ def test_calls_past_the_limit_are_refused_and_the_turn_ends(conversation):
     assert len(backend.prompts) == 4 and len(backend.replies) == 1  # the model answered one refusal, then stopped
     assert [m.role for m in conversation.messages[1:]] == [ASSISTANT, TOOL] * 4
     notes = [clip.note for clip in conversation.clips()[2:]]
-    assert notes == ["Audio 3 = Audio 1 reversed", "Audio 4 = Audio 2 reversed"]
+    assert notes == ["Audio 1 reversed", "Audio 2 reversed"]
 
 
 def test_react_style_for_the_first_generation(conversation):
@@ -118,7 +118,7 @@ def test_react_style_for_the_first_generation(conversation):
     assert conversation.clip(3).note == NOTE
     assert "Action: the action to take" in backend.prompts[0].text
     clip_heard = "Audio 3: <audio>[[[AUDIO:modality]]]</audio>\n"  # the model hears the clip the tool made
-    assert backend.prompts[1].text.endswith(f"\nObservation: {clip_heard}{NOTE} (2.50 s).\n")
+    assert backend.prompts[1].text.endswith(f"\nObservation: {clip_heard}Audio 3 = {NOTE} (2.50 s).\n")
 
 
 def test_timestamps_in_a_reply_become_clips_of_the_last_user_clip(conversation):
@@ -131,7 +131,7 @@ def test_timestamps_in_a_reply_become_clips_of_the_last_user_clip(conversation):
     reply = conversation.messages[-2]
     assert reply.text == 'The word "what" starts at <|1.00|> and ends at <|1.50|>.' and reply.shown == shown
     assert events[2] == ToolCallStarted(SPANS_TOOL, {"spans": [[1.0, 1.5]]})
-    assert conversation.clip(3).note == "Audio 3 = Audio 2 cut to 1–1.5 s"
+    assert conversation.clip(3).note == "Audio 2 cut to 1–1.5 s"
     assert np.array_equal(conversation.clip(3).samples, tone(3.0, 220.0)[SAMPLE_RATE:SAMPLE_RATE * 3 // 2])
 
 

@@ -4,6 +4,7 @@ Plumbing that needs exact text runs the handlers with the scripted backend; the 
 by gradio_client, a second real client, against the page serving the tiny Qwen2-Audio model.
 """
 
+import asyncio
 import errno
 import functools
 import json
@@ -16,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
 from contextlib import closing
 from pathlib import Path
@@ -25,20 +27,27 @@ os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "audi
 import gradio as gr  # noqa: E402
 import httpx  # noqa: E402
 import pytest  # noqa: E402
+import soundfile  # noqa: E402
+from gradio.state_holder import SessionState  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app.render import render  # noqa: E402
-from app.web import ASSETS, INTERRUPTED_NOTE, ChatPage, attachment_names, build_demo, launch  # noqa: E402
+from app.web import (  # noqa: E402
+    ASSETS, INTERRUPTED_NOTE, ChatPage, attachment_names, build_demo, launch, with_settings)
+from chat import saving  # noqa: E402
 from chat.clip import Clip  # noqa: E402
 from chat.conversation import Conversation, Message  # noqa: E402
 from chat.edit_tools import delete_ranges  # noqa: E402
+from chat.settings import GenerationSettings  # noqa: E402
 from chat.local import GENERATION_THREAD, LocalBackend  # noqa: E402
-from testkit.scripted import ScriptedBackend  # noqa: E402
 from chat.store import Store  # noqa: E402
 from chat.tools import Tool, ToolBox  # noqa: E402
+from chat.turn import ToolCallStarted  # noqa: E402
+from testkit.scripted import ScriptedBackend  # noqa: E402
 from tests.conftest import tone, write_audio  # noqa: E402
 
-SETTINGS = ("", 512, 0.7, 0.5, 0, 1.1, "")  # system prompt and generation settings, as the page sends them
+SETTINGS = ("", GenerationSettings())  # the system prompt and the generation settings, as the handlers take them
+PANEL = dict(max_new_tokens=512, temperature=0.7, top_p=0.5, top_k=0, repetition_penalty=1.1, seed="")  # as sent
 SAMPLED = dict(max_new_tokens=60, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed="1234")
 
 
@@ -95,9 +104,9 @@ def scripted(tmp_path):
     return backend, page, session
 
 
-def send(page: ChatPage, session, text: str = "", files=(), settings=SETTINGS) -> list:
+def send(page: ChatPage, session, text: str = "", files=(), settings: GenerationSettings = SETTINGS[1]) -> list:
     """What the page does on Enter: add the message, then stream the reply; returns every render."""
-    page.add_message(session, {"text": text, "files": [str(f) for f in files]}, *settings)
+    page.add_message(session, {"text": text, "files": [str(f) for f in files]}, SETTINGS[0], settings)
     return list(page.respond(session))
 
 
@@ -115,6 +124,15 @@ def test_a_reply_streams_as_the_whole_chat_and_is_saved(scripted):
     saved = page.store.load(session.id)
     assert [(m.role, m.text, m.status) for m in saved.messages] == [
         ("user", "hi", "done"), ("assistant", "Hello there.", "done")]
+
+
+def test_a_reply_the_model_ends_at_once_says_so_with_its_figures(scripted):
+    backend, page, session = scripted
+    backend.enqueue([])  # the model's first token ends its turn
+    final = send(page, session, "Anything?")[-1]
+    assert bot_texts(final) == ["*The model ended its reply without text.*"]
+    assert figures_shown(final) == [session.conversation.messages[-1].figures.summary()]
+    assert bot_texts(page.open_session(session.id)[2]) == bot_texts(final)  # and so after a reload
 
 
 def test_text_faster_than_the_update_rate_is_batched_into_the_next_update(scripted):
@@ -173,20 +191,32 @@ def test_a_file_that_is_not_audio_is_refused_and_changes_nothing(scripted, speec
 
 
 @pytest.mark.parametrize(
-    ("settings", "message"),
+    ("changed", "message"),
     [
-        ((0, 0.7, 0.5, 0, 1.1, ""), "max_new_tokens must be between 1 and 8192"),
-        ((512, 2.5, 0.5, 0, 1.1, ""), "temperature must be between 0 and 2"),
-        ((512, None, 0.5, 0, 1.1, ""), "needs a value"),
-        ((512, 0.7, 0.5, 0, 1.1, "-1"), "seed must be a whole number from 0, or empty"),
-        ((512, 0.7, 0.5, 0, 1.1, str(2**32)), "seed must be empty or between 0 and 2\\*\\*32 - 1"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be between 1 and 8192"),
+        ({"temperature": 2.5}, "temperature must be between 0 and 2"),
+        ({"top_k": None}, "top_k needs a value: a whole number"),
+        ({"seed": "-1"}, "seed must be a whole number from 0, or empty or random for a new one each time, not '-1'"),
+        ({"seed": str(2**32)}, "seed must be empty or between 0 and 2\\*\\*32 - 1"),
     ],
 )
-def test_invalid_settings_are_named_and_nothing_is_sent(scripted, settings, message):
+def test_invalid_settings_are_named_and_nothing_is_sent(scripted, changed, message):
     _, page, session = scripted
+    add_message = with_settings(page.add_message)  # as the page's event calls it: every value by name
     with pytest.raises(gr.Error, match=message):
-        page.add_message(session, {"text": "hello", "files": []}, "", *settings)
+        add_message(session, message={"text": "hello", "files": []}, system_prompt="", **{**PANEL, **changed})
     assert session.conversation.messages == []
+
+
+def test_the_side_panel_values_reach_the_reply_as_one_generation_settings(scripted):
+    backend, page, session = scripted
+    with_settings(page.add_message)(session, message={"text": "hello", "files": []}, system_prompt="",
+                                    **{**PANEL, "seed": " Random "})
+    list(page.respond(session))
+    assert session.conversation.messages[-1].figures.settings == GenerationSettings(seed=None)
+    with_settings(page.regenerate)(session, system_prompt="", **{**PANEL, "top_k": 40, "seed": "7"})
+    list(page.respond(session))
+    assert page.store.load(session.id).messages[-1].figures.settings == GenerationSettings(top_k=40, seed=7)
 
 
 def test_a_turn_too_long_for_the_context_leaves_the_conversation_as_it_was(scripted, speech_wav):
@@ -220,6 +250,30 @@ def test_stop_keeps_the_partial_reply_marked_as_stopped(tmp_path):
     assert page.store.load(session.id).messages[-1] == reply
 
 
+def test_stop_waits_for_the_reply_to_end_and_no_longer_than_stop_wait_s(scripted, monkeypatch):
+    backend, page, session = scripted
+    backend.interval_s = 0.25
+    page.add_message(session, {"text": "Talk.", "files": []}, *SETTINGS)
+    stream = page.respond(session)
+    next(stream)  # streaming: a stop now waits for respond() to record the reply
+    monkeypatch.setattr("app.web.STOP_WAIT_S", 0.3)
+    started = time.monotonic()
+    with pytest.raises(gr.Error, match="The reply did not stop within 0 s"):  # nobody closes the stream here
+        page.stop(session)
+    assert 0.3 <= time.monotonic() - started < 5
+    monkeypatch.setattr("app.web.STOP_WAIT_S", 60.0)
+    stopped = []
+    stopping = threading.Thread(target=lambda: stopped.append(page.stop(session)))
+    stopping.start()
+    time.sleep(0.2)
+    assert stopping.is_alive()  # still waiting
+    closed_at = time.monotonic()
+    stream.close()  # what gradio does to a cancelled reply: its end wakes the stop at once
+    stopping.join(timeout=30)
+    assert stopped and time.monotonic() - closed_at < 5 and session.turn is None
+    assert session.conversation.messages[-1].status == "stopped"
+
+
 def test_a_stream_closed_by_gradio_records_the_partial_reply_at_once(scripted):
     backend, page, session = scripted
     backend.interval_s = 0.25
@@ -250,7 +304,7 @@ def test_regenerate_undo_and_clear(scripted):
 
 def test_the_system_prompt_is_sent_and_kept_with_the_conversation(scripted):
     backend, page, session = scripted
-    page.add_message(session, {"text": "hi", "files": []}, "Answer in French.", *SETTINGS[1:])
+    page.add_message(session, {"text": "hi", "files": []}, "Answer in French.", settings=SETTINGS[1])
     list(page.respond(session))
     assert backend.prompts[-1].text.startswith("<|im_start|>system\nAnswer in French.<|im_end|>")
     assert page.open_session(session.id)[3] == "Answer in French."
@@ -312,10 +366,34 @@ def test_a_tool_call_shows_as_a_step_and_its_clip_as_the_next_audio(tmp_path, sp
     assert [m.metadata for m in final if m.metadata] == [{"title": "🛠 delete_ranges", "status": "done"}]
     edited = session.conversation.clip(2)
     assert edited.source == "edited"
-    caption = f"**Audio 2** · {edited.name} · {edited.duration_s:.1f} s · Audio 1 with 0.2–0.5 s removed"
-    assert caption in all_text(final)
+    assert f"**Audio 2** · {edited.name} · {edited.duration_s:.1f} s · {edited.note}" in all_text(final)
     assert {"path": str(page.store.clip_path(edited))} in final[-2].content
     assert bot_texts(final)[-1] == "Done: Audio 2 is Audio 1 without that part."
+
+
+def test_an_edited_clip_is_captioned_with_its_label_once(tmp_path, speech_wav):
+    backend = ScriptedBackend()
+    backend.enqueue(['<tool_call>\n{"name": "delete_ranges", "arguments": {"audio": 1, "ranges": [[0.2, 0.5]]}}'
+                     '\n</tool_call>'])
+    page = ChatPage(backend, Store(tmp_path), ToolBox([Tool.from_function(delete_ranges)]))
+    _, session, *_ = page.open_session(None)
+    final = send(page, session, "Remove 0.2 to 0.5 s from Audio 1.", [speech_wav])[-1]
+    edited = session.conversation.clip(2)
+    caption = f"**Audio 2** · {edited.name} · {edited.duration_s:.1f} s · Audio 1 with 0.2–0.5 s removed"
+    assert caption in all_text(final)
+
+
+def test_an_edit_saved_with_its_label_in_its_note_shows_the_label_once(scripted, speech_wav):
+    _, page, session = scripted
+    conversation = Conversation()
+    original = Clip.from_file(speech_wav)
+    conversation.add_user("Reverse Audio 1.", [original])
+    conversation.add_assistant("<tool_call>...</tool_call>")
+    edit = Clip(original.samples[::-1], "audio2-reverse.wav", "edited", note="Audio 2 = Audio 1 reversed")
+    conversation.add_tool("reverse", "Audio 2 = Audio 1 reversed (2.0 s).", (edit,))  # as saved before
+    page.store.save(session.id, conversation)
+    chat = page.open_session(session.id)[2]
+    assert f"**Audio 2** · audio2-reverse.wav · {edit.duration_s:.1f} s · Audio 1 reversed" in all_text(chat)
 
 
 def test_a_failed_tool_call_stays_open_with_its_error(tmp_path, speech_wav):
@@ -324,7 +402,9 @@ def test_a_failed_tool_call_stays_open_with_its_error(tmp_path, speech_wav):
     backend.enqueue(["Sorry, there is no Audio 7."])
     page = ChatPage(backend, Store(tmp_path), ToolBox())
     _, session, *_ = page.open_session(None)
-    final = send(page, session, "Cut Audio 7.", [speech_wav])[-1]
+    renders = send(page, session, "Cut Audio 7.", [speech_wav])
+    final = renders[-1]
+    assert not any("without text" in all_text(r) for r in renders)  # a reply that only called a tool: only its step
     step = next(m for m in final if m.metadata)
     assert step.metadata == {"title": "🛠 delete_ranges failed"}  # no status: the step shows open
     assert step.content.startswith("Error: ") and "Audio 7" in step.content
@@ -352,7 +432,7 @@ def test_an_api_client_chats_with_streamed_replies_about_numbered_clips(served, 
     client = Client(url, verbose=False)
     session_id = client.predict(None, api_name="/open_session")[0]
     files = [handle_file(str(speech_wav)), handle_file(str(audio_files["wav"]))]
-    chat, *_ = client.predict({"text": "What is in Audio 2?", "files": files}, "", *SAMPLED.values(),
+    chat, *_ = client.predict({"text": "What is in Audio 2?", "files": files}, "", **SAMPLED,
                               api_name="/add_message")
     assert "**Audio 2** · tone.wav · 2.0 s" in all_text(chat)
     partials = [bot_texts(update)[-1] for update in client.submit(api_name="/respond") if bot_texts(update)]
@@ -361,6 +441,7 @@ def test_an_api_client_chats_with_streamed_replies_about_numbered_clips(served, 
     assert [m.role for m in saved.messages] == ["user", "assistant"]
     assert saved.messages[1].text.strip() == partials[-1] and saved.messages[1].status == "done"  # shown stripped
     assert len(saved.clips()) == 2 and saved.messages[0].text == "What is in Audio 2?"
+    assert saved.messages[1].figures.settings == GenerationSettings(**{**SAMPLED, "seed": 1234})  # each by its name
     # the same session from a second client (another tab, or the page after a restart) shows the same chat
     again = Client(url, verbose=False).predict(session_id, api_name="/open_session")[1]
     reply = f"{partials[-1]}\n\n<sub>{saved.messages[1].figures.summary()}</sub>"
@@ -371,7 +452,7 @@ def test_an_api_client_can_stop_a_reply(served):
     url, store = served
     client = Client(url, verbose=False)
     session_id = client.predict(None, api_name="/open_session")[0]
-    client.predict({"text": "Talk for a long time.", "files": []}, "", *{**SAMPLED, "max_new_tokens": 8192}.values(),
+    client.predict({"text": "Talk for a long time.", "files": []}, "", **{**SAMPLED, "max_new_tokens": 8192},
                    api_name="/add_message")
     job = client.submit(api_name="/respond")
     while len(job.outputs()) < 3:
@@ -437,7 +518,7 @@ def test_another_login_with_the_same_session_id_cannot_open_the_conversation(tmp
     try:
         ann = Client(demo.local_url, auth=("ann", "secret"), verbose=False)
         session_id = ann.predict(None, api_name="/open_session")[0]
-        ann.predict({"text": "My private question", "files": []}, "", *SAMPLED.values(), api_name="/add_message")
+        ann.predict({"text": "My private question", "files": []}, "", **SAMPLED, api_name="/add_message")
         ann.predict(api_name="/respond")
         bob = Client(demo.local_url, auth=("bob", "hunter2"), verbose=False)
         assert bob.predict(session_id, api_name="/open_session")[1] == []  # a new, empty conversation for bob
@@ -463,7 +544,7 @@ def test_a_clip_file_is_served_only_to_the_logins_shown_it(tmp_path, speech_wav)
         ann_api = Client(demo.local_url, auth=("ann", "secret"), verbose=False)
         ann_api.predict(None, api_name="/open_session")
         chat = ann_api.predict({"text": "What is said?", "files": [handle_file(str(speech_wav))]}, "",
-                               *SAMPLED.values(), api_name="/add_message")[0]
+                               **SAMPLED, api_name="/add_message")[0]
         shown = next(part["file"] for message in chat for part in message["content"] if "file" in part)
         clip_file = store.clips_folder / Path(shown).name  # the client downloaded it from there, as ann
         assert Path(shown).read_bytes() == clip_file.read_bytes()
@@ -480,6 +561,50 @@ def test_a_clip_file_is_served_only_to_the_logins_shown_it(tmp_path, speech_wav)
                 assert refused.json() == {"detail": f"File not allowed: {path.split('file=', 1)[1]}."}
             assert bob.get("/gradio_api/file=" + str(ASSETS / "knock.wav")).status_code == 200  # the examples: all
         assert httpx.get(demo.local_url + url[1:], timeout=60).status_code in (401, 403)  # no login, no file
+    finally:
+        demo.close()
+
+
+@pytest.fixture
+def data_elsewhere():
+    """A data folder outside both the working directory and the temp folder, where --data-dir may put it: gradio
+    serves files from neither place unless the app lets it. Removed after the test."""
+    folder = Path.home() / f"audio-chat-test-{uuid.uuid4().hex[:12]}"
+    if any(folder.is_relative_to(Path(p).resolve()) for p in (os.getcwd(), tempfile.gettempdir())):
+        pytest.skip(f"the home folder {Path.home()} is inside the working directory or the temp folder")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_attachments_downloads_and_imports_are_served_from_a_data_folder_anywhere(data_elsewhere, speech_wav):
+    store = Store(data_elsewhere)
+    demo = build_demo(ScriptedBackend(), store)
+    launch(demo, store, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+           auth=[("ann", "secret")])
+    try:
+        ann = Client(demo.local_url, auth=("ann", "secret"), verbose=False)
+        ann.predict(None, api_name="/open_session")
+        chat = ann.predict({"text": "What is said?", "files": [handle_file(str(speech_wav))]}, "", **SAMPLED,
+                           api_name="/add_message")[0]
+        ann.predict(api_name="/respond")
+        (shown,) = [part["file"] for message in chat for part in message["content"] if "file" in part]
+        (clip,) = store.clips_folder.iterdir()
+        assert Path(shown).read_bytes() == clip.read_bytes()  # the attachment, fetched from the page
+
+        download = Path(ann.predict(api_name="/download")["value"])  # an update that also shows the file
+        with zipfile.ZipFile(download) as archive:
+            assert sorted(archive.namelist()) == ["clips/" + clip.name, "conversation.json"]
+            samples = saving.read_clip_bytes(archive.read("clips/" + clip.name), clip.name)
+            assert Clip(samples, clip.name).id == clip.stem  # the same audio (the wav headers hold a time stamp)
+
+        again = Client(demo.local_url, auth=("ann", "secret"), verbose=False)
+        session_id = again.predict(None, api_name="/open_session")[0]
+        opened = again.predict(handle_file(str(download)), api_name="/upload")[0]
+        assert bot_texts(opened) == ["This is a scripted reply."] and "What is said?" in all_text(opened)
+        (reopened,) = [part["file"] for message in opened for part in message["content"] if "file" in part]
+        assert Path(reopened).read_bytes() == clip.read_bytes()
+        saved = store.load(session_id, "ann")
+        assert [m.text for m in saved.messages] == ["What is said?", "This is a scripted reply."]
     finally:
         demo.close()
 
@@ -518,7 +643,7 @@ def test_a_reply_is_saved_as_it_streams_and_reads_as_interrupted_if_the_app_dies
     assert (final.status, final.note, final.text) == ("done", "", "".join(f"w{i} " for i in range(12)))
 
 
-@pytest.mark.parametrize("failure", ["clip file", "database"])
+@pytest.mark.parametrize("failure", ["clip file", "clip file in libsndfile", "database"])
 def test_a_full_disk_changes_nothing_and_says_so(scripted, speech_wav, monkeypatch, failure):
     backend, page, session = scripted
     send(page, session, "First question.")
@@ -527,6 +652,11 @@ def test_a_full_disk_changes_nothing_and_says_so(scripted, speech_wav, monkeypat
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr("chat.saving.soundfile.write", full)
+    elif failure == "clip file in libsndfile":  # what it raises on a full disk (tests/test_store.py writes to one)
+        def full(*args, **kwargs):
+            raise soundfile.LibsndfileError(2)
+        monkeypatch.setattr("chat.saving.soundfile.write", full)
+        monkeypatch.setattr("chat.saving.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0))
     else:
         monkeypatch.setattr(page.store, "_connect", lambda: (_ for _ in ()).throw(
             sqlite3.OperationalError("database or disk is full")))
@@ -592,3 +722,35 @@ def test_the_chat_renders_while_a_reply_adds_a_clip_to_the_conversation(speech_w
     chat = render(conversation, lambda clip: Path(f"/clips/{clip.id}.wav"), ScriptedBackend().family)
     assert "**Audio 1** · question.wav" in all_text(chat) and "I will cut it." in all_text(chat)
     assert len(conversation.messages) == 3  # added meanwhile: shown at the next update
+
+
+def test_each_update_sends_what_gradio_would_and_processes_only_what_changed(tmp_path, speech_wav):
+    backend = ScriptedBackend()
+    backend.enqueue(['<tool_call>\n{"name": "delete_ranges", "arguments": {"audio": 1, "ranges": [[0.2, 0.5]]}}'
+                     '\n</tool_call>'])
+    backend.enqueue(["Cut: Audio 2."])
+    backend.enqueue([])  # a reply without text
+    store = Store(tmp_path / "data")
+    demo = build_demo(backend, store, tools=True)
+    respond = next(fn for fn in demo.fns.values() if fn.api_name == "respond")
+    page = respond.fn.__self__
+    _, session, *_ = page.open_session(None)
+    send(page, session, "Cut 0.2 to 0.5 s out of Audio 1.", [speech_wav])
+    send(page, session, "Anything else?", [write_audio(tmp_path / "tone.flac", tone(1.0))])
+    store.clip_path(session.conversation.clips()[2]).unlink()
+    _, session, *_ = page.open_session(session.id)  # Audio 3's file is gone: shown as missing
+    running = ToolCallStarted("reverse", {"audio": 2})
+    state = SessionState(demo)
+    sent = asyncio.run(demo.postprocess_data(respond, session.view.show(session.conversation, "So far", running),
+                                             state))
+    shown = render(session.conversation, functools.partial(store.clip_path, owner=""), backend.family, "So far",
+                   running)
+    assert sent == asyncio.run(gr.Blocks.postprocess_data(demo, respond, shown, state))  # gradio's own processing
+    assert len(sent[0]) == 8 and sum(1 for message in sent[0] for part in message["content"] if "file" in part) == 2
+
+    processed = []
+    process = session.view.process
+    session.view.process = lambda messages: processed.append(messages) or process(messages)
+    session.view.show(session.conversation, "So far, and more")
+    assert [[m.content for m in messages] for messages in processed] == [["So far, and more"]]  # the new text only
+

@@ -271,8 +271,8 @@ def n(seconds: float) -> int:
 
 def test_timestamp_spans_become_clips_of_the_last_user_clip(two_clips):
     text, clips, failed = span_clips(two_clips, [(0.5, 1.0), (0.5, 1.0), (2.0, 2.5), (2.9, 3.5)])
-    assert failed and [clip.note for clip in clips] == ["Audio 3 = Audio 2 cut to 0.5–1 s",
-                                                        "Audio 4 = Audio 2 cut to 2–2.5 s"]
+    assert failed and [clip.note for clip in clips] == ["Audio 2 cut to 0.5–1 s",
+                                                        "Audio 2 cut to 2–2.5 s"]
     assert np.array_equal(clips[1].samples, SPANS_A2[n(2.0):n(2.5)])
     assert "Error: 2.9–3.5 s: end_s 3.5 s is past the end of the clip" in text
     assert len(two_clips.messages) == 1 and len(two_clips.clips()) == 2  # nothing added yet
@@ -280,8 +280,8 @@ def test_timestamp_spans_become_clips_of_the_last_user_clip(two_clips):
 
 def test_timestamp_spans_of_identical_audio_make_one_clip_referred_to_twice(two_clips):
     text, clips, failed = span_clips(two_clips, [(0.0, 0.25), (0.25, 0.5), (0.5, 1.0)])  # Audio 2 starts silent
-    assert not failed and [clip.note for clip in clips] == ["Audio 3 = Audio 2 cut to 0–0.25 s",
-                                                            "Audio 4 = Audio 2 cut to 0.5–1 s"]
+    assert not failed and [clip.note for clip in clips] == ["Audio 2 cut to 0–0.25 s",
+                                                            "Audio 2 cut to 0.5–1 s"]
     assert "0.25–0.5 s of " in text and "is the same audio as Audio 3." in text
     two_clips.add_assistant("<|0.00|><|0.25|> and <|0.25|><|0.50|>")
     two_clips.add_tool("timestamp_spans", text, tuple(clips))  # every clip is new to the conversation
@@ -292,7 +292,7 @@ def test_timestamp_spans_cut_the_one_clip_the_question_names(two_clips):
     two_clips.add_assistant("Two clips.")
     two_clips.add_user("When is the first word said in Audio 1?")
     _, clips, failed = span_clips(two_clips, [(0.5, 1.0)])
-    assert not failed and clips[0].note == "Audio 3 = Audio 1 cut to 0.5–1 s"
+    assert not failed and clips[0].note == "Audio 1 cut to 0.5–1 s"
     assert np.array_equal(clips[0].samples, SPANS_A1[n(0.5):n(1.0)])
 
 
@@ -427,13 +427,13 @@ def test_the_terminal_names_the_model_and_shows_timestamps_readably(speech_wav):
     assert lines[0] == "Model: scripted (Qwen-Audio-Chat)"
     assert "It is said at 0.30 s – 0.60 s." in lines
     assert "[tool] timestamp_spans(spans=[[0.3, 0.6]]) → Audio 2 (0.3 s)" in lines
-    assert conversation.clip(2).note == "Audio 2 = Audio 1 cut to 0.3–0.6 s"
+    assert conversation.clip(2).note == "Audio 1 cut to 0.3–0.6 s"
 
 
 def test_the_page_streams_a_reply_from_the_real_tiny_model(tmp_path, backend):
     from app.web import ChatPage
     from chat.store import Store
-    from tests.test_web import SETTINGS, bot_texts, send
+    from tests.test_web import bot_texts, send
 
     page = ChatPage(backend, Store(tmp_path), None)
     _, session, *_ = page.open_session(None)
@@ -442,8 +442,8 @@ def test_the_page_streams_a_reply_from_the_real_tiny_model(tmp_path, backend):
     import soundfile
 
     soundfile.write(path, chirp.samples, SAMPLE_RATE, subtype="PCM_16")
-    greedy = ("12", "0", "1", "0", "1.0", "")  # max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed
-    renders = send(page, session, "What do you hear?", [path], settings=(SETTINGS[0], *greedy))
+    greedy = GenerationSettings(max_new_tokens=12, temperature=0, top_p=1, top_k=0, repetition_penalty=1.0)
+    renders = send(page, session, "What do you hear?", [path], settings=greedy)
     expected = backend.tokenizer.decode(PARITY["cases"]["one_clip"]["greedy_ids"], skip_special_tokens=True)
     assert bot_texts(renders[-1]) == [format_timestamps(expected).strip()]
 

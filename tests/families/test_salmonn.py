@@ -282,17 +282,15 @@ def wav_file(folder: Path, clip_: Clip) -> Path:
 def test_a_two_turn_two_clip_conversation_on_the_page(tmp_path, backend):
     from app.web import ChatPage
     from chat.store import Store
-    from tests.test_web import SETTINGS, all_text, bot_texts, send
+    from tests.test_web import all_text, bot_texts, send
 
     page = ChatPage(backend, Store(tmp_path), None)
     _, session, *_ = page.open_session(None)
-    greedy = ("12", "0", "1", "0", "1.0", "")  # max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed
-    first = send(page, session, CASES["short"][3], [wav_file(tmp_path, case_clip("short"))],
-                 settings=(SETTINGS[0], *greedy))
+    greedy = GenerationSettings(max_new_tokens=12, temperature=0, top_p=1, top_k=0, repetition_penalty=1.0)
+    first = send(page, session, CASES["short"][3], [wav_file(tmp_path, case_clip("short"))], settings=greedy)
     expected = backend.tokenizer.decode(PARITY["short"]["greedy_tokens"][1:], skip_special_tokens=True)
     assert bot_texts(first[-1]) == [expected.strip()]
-    second = send(page, session, "Compare them.", [wav_file(tmp_path, case_clip("under_1_s"))],
-                  settings=(SETTINGS[0], *greedy))
+    second = send(page, session, "Compare them.", [wav_file(tmp_path, case_clip("under_1_s"))], settings=greedy)
     assert len(bot_texts(second[-1])) == 2 and bot_texts(second[-1])[1]
     assert "**Audio 2** · under_1_s.wav · 0.6 s" in all_text(second[-1])
     assert [m.role for m in page.store.load(session.id).messages] == ["user", "assistant", "user", "assistant"]

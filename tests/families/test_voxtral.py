@@ -118,7 +118,7 @@ def test_a_tool_chain_in_the_models_own_format_runs_and_its_results_go_back_as_t
     assert all(e.error == "" for e in events if isinstance(e, ToolCallFinished))
     assert [m.role for m in conversation.messages] == ["user", ASSISTANT, TOOL, ASSISTANT, TOOL, ASSISTANT]
     assert conversation.messages[-1].text == "Done: Audio 2 has that word cut out."
-    assert conversation.clip(2).note == "Audio 2 = Audio 1 with 0.5–1 s removed"
+    assert conversation.clip(2).note == "Audio 1 with 0.5–1 s removed"
     # each step saw the tools listed by the tokenizer, not in the system prompt, and the results as tool messages
     assert all(prompt.tools and "delete_ranges" not in prompt.system for prompt in scripted.prompts)
     last = scripted.prompts[-1]

@@ -143,11 +143,11 @@ class Terminal:
         worker = threading.Thread(target=pump, args=(turn, events), daemon=True)
         try:
             worker.start()
-            self.show(worker, events)
+            self.show(events)
         except KeyboardInterrupt:
             try:  # a second Ctrl-C, even one right after the cancel, leaves
                 turn.cancel()
-                self.show(worker, events)  # what was generated before the model noticed
+                self.show(events)  # what was generated before the model noticed
             except KeyboardInterrupt:
                 self.say("[left before the reply had stopped]")
                 raise Leave(EXIT_INTERRUPTED) from None
@@ -162,9 +162,9 @@ class Terminal:
         if self.show_figures and message is not None and message.figures is not None:
             self.say(f"[{message.figures.summary()}]")
 
-    def show(self, worker: threading.Thread, events: queue.Queue) -> None:
+    def show(self, events: queue.Queue) -> None:
         """Print the worker's events until it ends; raise the error the turn ended with, if any."""
-        for event in (event for batch in drain(worker, events) for event in batch):
+        for event in (event for batch in drain(events) for event in batch):
             if isinstance(event, TextChunk):
                 self.write(event.text)
             elif isinstance(event, ToolCallStarted):

@@ -13,7 +13,7 @@ from chat.settings import GenerationSettings
 from chat.toolcalls import ToolCall, get_parser
 from chat.tools import ToolBox, ToolResult, run_tool_call, tool_system_prompt
 
-POLL_S = 0.02  # how often a waiting reader checks whether the worker has ended
+END = object()  # what pump() puts on its queue after a turn's last event
 DEFAULT_MAX_TOOL_CALLS = 4  # per turn, like llm's chain_limit: a looping model cannot edit forever
 
 
@@ -161,32 +161,34 @@ class Turn:
 
 
 def pump(turn: Turn, events: queue.Queue) -> None:
-    """Put the turn's events on a queue (meant for a worker thread), then the error it ended with, if any."""
+    """Put the turn's events on a queue (meant for a worker thread), then the error it ended with, if any, then END."""
     try:
         for event in turn:
             events.put(event)
     except Exception as e:  # the turn has already recorded the failed reply; the reader shows the error
         events.put(e)
+    finally:
+        events.put(END)
 
 
-def drain(worker: threading.Thread, events: queue.Queue) -> Iterator[list[Event]]:
-    """Yield what pump() has put on the queue, all that arrived at each step, until its worker ends.
+def drain(events: queue.Queue) -> Iterator[list[Event]]:
+    """Yield what pump() puts on the queue, all that arrived at each step, until it puts END.
 
     The error the turn ended with is re-raised after the events before it. Leaving early takes
     nothing off the queue that was not yielded, so a caller may drain it again.
     """
-    while worker.is_alive() or not events.empty():
-        try:
-            batch = [events.get(timeout=POLL_S)]
-        except queue.Empty:
-            continue
+    while True:
+        batch = [events.get()]  # waits for the next event; a terminal's Ctrl-C (SIGINT) interrupts the wait
         while not events.empty():
             batch.append(events.get_nowait())
+        arrived = [e for e in batch if e is not END and not isinstance(e, Exception)]
+        if arrived:
+            yield arrived
         errors = [e for e in batch if isinstance(e, Exception)]
-        if len(errors) < len(batch):
-            yield [e for e in batch if not isinstance(e, Exception)]
         if errors:
             raise errors[0]
+        if batch[-1] is END:
+            return
 
 
 def in_batches(turn: Turn) -> Iterator[list[Event]]:
@@ -200,7 +202,7 @@ def in_batches(turn: Turn) -> Iterator[list[Event]]:
     worker = threading.Thread(target=pump, args=(turn, events), name="turn", daemon=True)
     worker.start()
     try:
-        yield from drain(worker, events)
+        yield from drain(events)
     finally:
         turn.cancel()
         worker.join()

@@ -4,7 +4,6 @@ Replies come from ScriptedBackend (exact, deterministic text) and recordings fro
 end-to-end test at the bottom runs the real program in a pseudo-terminal against the tiny real model.
 """
 
-import _thread
 import io
 import json
 import os
@@ -236,6 +235,11 @@ def ctrl_c_raises() -> Iterator[None]:
     signal.signal(signal.SIGINT, previous)
 
 
+def press_ctrl_c() -> None:
+    """Ctrl-C as a terminal sends it: SIGINT, which reaches the main thread even while it waits on a lock."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
 def ctrl_c_as_on_a_terminal() -> None:
     """For a child process: SIGINT as a terminal's program gets it, whatever this process was started with."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -246,11 +250,11 @@ def test_a_second_ctrl_c_leaves_while_the_reply_cannot_stop_yet(ctrl_c_raises):
 
     def press_ctrl_c_twice():
         backend.started.wait(60)
-        _thread.interrupt_main()
+        press_ctrl_c()
         # the second press once the first has been handled: two presses before the busy main thread runs
         # again would reach it as one
         backend.cancel.wait(60)
-        _thread.interrupt_main()
+        press_ctrl_c()
 
     presser = threading.Thread(target=press_ctrl_c_twice)
     presser.start()

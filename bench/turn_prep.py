@@ -92,7 +92,8 @@ def history(backend: LocalBackend, paths: list[Path]) -> tuple[Conversation, Key
     conversation.undo()
     conversation.add_user(QUESTION, [Clip.from_file(paths[-1])])
     "".join(Response(backend, conversation, ONE_TOKEN))
-    return conversation, backend.last_reply
+    last_reply, backend.last_reply = backend.last_reply, None  # the next conversation's first reply must not cut it
+    return conversation, last_reply
 
 
 def check_same_inputs(ours: dict[str, torch.Tensor], official: dict[str, torch.Tensor]) -> None:

@@ -188,6 +188,8 @@ def resample(samples: np.ndarray, sample_rate: int) -> np.ndarray:
 
 def split_windows(samples: np.ndarray, window_samples: int) -> list[np.ndarray]:
     """Split into the fewest consecutive, equally long parts that each fit one encoder window."""
+    if len(samples) <= window_samples:
+        return [samples]  # the usual clip: no split, so no array_split per clip of the history on every turn
     return np.array_split(samples, n_windows(len(samples), window_samples))
 
 

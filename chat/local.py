@@ -224,7 +224,7 @@ def reusable_prefix(
     """How many of ids the last reply's cache holds: the common prefix of equal token ids and, since every clip's
     audio tokens share one id, the same clip parts behind them. The cut never falls inside a clip's audio tokens
     and leaves at least one token to compute."""
-    cached = last_reply.token_ids.to(ids.device)
+    cached = last_reply.token_ids[: last_reply.cache.get_seq_length()].to(ids.device)  # what the cache still holds
     n = min(len(cached), len(ids) - 1)
     differs = (cached[:n] != ids[:n]).nonzero()
     n = int(differs[0]) if len(differs) else n

@@ -178,7 +178,7 @@ class PromptRenderer:
 
     def _prompt(self, system: str, messages: tuple[Message, ...], numbers: dict[str, int], n_dropped: int,
                 tools: tuple[dict, ...]) -> Prompt:
-        system, messages = self.defuse(system), tuple(replace(m, text=self.defuse(m.text)) for m in messages)
+        system, messages = self.defuse(system), tuple(self._defused(message) for message in messages)
         parts = {clip.id: self.parts(clip, numbers[clip.id]) for message in messages for clip in message.clips}
         system = system or self.family.system_prompt
         segments = Segments()
@@ -197,6 +197,11 @@ class PromptRenderer:
               tools: tuple[dict, ...]) -> None:
         """Write the prompt, ending where the assistant's reply begins; parts maps clip ids to their parts."""
         raise NotImplementedError
+
+    def _defused(self, message: Message) -> Message:
+        """The message with its text defused; the same message when there was nothing to break up."""
+        text = self.defuse(message.text)
+        return message if text == message.text else replace(message, text=text)
 
     def defuse(self, text: str) -> str:
         """Text with any control token a person typed (`<|im_end|>`, `<|AUDIO|>`, ...) broken up, so it stays text.

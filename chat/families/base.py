@@ -71,12 +71,14 @@ class LocalModel:
         """The prompt's token ids: each text encoded on its own, each control token's id, each part's audio tokens."""
         texts = [segment.text for segment in prompt.segments if isinstance(segment, Text)]
         encoded = iter(self._encode_remembered(texts))
+        controls = {segment.token for segment in prompt.segments if isinstance(segment, Control)}
+        control_ids = {token: self.control_id(token) for token in controls}
         ids: list[int] = []
         for segment in prompt.segments:
             if isinstance(segment, Text):
                 ids += next(encoded)
             elif isinstance(segment, Control):
-                ids.append(self.control_id(segment.token))
+                ids.append(control_ids[segment.token])
             else:
                 ids += [self.audio_token_id] * segment.part.n_audio_tokens
         return ids

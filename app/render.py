@@ -52,11 +52,11 @@ def numbered(conversation: Conversation) -> list[tuple[Message, int]]:
 
     One snapshot: while a reply streams, its worker thread adds tool messages (and their clips) to the conversation.
     """
-    numbered, number = [], 1
+    pairs, number = [], 1
     for message in list(conversation.messages):
-        numbered.append((message, number))
+        pairs.append((message, number))
         number += len(message.clips)
-    return numbered
+    return pairs
 
 
 def render_message(message: Message, first_number: int, clip_path: ClipPath, family: Family) -> list[gr.ChatMessage]:

@@ -78,9 +78,21 @@ class Session:
     conversation: Conversation
     user: str = ""  # the login that owns it; empty without logins
     view: ChatView | None = None  # the chat as the browser gets it; None: the gr.ChatMessage list (no page)
-    turn: Turn | None = None
+    reply: "Reply | None" = None  # the reply asked for, until it has ended
+
+    @property
+    def turn(self) -> Turn | None:
+        """The turn of the reply asked for, if any."""
+        return self.reply.turn if self.reply is not None else None
+
+
+@dataclass
+class Reply:
+    """A reply asked for on the page: its turn, whether respond() streams it yet, and when it is recorded."""
+
+    turn: Turn
     streaming: bool = False  # respond() is iterating turn (else it is still queued, or never will be)
-    ended: threading.Event = field(default_factory=threading.Event)  # set once turn's reply is recorded and saved
+    ended: threading.Event = field(default_factory=threading.Event)  # set once the reply is recorded and saved
 
 
 def handler(fn: Callable) -> Callable:
@@ -179,14 +191,14 @@ class ChatPage:
 
     def respond(self, session: Session | None) -> Iterator[list]:
         """Stream the reply asked for, the whole chat at every update (each message processed once: ChatView)."""
-        turn = session.turn if session is not None else None
-        if turn is None:  # stopped while it waited in the queue
+        reply = session.reply if session is not None else None
+        if reply is None:  # stopped while it waited in the queue
             return
-        session.streaming, ended = True, session.ended
+        turn, reply.streaming = reply.turn, True
         batches, streaming, running = in_batches(turn), "", None
-        self._save_as_interrupted(session, turn, streaming)
-        saved_at = time.monotonic()
         try:
+            self._save_as_interrupted(session, turn, streaming)
+            saved_at = time.monotonic()
             for batch in batches:
                 for event in batch:
                     if isinstance(event, TextChunk):
@@ -203,10 +215,13 @@ class ChatPage:
         except ChatError:
             pass  # the reply is on the conversation as failed, with the error as its note; finish() shows it
         finally:
-            batches.close()  # when gradio closes us mid-reply (Stop), this stops the turn and records the partial reply
-            self.store.save(session.id, session.conversation, session.user)
-            session.turn, session.streaming = None, False
-            ended.set()
+            try:
+                batches.close()  # when gradio closes us mid-reply (Stop), this stops the turn and records the reply
+                self.store.save(session.id, session.conversation, session.user)
+            finally:  # even when saving failed (a full disk): the session must not wait for this reply again
+                if session.reply is reply:
+                    session.reply = None
+                reply.ended.set()
 
     @handler
     def finish(self, session: Session):
@@ -314,7 +329,7 @@ class ChatPage:
             # the prompt is rendered here: a turn too long for the context fails before any model work
             turn = Turn(self.backend, conversation, settings, tools=self.tools)
             self.store.save(session.id, conversation, session.user)  # a full disk refuses the step here
-        session.ended, session.turn = threading.Event(), turn  # ended first: a stop that sees turn waits on its own
+        session.reply = Reply(turn)
         return self._render(session), *self._inputs(session, busy=True)
 
     def _refuse(self, session: Session, text: str, kept: list[str], reasons: list[str]):
@@ -340,14 +355,15 @@ class ChatPage:
 
     def _stop(self, session: Session) -> None:
         """Cancel the reply being written, if any, and wait until it is recorded on the conversation."""
-        turn = session.turn
-        if turn is None:
+        reply = session.reply
+        if reply is None:
             return
-        turn.cancel()
-        if not session.streaming:  # still queued: respond() will find no turn and return
-            session.turn = None
+        reply.turn.cancel()
+        if not reply.streaming:  # still queued: respond() will find no reply and return
+            if session.reply is reply:
+                session.reply = None
             return
-        if not session.ended.wait(STOP_WAIT_S):
+        if not reply.ended.wait(STOP_WAIT_S):
             raise BackendError(f"The reply did not stop within {STOP_WAIT_S:.0f} s. Wait a moment and try again.")
 
     def _opened(self, session: Session) -> tuple:

@@ -99,8 +99,13 @@ class LocalBackend(Backend):
         as past_key_values, and only the parts after the cut are encoded: a turn costs the same however
         many clips the history holds. Each part's features are computed once and cached.
         """
+        return self._inputs(prompt, self.loaded.token_ids(prompt), last_reply)
+
+    def _inputs(self, prompt: Prompt, token_ids: list[int],
+                last_reply: KeyValueCache | None) -> dict[str, torch.Tensor]:
+        """prepare() of the prompt's token_ids."""
         # (n_tokens,); through numpy, which reads a long list of ints several times faster than torch.tensor
-        ids = torch.from_numpy(np.array(self.loaded.token_ids(prompt), dtype=np.int64))
+        ids = torch.from_numpy(np.array(token_ids, dtype=np.int64))
         runs = audio_runs(ids, self.loaded.audio_token_id)
         if [end - start for start, end in runs] != [part.n_audio_tokens for part in prompt.audio_parts]:
             raise BackendError(
@@ -126,13 +131,19 @@ class LocalBackend(Backend):
         self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event
     ) -> Iterator[str]:
         """Stream the reply from a worker thread that stops within one token of cancel or of the caller leaving."""
-        n_prompt = stats.n_prompt_tokens = self.count_prompt_tokens(prompt)
+        token_ids = self.loaded.token_ids(prompt)
+        n_prompt = stats.n_prompt_tokens = len(token_ids)
         with self._cache_lock:
             last_reply, self.last_reply = self.last_reply, None
         position_encoding = self.loaded.position_encoding(n_prompt)
         if last_reply is not None and last_reply.position_encoding != position_encoding:
             last_reply = None
-        inputs = self.prepare(prompt, last_reply)
+        try:
+            inputs = self._inputs(prompt, token_ids, last_reply)
+        except Exception:
+            with self._cache_lock:  # a turn that fails before generating leaves the cache to the next one
+                self.last_reply = self.last_reply or last_reply
+            raise
         if "past_key_values" in inputs:
             stats.n_reused_prompt_tokens = inputs["past_key_values"].get_seq_length()
         part_keys = [(part.clip.id, part.index) for part in prompt.audio_parts]

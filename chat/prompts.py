@@ -157,7 +157,8 @@ class PromptRenderer:
     ) -> Prompt:
         """Render the conversation for a reply, dropping the oldest turns while it exceeds max_tokens.
 
-        count_tokens gives a prompt's exact length in tokens; without one it is estimated from its text.
+        count_tokens gives a prompt's length in tokens (the backend's count: exact where it holds the tokenizer);
+        without one it is estimated from its text.
         tools are specs for a family that writes them in its own template (a native tool style, chat.toolcalls);
         others get their tools in the system prompt. The current turn is never dropped: if it alone does not fit,
         PromptTooLongError says by how much.

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields, replace
 
 from chat.errors import SettingsError
 
-RANDOM_SEED = ("", "random")  # a seed given as one of these (any case) is a new random one for each reply
+RANDOM_SEED = ("", "random", "none")  # a seed given as one of these (any case) is a new random one for each reply
 SEED_KIND = "a whole number from 0, or empty or random for a new one each time"
 
 

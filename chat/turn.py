@@ -174,20 +174,22 @@ def pump(turn: Turn, events: queue.Queue) -> None:
 def drain(events: queue.Queue) -> Iterator[list[Event]]:
     """Yield what pump() puts on the queue, all that arrived at each step, until it puts END.
 
-    The error the turn ended with is re-raised after the events before it. Leaving early takes
-    nothing off the queue that was not yielded, so a caller may drain it again.
+    The error the turn ended with is raised after the events before it. The error and END are put back
+    each time they are taken, so a caller that leaves early (a terminal's Ctrl-C) may drain the queue again.
     """
     while True:
         batch = [events.get()]  # waits for the next event; a terminal's Ctrl-C (SIGINT) interrupts the wait
         while not events.empty():
             batch.append(events.get_nowait())
         arrived = [e for e in batch if e is not END and not isinstance(e, Exception)]
+        ending = [e for e in batch if e is END or isinstance(e, Exception)]
+        for e in ending:
+            events.put(e)
         if arrived:
             yield arrived
-        errors = [e for e in batch if isinstance(e, Exception)]
-        if errors:
-            raise errors[0]
-        if batch[-1] is END:
+        elif ending:
+            if isinstance(ending[0], Exception):
+                raise ending[0]
             return
 
 

@@ -464,7 +464,8 @@ def test_without_a_store_list_says_how_to_keep_conversations():
 def test_set_shows_and_changes_the_generation_settings_with_clear_errors():
     code, transcript, conversation = session(["/set temperature 0.2", "/set top_k many", "/set warmth 1", "/set top_p 3",
                                               "/set seed -1", "/set top_k", "/set seed 7", "Hi", "/set seed",
-                                              "/set seed 3", "/set seed Random", "/quit"])
+                                              "/set seed 3", "/set seed Random", "/set seed 4", "/set seed none",
+                                              "/quit"])
     lines = transcript.splitlines()
     assert "error: seed must be a whole number from 0, or empty or random for a new one each time, not '-1'." in lines
     assert "error: top_k needs a value: a whole number." in lines
@@ -475,5 +476,5 @@ def test_set_shows_and_changes_the_generation_settings_with_clear_errors():
             "repetition_penalty, seed.") in lines
     assert "error: top_p must be above 0 and at most 1." in lines
     assert conversation.messages[-1].figures.settings == GenerationSettings(temperature=0.2, seed=7)
-    assert [line.rsplit(", ", 1)[1] for line in lines if line.startswith("Settings:")][-3:] == [
-        "seed random.", "seed 3.", "seed random."]  # empty and random (any case) both mean a new seed each time
+    assert [line.rsplit(", ", 1)[1] for line in lines if line.startswith("Settings:")][-5:] == [
+        "seed random.", "seed 3.", "seed random.", "seed 4.", "seed random."]  # empty, random or none: a new one

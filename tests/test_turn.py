@@ -1,5 +1,6 @@
 """A turn's event stream and the tool loop: calls split across chunks, bounded calls, bad calls, end to end."""
 
+import queue
 import threading
 
 import numpy as np
@@ -14,7 +15,7 @@ from chat.families.base import ReplyStep
 from chat.families.qwen_audio_chat.spans import SPANS_TOOL
 from chat.remote import RemoteBackend
 from chat.tools import ToolBox
-from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn, in_batches
+from chat.turn import END, TextChunk, ToolCallFinished, ToolCallStarted, Turn, drain, in_batches
 from testkit.scripted import ScriptedBackend
 from tests.conftest import tone
 from tests.openai_server import OpenAIServer, decoded_audio
@@ -216,3 +217,26 @@ def test_a_step_that_cannot_be_recorded_as_it_is_ends_failed_not_running():
     assert started == ToolCallStarted("copy", {}) and isinstance(finished, ToolCallFinished)
     assert finished.message.failed and "already in this conversation as Audio 1" in finished.error
     assert conversation.messages[-1] is finished.message and len(conversation.clips()) == 1
+
+
+@pytest.mark.parametrize("ending", [[], [BackendError("The model failed.")]])
+def test_a_reader_that_left_early_can_drain_the_rest_of_the_turn(ending):
+    events = queue.Queue()
+    for event in [TextChunk("a"), *ending, END]:
+        events.put(event)
+    first = drain(events)
+    assert next(first) == [TextChunk("a")]
+    first.close()  # the reader left (a terminal's Ctrl-C) while the last events were already taken
+    again: list = []
+    reader = threading.Thread(target=lambda: again.append(list_or_error(drain(events))), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert again == [ending[0] if ending else []]
+
+
+def list_or_error(batches) -> list | Exception:
+    """The batches a drain yields, or the error it raises."""
+    try:
+        return list(batches)
+    except Exception as e:
+        return e

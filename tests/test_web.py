@@ -33,11 +33,12 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from app.render import render  # noqa: E402
 from app.web import (  # noqa: E402
-    ASSETS, INTERRUPTED_NOTE, ChatPage, attachment_names, build_demo, launch, with_settings)
+    ASSETS, INTERRUPTED_NOTE, STOP_WAIT_S, ChatPage, attachment_names, build_demo, launch, with_settings)
 from chat import saving  # noqa: E402
 from chat.clip import Clip  # noqa: E402
 from chat.conversation import Conversation, Message  # noqa: E402
 from chat.edit_tools import delete_ranges  # noqa: E402
+from chat.errors import StoreError  # noqa: E402
 from chat.settings import GenerationSettings  # noqa: E402
 from chat.local import GENERATION_THREAD, LocalBackend  # noqa: E402
 from chat.store import Store  # noqa: E402
@@ -124,6 +125,22 @@ def test_a_reply_streams_as_the_whole_chat_and_is_saved(scripted):
     saved = page.store.load(session.id)
     assert [(m.role, m.text, m.status) for m in saved.messages] == [
         ("user", "hi", "done"), ("assistant", "Hello there.", "done")]
+
+
+def test_a_reply_whose_saving_fails_does_not_leave_the_page_waiting_for_it(scripted, monkeypatch):
+    backend, page, session = scripted
+    page.add_message(session, {"text": "hi", "files": []}, *SETTINGS)
+
+    def full_disk(*args, **kwargs):
+        raise StoreError("The disk is full. Free some space on it, then try again.")
+
+    monkeypatch.setattr(page.store, "save", full_disk)
+    with pytest.raises(StoreError):
+        list(page.respond(session))
+    monkeypatch.undo()
+    started = time.monotonic()
+    page.clear(session)  # stops the reply first: it has ended, so at once
+    assert session.reply is None and time.monotonic() - started < STOP_WAIT_S / 2
 
 
 def test_a_reply_the_model_ends_at_once_says_so_with_its_figures(scripted):

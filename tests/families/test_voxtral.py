@@ -96,6 +96,8 @@ def test_with_tools_the_ids_are_mistral_commons_own(voxtral, n_clips):
     assert backend.prepare(prompt)["input_ids"][0].tolist() == expected
     text = tokenizer.decode(expected, skip_special_tokens=False)
     assert "[AVAILABLE_TOOLS]" in text and '"name": "delete_ranges"' in text
+    # the prompt's text, which a remote backend's length estimate counts, lists them too
+    assert prompt.text.count("[AVAILABLE_TOOLS]") == 1 and '"name": "delete_ranges"' in prompt.text
 
 
 def test_a_tool_chain_in_the_models_own_format_runs_and_its_results_go_back_as_tool_messages(voxtral, tiny_whisper):

@@ -1,7 +1,7 @@
 """Qwen-Audio-Chat (Qwen/Qwen-Audio-Chat), the first generation, from its official files without its remote code.
 
 This module is what the app needs to know of the family (its checkpoints, prompts, audio tokens,
-abilities); qwen_audio_chat_model.py loads and runs it, imported only when a checkpoint is loaded, so
+abilities); model.py loads and runs it, imported only when a checkpoint is loaded, so
 choosing a family costs no torch or transformers import.
 """
 

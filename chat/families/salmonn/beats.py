@@ -3,7 +3,7 @@
 No maintained library runs BEATs on this stack: speechbrain, espnet and openbeats all import
 torchaudio's Kaldi fbank, and torchaudio has no build for torch 2.13. So both are written here from
 the definitions of BEATs' released code and Kaldi's fbank, and load BEATs' own checkpoint file
-(`{'cfg': dict, 'model': state_dict}`) tensor for tensor; tests/test_salmonn.py holds them to the
+(`{'cfg': dict, 'model': state_dict}`) tensor for tensor; tests/families/test_salmonn.py holds them to the
 original code's outputs.
 """
 

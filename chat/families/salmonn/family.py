@@ -3,7 +3,7 @@
 A checkpoint is not one folder but four parts named by the decode yaml of SALMONN's own repository
 (`configs/decode_config.yaml`): the Vicuna folder (`llama_path`), the Whisper folder (`whisper_path`),
 the BEATs `.pt` (`beats_path`) and SALMONN's `.pth` (`ckpt`: LoRA, Q-Former, projection). `-c` takes
-that yaml. This module is what the app needs to know of the family; salmonn_model.py loads and runs it.
+that yaml. This module is what the app needs to know of the family; model.py loads and runs it.
 
 The prompt. One clip and one question render exactly the original's
 `<s>USER: <Speech><SpeechHere></Speech> {question}\\nASSISTANT:`. More turns follow Vicuna v1.1, the

@@ -86,13 +86,15 @@ class VoxtralRenderer(PromptRenderer):
         checkpoint is loaded: the text shows the layout every version takes (the system prompt opens the first user
         message where there is audio)."""
         prompt.control("<s>")
-        for message in chat_messages(system, messages, parts, _part, system_role=not any(parts.values())):
+        chat = chat_messages(system, messages, parts, _part, system_role=not any(parts.values()))
+        last_user = max((n for n, message in enumerate(chat) if message["role"] == "user"), default=None)
+        for n, message in enumerate(chat):
             content = message["content"]
             if message["role"] == "system":
                 _wrapped(prompt, "SYSTEM_PROMPT", content)
-                if tools:
-                    _wrapped(prompt, "AVAILABLE_TOOLS", json.dumps(list(tools), ensure_ascii=False))
             elif message["role"] == "user":
+                if tools and n == last_user:  # where mistral-common lists them (v7 and later: before the last query)
+                    _wrapped(prompt, "AVAILABLE_TOOLS", json.dumps(list(tools), ensure_ascii=False))
                 prompt.control("[INST]")
                 for chunk in content:
                     if chunk["type"] == "text":

@@ -15,7 +15,7 @@ from transformers import BitsAndBytesConfig, Cache, StoppingCriteria, StoppingCr
 from transformers.utils import cached_file
 
 from chat.backend import QUANTIZATIONS, Backend, Stats
-from chat.errors import BackendError, SettingsError
+from chat.errors import BackendError, ChatError, SettingsError
 from chat.families import DEFAULT_FAMILY, Family, LoadOptions, config_of_file, family_for_config, load_model
 from chat.prompts import AudioPart, Prompt
 from chat.settings import GenerationSettings
@@ -140,10 +140,12 @@ class LocalBackend(Backend):
             last_reply = None
         try:
             inputs = self._inputs(prompt, token_ids, last_reply)
-        except Exception:
+        except Exception as e:
             with self._cache_lock:  # a turn that fails before generating leaves the cache to the next one
                 self.last_reply = self.last_reply or last_reply
-            raise
+            if isinstance(e, ChatError):
+                raise
+            raise reply_error(e) from e
         if "past_key_values" in inputs:
             stats.n_reused_prompt_tokens = inputs["past_key_values"].get_seq_length()
         part_keys = [(part.clip.id, part.index) for part in prompt.audio_parts]

@@ -335,3 +335,18 @@ def test_a_regenerated_reply_reuses_the_question_and_matches_a_fresh_one(full_pr
     again = Response(full_precision, conversation, GREEDY)
     assert "".join(again) == fresh_reply(full_precision, again)
     assert again.stats.n_reused_prompt_tokens == again.stats.n_prompt_tokens - 1
+
+
+def test_a_turn_that_fails_before_generating_leaves_the_cache_to_the_next(full_precision, monkeypatch):
+    conversation = Conversation()
+    conversation.add_user("Describe.", [tone_clip(2.0, 310, "a.wav")])
+    "".join(Response(full_precision, conversation, GREEDY))
+    conversation.add_user("And this?", [tone_clip(1.0, 620, "b.wav")])
+    with monkeypatch.context() as broken:
+        broken.setattr(full_precision.loaded, "features", lambda samples: 1 / 0)  # its new clip cannot be read
+        with pytest.raises(BackendError):
+            "".join(Response(full_precision, conversation, GREEDY))
+    conversation.drop_reply()
+    retried = Response(full_precision, conversation, GREEDY)
+    "".join(retried)
+    assert retried.stats.n_reused_prompt_tokens > 0 and retried.message.status == DONE

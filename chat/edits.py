@@ -243,7 +243,8 @@ def _range_to_samples(clip: np.ndarray, start_s: float, end_s: float) -> tuple[i
     if start_s < 0:
         raise ValueError(f"start_s must be >= 0 s, got {start_s:g} s")
     if end > len(clip):
-        raise ValueError(f"end_s {end_s:g} s is past the end of the clip ({duration_s:g} s)")
+        # to the hundredth, rounded down, as captions show lengths: never a length past end_s itself
+        raise ValueError(f"end_s {end_s:g} s is past the end of the clip ({math.floor(duration_s * 100) / 100:g} s)")
     if start >= end:
         raise ValueError(
             f"start_s must be before end_s by at least one sample (1/{SAMPLE_RATE} s), "

@@ -101,6 +101,11 @@ def test_keep_range_invalid(start_s, end_s, match):
         edits.keep_range(ramp(SR), start_s, end_s)
 
 
+def test_a_range_past_the_end_names_the_length_as_captions_show_it():
+    with pytest.raises(ValueError, match=r"end_s 3.36 s is past the end of the clip \(2.34 s\)$"):
+        edits.keep_range(ramp(round(2.34881 * SR)), 0.18, 3.36)
+
+
 # delete_ranges
 
 

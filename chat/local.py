@@ -35,7 +35,7 @@ class KeyValueCache:
     starts from them, so its history (clips included) is neither encoded nor prefilled again."""
 
     token_ids: torch.Tensor  # (n_cached,) the tokens whose keys and values the cache holds, in order
-    part_keys: list[tuple[str, int]]  # (clip id, part index) of each run of audio tokens, in order
+    part_keys: list[tuple[str, int]]  # AudioPart.key of each run of audio tokens, in order
     cache: Cache
     position_encoding: object  # what the keys' positions were encoded with (LocalModel.position_encoding)
 
@@ -115,8 +115,7 @@ class LocalBackend(Backend):
         inputs: dict[str, torch.Tensor] = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]}
         n_reused = 0
         if last_reply is not None:
-            part_keys = [(part.clip.id, part.index) for part in prompt.audio_parts]
-            n_reused = reusable_prefix(last_reply, ids, runs, part_keys)
+            n_reused = reusable_prefix(last_reply, ids, runs, [part.key for part in prompt.audio_parts])
         if n_reused:
             last_reply.cache.crop(n_reused - last_reply.cache.get_seq_length())  # negative: how many to remove
             inputs["past_key_values"] = last_reply.cache
@@ -148,7 +147,7 @@ class LocalBackend(Backend):
             raise reply_error(e) from e
         if "past_key_values" in inputs:
             stats.n_reused_prompt_tokens = inputs["past_key_values"].get_seq_length()
-        part_keys = [(part.clip.id, part.index) for part in prompt.audio_parts]
+        part_keys = [part.key for part in prompt.audio_parts]
         finished = threading.Event()  # set when the caller stops listening, however it leaves
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[Exception] = []
@@ -208,7 +207,7 @@ class LocalBackend(Backend):
 
     def _features(self, part: AudioPart) -> dict[str, torch.Tensor]:
         """The audio inputs of one part (LocalModel.features), computed once per clip part."""
-        key = (part.clip.id, part.index)
+        key = part.key
         with self._cache_lock:
             if key in self._features_cache:
                 self._features_cache.move_to_end(key)

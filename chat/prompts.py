@@ -33,6 +33,11 @@ class AudioPart:
     n_audio_tokens: int  # what the part expands to in the model's input (the family's rule)
 
     @property
+    def key(self) -> tuple[str, int]:
+        """(clip id, part index): the same audio wherever and whenever a prompt holds it."""
+        return self.clip.id, self.index
+
+    @property
     def label(self) -> str:
         """`Audio 3`, or `Audio 3 (part 2 of 3)` for a clip longer than one window."""
         if self.n_parts == 1:

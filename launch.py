@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "with --api-base, the model name the server knows")
     model.add_argument("--cpu-only", action="store_true", help="run the model on the CPU even when a GPU is present")
     model.add_argument("--quantization", choices=QUANTIZATIONS,
-                       help="load the weights quantized with bitsandbytes (default: 4bit on a GPU, none on the CPU)")
+                       help="load the weights quantized: 4bit or 8bit with bitsandbytes, fp8 on a GPU of compute "
+                            "capability 8.9 or newer (default: 4bit on a GPU, none on the CPU)")
     model.add_argument("--api-base",
                        help="URL of an OpenAI-compatible server (vLLM, ...) to use instead of a local model, "
                             "e.g. http://localhost:8001/v1")

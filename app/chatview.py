@@ -53,9 +53,9 @@ class ChatView:
         self.chatbot, self.clip_path, self.family = chatbot, clip_path, family
         self._shown: dict[int, tuple[Message, int, list[dict]]] = {}  # id(message) -> (message, first number, dicts)
 
-    def show(self, conversation: Conversation, streaming: str = "", running: ToolCallStarted | None = None
-             ) -> ProcessedChat:
-        """render(conversation, ..., streaming, running), processed for the browser."""
+    def show(self, conversation: Conversation, streaming: str = "", running: ToolCallStarted | None = None,
+             thinking: str = "") -> ProcessedChat:
+        """render(conversation, ..., streaming, running, thinking), processed for the browser."""
         chat, shown = ProcessedChat(), {}
         for message, first_number in numbered(conversation):
             kept = self._shown.get(id(message))
@@ -65,7 +65,7 @@ class ChatView:
             shown[id(message)] = kept
             chat += kept[2]
         self._shown = shown  # what the conversation no longer holds goes
-        chat += self.process(render_tail(streaming, running))
+        chat += self.process(render_tail(streaming, running, thinking))
         return chat
 
     def process(self, messages: list[gr.ChatMessage]) -> list[dict]:

@@ -1,6 +1,7 @@
 """The terminal client: type, attach files or talk into the microphone; replies stream as they are generated."""
 
 import contextlib
+import os
 import queue
 import sys
 import threading
@@ -19,6 +20,7 @@ from app.cli_text import (
     call_text,
     describe_clip,
     duration,
+    ended_without_text,
     help_text,
     model_line,
     parse_number,
@@ -38,7 +40,7 @@ from chat.settings import SETTING_NAMES, GenerationSettings, with_setting
 from chat.store import Store
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for
-from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn, drain, pump
+from chat.turn import ReasoningChunk, TextChunk, ToolCallFinished, ToolCallStarted, Turn, drain, pump
 
 try:
     import readline  # noqa: F401  (importing it gives input() line editing and history)
@@ -49,6 +51,8 @@ PROMPT = "> "
 RECORDING_PROMPT = "recording (Enter stops, Ctrl-C discards) "
 EXIT_INTERRUPTED = 130  # the shell's code for "ended by Ctrl-C"
 TOOL_MARK = "[tool]"  # before a tool call the reply makes
+THINKING_MARK = "[thinking]"  # before a reply's thinking, which is dimmed where the terminal shows colour
+DIM, UNDIM = "\033[2m", "\033[22m"  # ANSI faint on, off: each piece is undimmed at once, so Ctrl-C never leaves it on
 TERMINAL_SESSION = "terminal"  # the store's session id of the terminal's conversations
 
 
@@ -75,6 +79,8 @@ class Terminal:
     store: Store | None = None  # where every change is kept and /list, /open find conversations; None: nowhere
     at_line_start: bool = True  # whether the cursor is at the start of a line
     show_figures: bool = False  # print each reply's figures after it (on a terminal, not into a pipe)
+    colour: bool = False  # whether stdout shows ANSI styles (a terminal that has not asked for none)
+    thinking: bool = False  # whether the reply's thinking is being printed now
 
     def __post_init__(self) -> None:
         self.commands: dict[str, Callable[[str], None]] = {
@@ -151,11 +157,12 @@ class Terminal:
             except KeyboardInterrupt:
                 self.say("[left before the reply had stopped]")
                 raise Leave(EXIT_INTERRUPTED) from None
+        self.thinking = False
         if turn.response.message is not None and turn.response.message.status == STOPPED:
             self.write("[stopped]" if self.at_line_start or turn.response.text[-1:].isspace() else " [stopped]")
         self.end_line()
         message = turn.response.message
-        if message is not None and message.empty:
+        if message is not None and ended_without_text(message):
             self.say(f"[{EMPTY_REPLY}]")
         if turn.response.history_note:
             self.say(f"[{turn.response.history_note}]")
@@ -165,6 +172,16 @@ class Terminal:
     def show(self, events: queue.Queue) -> None:
         """Print the worker's events until it ends; raise the error the turn ended with, if any."""
         for event in (event for batch in drain(events) for event in batch):
+            if isinstance(event, ReasoningChunk):
+                if not self.thinking:
+                    self.end_line()
+                    self.write(f"{THINKING_MARK} ")
+                    self.thinking = True
+                self.write(event.text, dim=True)
+                continue
+            if self.thinking:  # the thinking is over: what follows starts on a line of its own
+                self.end_line()
+                self.thinking = False
             if isinstance(event, TextChunk):
                 self.write(event.text)
             elif isinstance(event, ToolCallStarted):
@@ -336,10 +353,10 @@ class Terminal:
         self.at_line_start = True
         return line
 
-    def write(self, text: str) -> None:
-        """Print text as it is (a streamed chunk)."""
+    def write(self, text: str, dim: bool = False) -> None:
+        """Print text as it is (a streamed chunk); dim: faint, where the terminal shows colour."""
         if text:
-            self.stdout.write(text)
+            self.stdout.write(f"{DIM}{text}{UNDIM}" if dim and self.colour else text)
             self.stdout.flush()
             self.at_line_start = text.endswith("\n")
 
@@ -352,6 +369,11 @@ class Terminal:
         """Print text on lines of its own."""
         self.end_line()
         self.write(text + "\n")
+
+
+def shows_colour(stdout: TextIO) -> bool:
+    """Whether stdout is a terminal that shows ANSI styles: not a pipe, not TERM=dumb, no NO_COLOR (no-color.org)."""
+    return stdout.isatty() and os.environ.get("TERM") != "dumb" and not os.environ.get("NO_COLOR")
 
 
 def run_cli(
@@ -381,5 +403,6 @@ def run_cli(
     toolbox = toolbox_for(backend, tools, word_model)
     stdout = stdout or sys.stdout
     terminal = Terminal(backend, settings or backend.default_settings, conversation, toolbox, recorder, player,
-                        stdin or sys.stdin, stdout, store=store, show_figures=stdout.isatty())
+                        stdin or sys.stdin, stdout, store=store, show_figures=stdout.isatty(),
+                        colour=shows_colour(stdout))
     return terminal.run()

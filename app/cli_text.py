@@ -4,7 +4,7 @@ import shlex
 
 from chat.backend import Backend
 from chat.clip import Clip
-from chat.conversation import Conversation, Message, ToolUse
+from chat.conversation import DONE, Conversation, Message, ToolUse
 from chat.errors import ChatError
 from chat.tools import tools_note
 
@@ -85,6 +85,13 @@ def tool_result(message: Message, conversation: Conversation) -> str:
         return f" → {made}"
     text = " ".join(message.text.split())
     return " → " + (text if len(text) <= TOOL_RESULT_CHARS else text[: TOOL_RESULT_CHARS - 1] + "…")
+
+
+def ended_without_text(message: Message) -> bool:
+    """A reply the model ended without text for the person and without a call: at once, or right after its
+    thinking."""
+    no_answer = message.status == DONE and not message.calls and not message.display_text.strip()
+    return message.empty or bool(message.reasoning and no_answer)
 
 
 def duration(seconds: float) -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.cli_text import EMPTY_REPLY, call_text, duration
+from app.cli_text import EMPTY_REPLY, call_text, duration, ended_without_text
 from chat.clip import Clip
 from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, Conversation, Message
 from chat.families import Family
@@ -13,6 +13,7 @@ from chat.turn import ToolCallStarted
 
 ClipPath = Callable[[Clip], Path]  # where a clip's audio file is (chat.store.Store.clip_path)
 TOOL_MARK = "🛠"  # before a tool step's title
+THINKING_TITLE = "Thinking"  # the collapsible block of a reply's thinking
 MISSING = "missing: its audio file is gone from the data folder, so the model no longer hears it"
 
 
@@ -36,15 +37,16 @@ def render(
     family: Family,
     streaming: str = "",
     running: ToolCallStarted | None = None,
+    thinking: str = "",
 ) -> list[gr.ChatMessage]:
-    """Every message, then the text of a reply still streaming, then a tool call still running.
+    """Every message, then the thinking and text of a reply still streaming, then a tool call still running.
 
     family is the loaded model's, for how long clips are sent.
     """
     shown = []
     for message, first_number in numbered(conversation):
         shown += render_message(message, first_number, clip_path, family)
-    return shown + render_tail(streaming, running)
+    return shown + render_tail(streaming, running, thinking)
 
 
 def numbered(conversation: Conversation) -> list[tuple[Message, int]]:
@@ -72,24 +74,36 @@ def render_message(message: Message, first_number: int, clip_path: ClipPath, fam
         result = gr.ChatMessage(message.text, role="assistant", metadata=metadata)
         return [result] + ([gr.ChatMessage(players, role="assistant")] if players else [])
     if message.role == ASSISTANT:
-        text = f"*{EMPTY_REPLY}*" if message.empty else message.display_text.strip()
+        thought = [thinking_block(message.reasoning, done=True)] if message.reasoning else []
+        text = f"*{EMPTY_REPLY}*" if ended_without_text(message) else message.display_text.strip()
         if message.status in (DONE, STOPPED) and message.note:
             text += f"\n\n*{message.note}*"
         elif message.status == FAILED:
             text += f"\n\n**The reply failed:** {message.note}"
         if message.figures is not None and text:
             text += f"\n\n<sub>{message.figures.summary()}</sub>"  # small, under the reply
-        return [gr.ChatMessage(text.strip(), role="assistant")] if text else []  # empty: it only called a tool
+        return thought + ([gr.ChatMessage(text.strip(), role="assistant")] if text else [])  # empty: only calls
     return [gr.ChatMessage(players + ([message.text] if message.text else []), role="user")]
 
 
-def render_tail(streaming: str = "", running: ToolCallStarted | None = None) -> list[gr.ChatMessage]:
-    """What follows the recorded messages while a reply is written: its text so far, then a tool call running."""
-    shown = [gr.ChatMessage(streaming, role="assistant")] if streaming else []
+def render_tail(streaming: str = "", running: ToolCallStarted | None = None, thinking: str = ""
+                ) -> list[gr.ChatMessage]:
+    """What follows the recorded messages while a reply is written: its thinking and text so far, then a tool call
+    running."""
+    shown = [thinking_block(thinking, done=bool(streaming))] if thinking else []
+    shown += [gr.ChatMessage(streaming, role="assistant")] if streaming else []
     if running is not None:
         title = f"{TOOL_MARK} {call_text(running)}"
         shown.append(gr.ChatMessage("Running…", role="assistant", metadata={"title": title, "status": "pending"}))
     return shown
+
+
+def thinking_block(reasoning: str, done: bool) -> gr.ChatMessage:
+    """A reply's thinking as a collapsible block: open, with a spinner, while it is being written (the answer has
+    not started, and a long think would otherwise look like a hung page); folded away once it is done, so the
+    answer is what is in sight. gradio folds a block whose status turns "done" unless a person has opened it."""
+    return gr.ChatMessage(reasoning, role="assistant",
+                          metadata={"title": THINKING_TITLE, "status": "done" if done else "pending"})
 
 
 def _player(clip: Clip, number: int, clip_path: ClipPath, family: Family) -> list[dict | str]:

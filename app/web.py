@@ -35,7 +35,7 @@ from chat.settings import SETTING_NAMES, GenerationSettings, settings_from
 from chat.store import Store, from_zip
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for, tools_note
-from chat.turn import TextChunk, ToolCallStarted, Turn, in_batches
+from chat.turn import ReasoningChunk, TextChunk, ToolCallStarted, Turn, in_batches
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SESSION_KEY = "audio-chat-session"  # localStorage key of the session id
@@ -195,22 +195,25 @@ class ChatPage:
         if reply is None:  # stopped while it waited in the queue
             return
         turn, reply.streaming = reply.turn, True
-        batches, streaming, running = in_batches(turn), "", None
+        batches, streaming, thinking, running = in_batches(turn), "", "", None
         try:
-            self._save_as_interrupted(session, turn, streaming)
+            self._save_as_interrupted(session, turn, streaming, thinking)
             saved_at = time.monotonic()
             for batch in batches:
                 for event in batch:
                     if isinstance(event, TextChunk):
                         streaming += event.text
+                    elif isinstance(event, ReasoningChunk):
+                        thinking += event.text
                     elif isinstance(event, ToolCallStarted):  # the reply so far is on the conversation now
-                        streaming, running = "", event
+                        streaming, thinking, running = "", "", event
                     else:
                         running = None
                 if time.monotonic() - saved_at >= SAVE_EVERY_S:
-                    self._save_as_interrupted(session, turn, streaming)
+                    self._save_as_interrupted(session, turn, streaming, thinking)
                     saved_at = time.monotonic()
-                yield self._render(session, streaming if turn.response.message is None else "", running)
+                unrecorded = turn.response.message is None  # else the reply so far is on the conversation
+                yield self._render(session, streaming if unrecorded else "", running, thinking if unrecorded else "")
             yield self._render(session)  # the worker has ended: everything is on the conversation
         except ChatError:
             pass  # the reply is on the conversation as failed, with the error as its note; finish() shows it
@@ -341,7 +344,7 @@ class ChatPage:
                                    stop_btn=False)
         return self._render(session), box, gr.Audio(interactive=True)
 
-    def _save_as_interrupted(self, session: Session, turn: Turn, shown: str) -> None:
+    def _save_as_interrupted(self, session: Session, turn: Turn, shown: str, reasoning: str) -> None:
         """Save the reply written so far as it would read if the app stopped now: marked interrupted.
 
         The finished reply replaces it; a server killed mid-reply loses at most SAVE_EVERY_S of text,
@@ -349,7 +352,8 @@ class ChatPage:
         """
         if turn.response.message is not None:
             return  # between a tool call and the next part of the reply: all of it is recorded already
-        partial = Message(ASSISTANT, turn.response.text, status=STOPPED, note=INTERRUPTED_NOTE, shown=shown)
+        partial = Message(ASSISTANT, turn.response.text, status=STOPPED, note=INTERRUPTED_NOTE, shown=shown,
+                          reasoning=reasoning)
         self.store.save(session.id, replace(session.conversation, messages=[*session.conversation.messages, partial]),
                         session.user)
 
@@ -377,10 +381,12 @@ class ChatPage:
         current = session.conversation.id if any(s.id == session.conversation.id for s in saved) else None
         return gr.Radio(choices=choices, value=current)
 
-    def _render(self, session: Session, streaming: str = "", running: ToolCallStarted | None = None) -> list:
+    def _render(self, session: Session, streaming: str = "", running: ToolCallStarted | None = None,
+                thinking: str = "") -> list:
         if session.view is not None:
-            return session.view.show(session.conversation, streaming, running)
-        return render(session.conversation, self._clip_path(session), self.backend.family, streaming, running)
+            return session.view.show(session.conversation, streaming, running, thinking)
+        return render(session.conversation, self._clip_path(session), self.backend.family, streaming, running,
+                      thinking)
 
     def _clip_path(self, session: Session) -> ClipPath:
         return functools.partial(self.store.clip_path, owner=session.user)  # shown to them: they may fetch it

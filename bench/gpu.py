@@ -1,8 +1,9 @@
 """GPU benchmark: a family's real architecture with random weights, through LocalBackend.
 
---family qwen2-audio (default), qwen-audio-chat, salmonn-7b, salmonn-13b or voxtral-mini: builds the model
-from the real config on the GPU (no download), saves it as a checkpoint in that family's own format
-(SALMONN: its four parts and the decode yaml; Voxtral: with a full-size tekken.json), then
+--family qwen2-audio (default), qwen-audio-chat, salmonn-7b, salmonn-13b, voxtral-mini, qwen2.5-omni-7b or
+qwen3-omni: builds the model from the real config on the GPU (no download), saves it as a checkpoint in that family's
+own format (SALMONN: its four parts and the decode yaml; Voxtral: with a full-size tekken.json; the Omni families:
+the thinker only, which is all the app loads while the voice is off, with a tokenizer covering every id), then
 for each route loads it the product's way (LocalBackend, from_pretrained) and answers a short question
 about a fresh 30 s clip with 256 generated tokens (min_new_tokens forces the length; the product's
 default sampling settings). Per route: load time, memory, time to first token (Response's own measure:
@@ -11,8 +12,15 @@ limit: bytes read per generated token (language-model weights + KV cache) / meas
 Routes: none (bf16 on a GPU), nf4 (bitsandbytes, the default on a GPU), nf4-compiled (the same with a
 static cache and torch.compile), int4-torchao-compiled (torchao int4 weight-only, tinygemm kernels;
 CUDA only, needs torchao).
+Qwen3-Omni's 30B-A3B thinker takes 63 GB in bf16, more than the device's disk, so its checkpoint has the real
+per-layer shapes but 8 of the 48 layers. First bench.qwen3_omni_experts.gpu_rows measures its quantization routes
+(the app's default, NF4 with the experts, first; resident memory scaled to 48 layers is what the 24 GB target
+judges), then LocalBackend runs the app's 4-bit default on the same 8 layers (first token and tokens/s there are
+not the full model's and are not judged); for it, --routes picks the LocalBackend routes.
 Without a GPU, or with --tiny, it runs the tiny test model on the CPU: that checks the script, not speed.
 Run: .venv/bin/python -m bench.gpu [--family NAME] [--tiny] [--quick] [--routes nf4,none] [--checkpoint DIR]
+Both Omni families on a lent GPU, a few minutes each (install the carried wheels first, BENCHMARKS.md):
+    for f in qwen2.5-omni-7b qwen3-omni; do python3 -m bench.gpu --quick --family "$f"; done
 """
 
 import argparse
@@ -45,6 +53,7 @@ from chat.clip import Clip  # noqa: E402
 from chat.conversation import Conversation  # noqa: E402
 from chat.local import LocalBackend  # noqa: E402
 from chat.settings import GenerationSettings  # noqa: E402
+from testkit.tiny import omni, qwen2_5_omni, qwen3_omni  # noqa: E402
 from testkit.tiny.qwen2_audio import build_tiny_qwen2_audio  # noqa: E402
 from testkit.tiny.qwen_audio_chat import FULL_SIZE, build_qwen_audio_chat, build_tiny_qwen_audio_chat  # noqa: E402
 from testkit.tiny.salmonn import FULL_SIZES, build_salmonn, build_tiny_salmonn  # noqa: E402
@@ -76,10 +85,20 @@ REPEATS = 3
 TORCHAO_GROUP_SIZE = 128
 GB = 1e9
 TARGETS = {"memory_gb": 7.0, "ttft_s": 0.150, "tokens_per_s": 100.0}  # for the default route (nf4) on an H100
-MEMORY_TARGETS_GB = {"salmonn-7b": 7.0, "salmonn-13b": 11.0, "voxtral-mini": 7.0}
+# Qwen2.5-Omni-7B's thinker in 4 bit, by arithmetic: NF4 layers 3.37 GB + bf16 embeddings, lm_head, audio and vision
+# towers 4.81 GB = 8.2 GB; Qwen3-Omni: a 24 GB card (bench/qwen3_omni_experts.py: 19.1 GB of weights)
+MEMORY_TARGETS_GB = {"salmonn-7b": 7.0, "salmonn-13b": 11.0, "voxtral-mini": 7.0, "qwen2.5-omni-7b": 10.0,
+                     "qwen3-omni": 24.0}
 DEFAULT_ROUTE = "nf4"
 BENCH_FAMILIES = {"qwen2-audio": "Qwen2-Audio 7B", "qwen-audio-chat": "Qwen-Audio-Chat 7B",
-                  "salmonn-7b": "SALMONN 7B", "salmonn-13b": "SALMONN 13B", "voxtral-mini": "Voxtral Mini 3B"}
+                  "salmonn-7b": "SALMONN 7B", "salmonn-13b": "SALMONN 13B", "voxtral-mini": "Voxtral Mini 3B",
+                  "qwen2.5-omni-7b": "Qwen2.5-Omni-7B thinker", "qwen3-omni": "Qwen3-Omni-30B-A3B thinker"}
+QWEN3_OMNI_LAYERS = 8  # of the thinker's 48: 13.6 GB in bf16 (48 would take 63 GB, the device has 64 GB of disk)
+QWEN3_OMNI_ROUTES = ("nf4",)  # through LocalBackend: the app's default; the other routes are in the experts table
+# bench.qwen3_omni_experts' routes, the app's default (nf4-experts, what "4bit" loads) first
+QWEN3_EXPERT_ROUTES = ("nf4-experts", "none", "nf4-linear", "bnb-parametrize", "fp8", "torchao-int4")
+QWEN3_QUICK_EXPERT_ROUTES = ("nf4-experts", "none")
+_QWEN3_REAL_ID = {token: omni.REAL_FIRST_ADDED_ID + i for i, (token, _) in enumerate(qwen3_omni.ADDED_TOKENS)}
 
 
 def full_vocab_tokenizer() -> Qwen2Tokenizer:
@@ -105,6 +124,11 @@ def build_checkpoint(folder: Path, family: str, device: torch.device, tiny: bool
         return build_salmonn(folder, FULL_SIZES[family.removeprefix("salmonn-")], device.type, torch.bfloat16)
     if family == "voxtral-mini":
         return build_tiny_voxtral(folder) if tiny else build_voxtral_mini(folder, device.type)
+    if family == "qwen2.5-omni-7b":
+        return (qwen2_5_omni.build_tiny_qwen2_5_omni(folder) if tiny
+                else qwen2_5_omni.build_qwen2_5_omni_7b(folder, device))
+    if family == "qwen3-omni":
+        return qwen3_omni.build_tiny_qwen3_omni(folder) if tiny else build_qwen3_omni_layers(folder, QWEN3_OMNI_LAYERS)
     if family == "qwen-audio-chat":
         if tiny:
             return build_tiny_qwen_audio_chat(folder)
@@ -128,6 +152,21 @@ def build_full_qwen2_audio(folder: Path, device: torch.device) -> Path:
     Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=full_vocab_tokenizer()).save_pretrained(folder)
     del model
     free_memory()
+    return folder
+
+
+def build_qwen3_omni_layers(folder: Path, n_layers: int) -> Path:
+    """Qwen3-Omni's thinker at its real per-layer shapes with n_layers of its 48 (random bf16 weights on the GPU),
+    and what LocalBackend needs beside it: a full-vocabulary tokenizer, the 300-s feature extractor."""
+    from bench.qwen3_omni_experts import build_real_shape_thinker
+
+    build_real_shape_thinker(folder, n_layers)
+    GenerationConfig(eos_token_id=_QWEN3_REAL_ID["<|im_end|>"],
+                     pad_token_id=_QWEN3_REAL_ID["<|endoftext|>"]).save_pretrained(folder)
+    tokenizer = omni.full_vocab_tokenizer(qwen3_omni.ADDED_TOKENS, qwen3_omni.NAMED_TOKENS,
+                                                  qwen3_omni.MAX_POSITIONS)
+    tokenizer.save_pretrained(folder)
+    omni.feature_extractor().save_pretrained(folder)
     return folder
 
 
@@ -204,10 +243,14 @@ def language_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def bytes_per_token(model: torch.nn.Module, mean_positions: float) -> float:
     """Bytes one decode step must read: every language-model weight but the embedding table (one row of it is
-    read), lm_head, and the KV cache of the positions so far."""
+    read) and, in a mixture of experts, only the routed share of each layer's experts; lm_head; and the KV cache
+    of the positions so far."""
     decoder = language_model(model)
-    weights = module_bytes(decoder, skip=(decoder.embed_tokens,)) + module_bytes(model.lm_head)
     text = model.config.get_text_config()
+    experts = tuple(m for name, m in decoder.named_modules() if name.endswith(".experts"))
+    routed = getattr(text, "num_experts_per_tok", 0) / getattr(text, "num_experts", 1)  # Qwen3-Omni: 8 of 128
+    weights = (module_bytes(decoder, skip=(decoder.embed_tokens, *experts)) + module_bytes(model.lm_head)
+               + routed * sum(module_bytes(m) for m in experts))
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_bytes = model.lm_head.weight.element_size()  # the cache is kept in the unquantized layers' dtype
     kv_per_position = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * kv_bytes
@@ -293,6 +336,32 @@ def verdicts(row: list, family: str) -> list[str]:
     return [f"{what} (target {target}: {'met' if ok else 'missed'})" for what, ok, target in checks]
 
 
+def qwen3_expert_rows(checkpoint: Path, quick: bool) -> list[list[str]]:
+    """bench.qwen3_omni_experts' routes on the reduced-layer thinker, the app's default first; prints their table."""
+    from bench.qwen3_omni_experts import GPU_NEW_TOKENS, N_PROMPT_TOKENS, gpu_rows
+
+    rows = gpu_rows(list(QWEN3_QUICK_EXPERT_ROUTES if quick else QWEN3_EXPERT_ROUTES), QWEN3_OMNI_LAYERS, checkpoint)
+    free_memory()
+    print_table(f"{BENCH_FAMILIES['qwen3-omni']}, real shapes, {QWEN3_OMNI_LAYERS} of 48 layers, random weights, on "
+                f"{torch.cuda.get_device_name()}: each route loaded as the app loads it, {N_PROMPT_TOKENS}-token "
+                f"prompt, {GPU_NEW_TOKENS} new tokens",
+                ["route", "load s", "load peak GB", "resident GB", "ms/token", "resident at 48 layers GB"],
+                [row + [""] * (6 - len(row)) for row in rows])
+    return rows
+
+
+def qwen3_verdicts(expert_rows: list[list[str]]) -> list[str]:
+    """The default route's memory at 48 layers against the target; the reduced model's speed is not judged."""
+    route, target = QWEN3_EXPERT_ROUTES[0], MEMORY_TARGETS_GB["qwen3-omni"]
+    row = next((row for row in expert_rows if row[0] == route and len(row) == 6), None)
+    lines = [f"{DEFAULT_ROUTE}: first token and tokens/s are those of {QWEN3_OMNI_LAYERS} of 48 layers, not judged"]
+    if row is not None:
+        memory = float(row[5])
+        lines.insert(0, f"{route}: GPU memory (resident, scaled to 48 layers) {memory:.1f} GB "
+                        f"(target <= {target} GB: {'met' if memory <= target else 'missed'})")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="qwen2-audio", choices=list(BENCH_FAMILIES), help="which architecture")
@@ -306,7 +375,9 @@ def main(argv: list[str] | None = None) -> None:
     on_gpu = torch.cuda.is_available() and not args.tiny
     if not on_gpu and not args.tiny:
         print("No CUDA GPU here: running the tiny model on the CPU (--tiny).\n")
-    routes = args.routes.split(",") if args.routes else list(QUICK_ROUTES if args.quick else ROUTES)
+    reduced = args.family == "qwen3-omni" and on_gpu  # the experts table, then the app's default on the same layers
+    routes = (args.routes.split(",") if args.routes else list(QWEN3_OMNI_ROUTES) if reduced
+              else list(QUICK_ROUTES if args.quick else ROUTES))
     unknown = set(routes) - set(ROUTES)
     if unknown:
         parser.error(f"unknown routes {', '.join(sorted(unknown))}; choose from {', '.join(ROUTES)}")
@@ -320,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             build_checkpoint(folder, args.family, device, tiny=not on_gpu)
             print(f"built the random checkpoint in {time.perf_counter() - start:.1f} s: {checkpoint}")
+            free_memory()
+        expert_rows = qwen3_expert_rows(checkpoint, args.quick) if reduced else []
         rows = []
         for route in routes:
             if route.startswith("int4") and not on_gpu:
@@ -332,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
                 free_memory()
     name = torch.cuda.get_device_name(device) if on_gpu else "CPU, tiny model (checks the script, not speed)"
     model = f"{BENCH_FAMILIES[args.family]}, {'random weights' if on_gpu else 'tiny'}"
+    if reduced:
+        model += f", {QWEN3_OMNI_LAYERS} of 48 layers"
     print_table(
         f"{model} on {name}: {CLIP_S} s clip + question, {n_new_tokens} new tokens, median of {repeats}; "
         f"copy bandwidth {bandwidth / GB:.0f} GB/s (read + write)",
@@ -340,7 +415,9 @@ def main(argv: list[str] | None = None) -> None:
         [row + [""] * (12 - len(row)) for row in rows],
     )
     default = next((row for row in rows if row[0] == DEFAULT_ROUTE and len(row) == 12), None)
-    if on_gpu and default is not None:
+    if reduced:
+        print("\n".join(qwen3_verdicts(expert_rows)))
+    elif on_gpu and default is not None:
         print("\n".join(f"{DEFAULT_ROUTE}: {line}" for line in verdicts(default, args.family)))
     elif default is not None:
         print("Targets are for a GPU and are not judged on the CPU.")

@@ -14,7 +14,7 @@ from chat.prompts import Prompt, estimate_tokens
 from chat.settings import GenerationSettings
 
 STOPPED_NOTE = "Stopped by the user."
-QUANTIZATIONS = ("4bit", "8bit", "none")  # of a local model; 4bit is the default on a GPU
+QUANTIZATIONS = ("4bit", "8bit", "fp8", "none")  # of a local model; 4bit is the default on a GPU; fp8 needs CC 8.9+
 log = logging.getLogger(__name__)
 
 
@@ -133,9 +133,14 @@ class Response:
         self._cancel.set()
 
     def end_at(self, n_chars: int) -> None:
-        """End the reply as complete after its first n_chars characters, dropping the rest (a tool call ended it)."""
+        """End the reply as complete after its first n_chars characters, dropping the rest (its last tool call ends
+        there): while it streams, it stops at the next step; once recorded, the recorded text is cut there."""
         self._end_at = n_chars
-        self._cancel.set()
+        if self.message is None:
+            self._cancel.set()
+        elif n_chars < len(self.text):
+            self.chunks = [self.text[:n_chars]]
+            self.message = self.conversation.revise_reply(self.message, text=self.text)
 
     def __iter__(self) -> Iterator[str]:
         if self.message is not None:

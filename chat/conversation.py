@@ -66,6 +66,7 @@ class Message:
     status: str = DONE
     note: str = ""  # why a reply is partial or failed
     shown: str | None = None  # a reply's text meant for the person: calls taken out, timestamps readable
+    reasoning: str = ""  # a reply's thinking (between <think> and </think>), shown collapsed, never as the answer
     calls: tuple[ToolUse, ...] = ()  # the tool calls a reply made
     tool: str = ""  # a tool message: the tool that produced it
     failed: bool = False  # a tool message: the call was refused or failed
@@ -154,18 +155,25 @@ class Conversation:
         return message
 
     def add_tool(self, tool_name: str, text: str, clips: tuple[Clip, ...] = (), failed: bool = False) -> Message:
-        """Record a tool's result; a clip it made gets the next Audio number."""
-        if not self.messages or self.messages[-1].role != ASSISTANT:
+        """Record a tool's result; a clip it made gets the next Audio number. A reply that made several calls is
+        followed by their results in order."""
+        if not self.messages or self.messages[-1].role not in (ASSISTANT, TOOL):
             raise ConversationError("A tool result must follow the reply that called the tool.")
         self._check_new_clips(tuple(clips))
         message = Message(TOOL, text, tuple(clips), tool=tool_name, failed=failed)
         self.messages.append(message)
         return message
 
-    def describe_reply(self, reply: Message, shown: str, calls: tuple[ToolUse, ...] = ()) -> Message:
-        """Record what a person is shown of a recorded reply and the calls it made; returns the new message."""
+    def describe_reply(self, reply: Message, shown: str, calls: tuple[ToolUse, ...] = (), reasoning: str = ""
+                       ) -> Message:
+        """Record what a person is shown of a recorded reply, the calls it made and its thinking; returns the new
+        message."""
+        return self.revise_reply(reply, shown=shown, calls=calls, reasoning=reasoning)
+
+    def revise_reply(self, reply: Message, **changes) -> Message:
+        """Replace a recorded reply by a copy with some fields changed (Message's); returns the new message."""
         index = next(i for i in range(len(self.messages) - 1, -1, -1) if self.messages[i] is reply)
-        self.messages[index] = replace(reply, shown=shown, calls=calls)
+        self.messages[index] = replace(reply, **changes)
         return self.messages[index]
 
     def awaiting_reply(self) -> bool:

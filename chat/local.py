@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BitsAndBytesConfig, Cache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import BitsAndBytesConfig, Cache, FineGrainedFP8Config, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.utils import cached_file
 
 from chat.backend import QUANTIZATIONS, Backend, Stats
@@ -20,9 +20,12 @@ from chat.families import DEFAULT_FAMILY, Family, LoadOptions, config_of_file, f
 from chat.prompts import AudioPart, Prompt
 from chat.settings import GenerationSettings
 
-MAX_CACHED_PARTS = 128  # features of one part: 128 mel bins x 3000 frames x fp32 = 1.5 MB (SALMONN's: 3 MB)
+# Parts' features kept for later turns: a 30-s part's 128 mel bins x 3000 frames in fp32 take 1.5 MB (SALMONN's
+# 3 MB), a 300-s part of the Omni families 15 MB; 256 MB holds the clips of a long conversation
+MAX_CACHED_FEATURES_MB = 256
 GENERATION_THREAD = "local-backend-generate"
 BYTES_PER_MB = 2**20
+FP8_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
 MEMORY_HINT = "Try --quantization 4bit, fewer or shorter clips, or a lower max_new_tokens."
 
 # bitsandbytes warns on every 8-bit matmul that it casts bf16/fp32 activations to fp16, which it must.
@@ -122,7 +125,7 @@ class LocalBackend(Backend):
         new_parts = [part for part, (start, _) in zip(prompt.audio_parts, runs) if start >= n_reused]
         if new_parts:
             features = [self._features(part) for part in new_parts]
-            inputs |= {name: torch.stack([part[name] for part in features]) for name in features[0]}  # (n_parts, ...)
+            inputs |= {name: stacked([part[name] for part in features]) for name in features[0]}
         return {name: value.to(self.model.device) if name != "past_key_values" else value
                 for name, value in inputs.items()}
 
@@ -215,9 +218,20 @@ class LocalBackend(Backend):
         value = self.loaded.features(part.samples)
         with self._cache_lock:
             self._features_cache[key] = value
-            while len(self._features_cache) > MAX_CACHED_PARTS:
+            while sum(map(_n_bytes, self._features_cache.values())) > MAX_CACHED_FEATURES_MB * BYTES_PER_MB:
                 self._features_cache.popitem(last=False)
         return value
+
+
+def _n_bytes(features: dict[str, torch.Tensor]) -> int:
+    return sum(tensor.nbytes for tensor in features.values())
+
+
+def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(n_parts, ...) of the parts' inputs, zero-padded at the end of their last dimension to the longest: a family
+    whose parts are not padded to the window (Qwen3-Omni) masks the padding out with its feature_attention_mask."""
+    longest = max(tensor.shape[-1] for tensor in tensors)
+    return torch.stack([torch.nn.functional.pad(tensor, (0, longest - tensor.shape[-1])) for tensor in tensors])
 
 
 def audio_runs(ids: torch.Tensor, audio_token_id: int) -> list[tuple[int, int]]:
@@ -294,10 +308,22 @@ def _read_config(model: str) -> dict:
         raise BackendError(f"{model} does not hold a usable checkpoint: {str(e).splitlines()[0]}") from e
 
 
-def _quantization_config(quantization: str, unquantized_modules: tuple[str, ...]) -> BitsAndBytesConfig | None:
-    """bitsandbytes settings for "4bit" (NF4, double quantization, bf16 compute) or "8bit"; None for "none"."""
+def _fp8_config(unquantized_modules: tuple[str, ...]) -> FineGrainedFP8Config:
+    """FP8 weights and activations, which need FP8 tensor cores; on an older GPU transformers would quietly keep bf16."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < FP8_COMPUTE_CAPABILITY:
+        found = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+        raise BackendError(f"--quantization fp8 needs a GPU of compute capability 8.9 or newer (RTX 40xx, L4, H100); "
+                           f"found {found}. Use --quantization 4bit.")
+    return FineGrainedFP8Config(modules_to_not_convert=list(unquantized_modules))
+
+
+def _quantization_config(quantization: str, unquantized_modules: tuple[str, ...]) -> object | None:
+    """bitsandbytes settings for "4bit" (NF4, double quantization, bf16 compute) or "8bit", transformers' fine-grained
+    FP8 for "fp8"; None for "none"."""
     if quantization == "none":
         return None
+    if quantization == "fp8":
+        return _fp8_config(unquantized_modules)
     try:
         import bitsandbytes  # noqa: F401
         from transformers.integrations.bitsandbytes import validate_bnb_backend_availability

@@ -78,13 +78,20 @@ class RemoteBackend(Backend):
                     raise self._http_error(response)
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     raise BackendError(f"{self.where} did not stream its reply: is it an OpenAI-compatible chat API?")
+                thinking = False  # inside reasoning the server sends apart (vLLM's --reasoning-parser)
                 for event in self._events(response):
                     if cancel.is_set():
                         return
                     if usage := event.get("usage"):
                         stats.n_prompt_tokens = usage.get("prompt_tokens", 0)
                         stats.n_tokens = usage.get("completion_tokens", stats.n_tokens)
-                    if text := self._delta_text(event):
+                    reasoning, text = self._delta(event)
+                    if reasoning and self.family.reasoning_tags:
+                        # written back in the model's own tags, as a local reply has them, where the reader finds them
+                        text, thinking = ("" if thinking else self.family.reasoning_tags[0]) + reasoning + text, True
+                    elif text and thinking:
+                        text, thinking = self.family.reasoning_tags[1] + text, False
+                    if text:
                         stats.n_tokens += 1  # counts chunks; the usage event, when sent, is last and corrects it
                         yield text
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
@@ -131,11 +138,14 @@ class RemoteBackend(Backend):
             "the server may have restarted. Try again."
         )
 
-    def _delta_text(self, event: dict) -> str:
-        """`choices[0].delta.content` of a stream event; "" for role, finish and usage events."""
+    def _delta(self, event: dict) -> tuple[str, str]:
+        """(reasoning, content) of a stream event's `choices[0].delta`, "" where absent (role, finish and usage
+        events). A server with a reasoning parser sends the thinking apart, as `reasoning_content` or, in newer vLLM,
+        `reasoning`."""
         try:
             choices = event["choices"]
-            return (choices[0]["delta"].get("content") or "") if choices else ""
+            delta = choices[0]["delta"] if choices else {}
+            return delta.get("reasoning_content") or delta.get("reasoning") or "", delta.get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise BackendError(f"{self.where} sent a malformed stream event: {event!r:.200}") from e
 

@@ -21,8 +21,8 @@ from chat.conversation import ROLES, STATUSES, TOOL, Conversation, Figures, Mess
 from chat.errors import SettingsError, StoreError
 from chat.settings import GenerationSettings
 
-FORMAT_VERSION = 2  # 2 added what a reply shows and the calls it made, and a tool message's tool and outcome
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 added what a reply shows, its calls, a tool message's tool and outcome; 3 a reply's thinking
+READABLE_VERSIONS = (1, 2, 3)
 V1_ERROR_PREFIX = "Error: "  # how version 1 told a failed tool message
 CONVERSATION_FILE = "conversation.json"
 CLIPS_FOLDER = "clips"
@@ -49,6 +49,7 @@ class MessageDict(TypedDict):
     status: str
     note: str
     shown: str | None
+    reasoning: str  # from version 3 on
     calls: list[ToolUseDict]
     tool: str
     failed: bool
@@ -76,6 +77,7 @@ def to_dict(conversation: Conversation) -> ConversationDict:
                 "status": m.status,
                 "note": m.note,
                 "shown": m.shown,
+                "reasoning": m.reasoning,
                 "calls": [{"name": call.name, "arguments": call.arguments} for call in m.calls],
                 "tool": m.tool,
                 "failed": m.failed,
@@ -96,7 +98,7 @@ def from_dict(data: object, load_samples) -> Conversation:
     if data.get("version") not in READABLE_VERSIONS:
         raise StoreError(
             f"This conversation was saved in format version {data.get('version')!r}; "
-            f"this app reads versions {' and '.join(map(str, READABLE_VERSIONS))}. Update the app to open it."
+            f"this app reads versions {', '.join(map(str, READABLE_VERSIONS))}. Update the app to open it."
         )
     numbers = itertools.count(1)  # each clip's N of Audio N, counted as the clips are read
     messages = [_message(_field(m, dict, f"message {n}"), f"message {n}", data["version"], load_samples, numbers)
@@ -125,7 +127,8 @@ def _message(m: dict, where: str, version: int, load_samples, numbers: Iterator[
     return Message(
         role, _field(m.get("text"), str, f"{where}'s text"), clips, status,
         _field(m.get("note"), str, f"{where}'s note"),
-        shown=None if shown is None else _field(shown, str, f"{where}'s shown text"), calls=tuple(calls),
+        shown=None if shown is None else _field(shown, str, f"{where}'s shown text"),
+        reasoning=_field(m.get("reasoning", ""), str, f"{where}'s reasoning"), calls=tuple(calls),
         tool=_field(m.get("tool", ""), str, f"{where}'s tool"),
         failed=_field(m.get("failed", False), bool, f"{where}'s failed"), figures=_figures(m.get("figures"), where),
     )

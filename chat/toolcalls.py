@@ -3,6 +3,7 @@
 A parser is fed the reply chunk by chunk and returns the text that is safe to show plus the calls
 completed so far. Text that might be the start of a call is held back until it is clearly not one,
 so a call split anywhere across chunks, even inside its tag, is never shown half-written.
+A reply's opening thinking is split off before the parser sees it (chat.reasoning).
 """
 
 import json
@@ -23,6 +24,10 @@ class ToolCall:
 class ReplyReader:
     """Reads a streamed reply into the text meant for the person and the tool calls it makes; this base finds none."""
 
+    several_calls = False  # whether a reply may make more than one call (else reading stops at its first)
+    ended = False  # set once the reply has said all that is read of it (it began writing a tool's result itself)
+    reasoning = ""  # the reply's thinking read so far (chat.reasoning.ReasoningReader)
+
     def feed(self, chunk: str) -> tuple[str, list[ToolCall]]:
         """Add a chunk; returns (text to show now, the call this chunk completed, if any)."""
         return chunk, []
@@ -37,17 +42,19 @@ class ToolCallParser(ReplyReader):
 
     style = ""
     marker = ""
+    result_marker = ""  # how a tool's result comes back: written by the model after a call, it ends the reply
     native = False  # the tools are listed by the model's own template (Prompt.tools), not in the system prompt
 
     def __init__(self) -> None:
         self.buffer = ""  # received text not yet shown or parsed
         self.n_consumed = 0  # characters of the reply before the buffer
+        self.made_call = False
 
     def feed(self, chunk: str) -> tuple[str, list[ToolCall]]:
         """Add a chunk; returns (text to show now, the call this chunk completed, if any).
 
         Reading stops at a completed call, so the text returned always comes before it; what follows
-        the call stays buffered for the next feed() or finish().
+        the call stays buffered for the next feed() (feed("") reads on) or finish().
         """
         self.buffer += chunk
         return self._scan(final=False)
@@ -59,21 +66,31 @@ class ToolCallParser(ReplyReader):
     def _scan(self, final: bool) -> tuple[str, list[ToolCall]]:
         """Release text up to the next call or possible call; read that call if it is complete."""
         shown = []
-        while True:
+        while not self.ended:
             start = self.buffer.find(self.marker)
+            result = self.buffer.find(self.result_marker) if self.made_call and self.result_marker else -1
+            if result >= 0 and (start < 0 or result < start):
+                # a result the model wrote itself: it is imagining what the call returned, and a call it makes
+                # next would rest on that, so the reply is read no further
+                shown.append(self._take(result))
+                self.ended = True
+                break
             if start < 0:
-                n_held = 0 if final else _partial_marker(self.buffer, self.marker)
+                n_held = 0 if final else max(partial_marker(self.buffer, self.marker),
+                                             partial_marker(self.buffer, self.result_marker) if self.made_call else 0)
                 shown.append(self._take(len(self.buffer) - n_held))
-                return "".join(shown), []
+                break
             shown.append(self._take(start))
             read = self._read(self.buffer, final)
             if read is None:  # the call is still arriving
-                return "".join(shown), []
+                break
             n_chars, call = read
             text = self._take(n_chars)
             if call is not None:
+                self.made_call = True
                 return "".join(shown), [replace(call, end=self.n_consumed)]
             shown.append(text)  # the marker began something that is not a call after all
+        return "".join(shown), []
 
     def _take(self, n_chars: int) -> str:
         text, self.buffer = self.buffer[:n_chars], self.buffer[n_chars:]
@@ -94,11 +111,14 @@ class ToolCallParser(ReplyReader):
 
 
 class HermesParser(ToolCallParser):
-    """Qwen2.5 / Hermes: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`."""
+    """Qwen2.5 / Hermes: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, as often as the reply needs
+    (Qwen3 makes several calls in one reply, then reads one result per call)."""
 
     style = "hermes"
     marker = "<tool_call>"
     closer = "</tool_call>"
+    result_marker = "<tool_response>"
+    several_calls = True
 
     def _read(self, held: str, final: bool) -> tuple[int, ToolCall | None] | None:
         close = held.find(self.closer)
@@ -129,6 +149,19 @@ class HermesParser(ToolCallParser):
             call = json.dumps({"name": name, "arguments": arguments})
             text += f"\n\nExample, to {purpose}:\n<tool_call>\n{call}\n</tool_call>"
         return text
+
+
+class Qwen3Parser(HermesParser):
+    """Qwen3's own Hermes calls: its chat template lists the tools itself (`# Tools` in the system turn) and wraps
+    each result in `<tool_response>`; the model may write several calls in one reply."""
+
+    style = "qwen3"
+    native = True
+
+    @classmethod
+    def instructions(cls, intro: str, specs: list[dict], example: tuple[str, dict, str] | None) -> str:
+        """Only the intro: the template lists the tools and says how to call them."""
+        return intro
 
 
 class ReActParser(ToolCallParser):
@@ -242,7 +275,7 @@ class MistralParser(ToolCallParser):
         return intro
 
 
-def _partial_marker(text: str, marker: str) -> int:
+def partial_marker(text: str, marker: str) -> int:
     """Length of the longest end of text that is the start of marker (held back until it resolves)."""
     for n in range(min(len(text), len(marker) - 1), 0, -1):
         if marker.startswith(text[-n:]):
@@ -275,7 +308,7 @@ def _checked_call(name: str, arguments: object) -> ToolCall:
 
 
 PARSERS: dict[str, type[ToolCallParser]] = {
-    parser.style: parser for parser in (HermesParser, ReActParser, MistralParser)
+    parser.style: parser for parser in (HermesParser, Qwen3Parser, ReActParser, MistralParser)
 }
 
 

@@ -2,7 +2,7 @@
 
 import queue
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 from chat.backend import Backend, Response
@@ -24,6 +24,13 @@ class TextChunk:
     text: str
 
 
+@dataclass(frozen=True)
+class ReasoningChunk:
+    """A piece of the reply's thinking as it streams: shown apart (collapsed, dimmed), never as the answer."""
+
+    text: str
+
+
 class ToolCallStarted(ToolUse):
     """The reply asked for a tool; it is about to run."""
 
@@ -36,18 +43,20 @@ class ToolCallFinished:
     error: str = ""  # why the call was refused or failed; empty when it worked
 
 
-Event = TextChunk | ToolCallStarted | ToolCallFinished
+Event = TextChunk | ReasoningChunk | ToolCallStarted | ToolCallFinished
 
 
 class Turn:
     """Drives one or more Responses until the reply is complete; every step lands on the conversation.
 
-    Each Response is read through the family's reader and only text meant for the person is yielded,
-    and recorded on the reply as `shown`. With tools, a completed call ends its Response (whose
-    message keeps the text up to and including the call), runs, and is recorded as a tool message;
-    then a new Response continues the reply. A call past max_tool_calls is refused with a message the
-    model answers; a second one ends the turn. A finished reply may take a step of its own in its
-    family (Family.after_reply: Qwen-Audio-Chat's timestamps become clips).
+    Each Response is read through the family's reader: its thinking is yielded as ReasoningChunks and
+    recorded on the reply as `reasoning`, and only text meant for the person is yielded as TextChunks and
+    recorded as `shown`. With tools, the calls a Response makes end it: it is read on after each call
+    for more (where the family's format makes several per reply), its message keeps the text up to and
+    including the last call, the calls run in order and each is recorded as a tool message; then a new
+    Response continues the reply. A call past max_tool_calls is refused with a message the model
+    answers; a Response after that which calls again ends the turn. A finished reply may take a step of
+    its own in its family (Family.after_reply: Qwen-Audio-Chat's timestamps become clips).
     """
 
     def __init__(
@@ -82,53 +91,91 @@ class Turn:
         self.response.cancel()
 
     def __iter__(self) -> Iterator[Event]:
-        n_calls = 0
+        n_calls, n_refused = 0, 0  # calls asked for in this turn; Responses that had calls refused
         while True:
-            call = yield from self._stream()
+            calls = yield from self._stream()
             if self._cancel.is_set():
                 return
-            if call is None:
+            if not calls:
                 yield from self._after_reply()
                 return
-            n_calls += 1
-            yield from self._run(call, allowed=n_calls <= self.max_tool_calls)
-            if n_calls > self.max_tool_calls + 1 or self._cancel.is_set():
-                return  # the model ignored a refusal: stop asking it
+            for call in calls:  # a stop runs no more of them, but each still gets its result, as formats expect
+                n_calls += 1
+                yield from self._run(call, allowed=n_calls <= self.max_tool_calls, stopped=self._cancel.is_set())
+            if self._cancel.is_set():
+                return
+            if n_calls > self.max_tool_calls:
+                n_refused += 1
+                if n_refused > 1:
+                    return  # the model ignored a refusal: stop asking it
             self.responses.append(self._new_response())
 
     def _new_response(self) -> Response:
         return Response(self.backend, self.conversation, self.settings, system_prompt=self.system_prompt,
                         tools=self.tool_specs)
 
-    def _stream(self) -> Generator[Event, None, ToolCall | None]:
-        """Yield the current response's text for the user; return the first tool call it made, if any."""
-        reader, call, shown = self.backend.family.reader(tools=self.tools is not None), None, []
+    def _stream(self) -> Generator[Event, None, list[ToolCall]]:
+        """Yield the current response's thinking and its text for the person; return the tool calls it made.
+
+        The reader stops at each call; a reader of several calls per reply is fed on. Text after a call is
+        shown only once another call follows it: the reply is cut at its last call, so that text was never
+        an answer (written before any result came back).
+        """
+        reader = self.backend.family.reader(tools=self.tools is not None)
+        calls: list[ToolCall] = []
+        shown: list[str] = []  # what the person is shown of the reply
+        after: list[str] = []  # text since the last call, shown if another call follows
+        n_thought = 0  # of reader.reasoning, yielded so far
+
+        def read(text: str, new: list[ToolCall]) -> Iterator[Event]:
+            nonlocal n_thought
+            if len(reader.reasoning) > n_thought:
+                yield ReasoningChunk(reader.reasoning[n_thought:])
+                n_thought = len(reader.reasoning)
+            if calls and not new:
+                after.append(text)
+                return
+            text = "".join(after) + text
+            if calls and not text.strip():
+                text = ""  # the newline between two calls is no text for the person
+            after.clear()
+            shown.append(text)
+            if text:
+                yield TextChunk(text)
+            calls.extend(new)
+
+        def read_on(text: str, new: list[ToolCall], more: Callable[[], tuple[str, list[ToolCall]]]) -> Iterator[Event]:
+            yield from read(text, new)
+            while new and reader.several_calls and not reader.ended:  # the reader stops at each call: read on
+                text, new = more()
+                yield from read(text, new)
+
         try:
             for chunk in self.response:  # never left early: the Response records itself when it ends
-                text, calls = reader.feed(chunk)
-                shown.append(text)
-                if text:
-                    yield TextChunk(text)
-                if calls and call is None:
-                    call = calls[0]
-                    self.response.end_at(call.end)
-            if call is None:
-                text, calls = reader.finish()
-                shown.append(text)
-                if text:
-                    yield TextChunk(text)
-                call = calls[0] if calls and self.response.message.status == DONE else None
+                yield from read_on(*reader.feed(chunk), lambda: reader.feed(""))
+                if calls and (not reader.several_calls or reader.ended):
+                    self.response.end_at(calls[-1].end)  # stops the reply at once
+            if not calls or (reader.several_calls and not reader.ended):  # else the reply was stopped at its call
+                n_before = len(calls)
+                yield from read_on(*reader.finish(), reader.finish)
+                if self.response.message.status != DONE:  # a call the reply was cut off in is not one
+                    del calls[n_before:]
+            if calls and self.response.message.status == DONE:
+                self.response.end_at(calls[-1].end)  # what follows the last call is dropped
         finally:  # a failed or closed reply is described too: what the person saw of it
             if self.response.message is not None:
-                uses = (ToolUse(call.name, call.arguments),) if call is not None and call.name else ()
-                self.response.message = self.conversation.describe_reply(self.response.message, "".join(shown), uses)
-        return call
+                uses = tuple(ToolUse(call.name, call.arguments) for call in calls if call.name)
+                self.response.message = self.conversation.describe_reply(self.response.message, "".join(shown), uses,
+                                                                         reader.reasoning)
+        return calls
 
-    def _run(self, call: ToolCall, allowed: bool) -> Iterator[Event]:
-        """Run (or refuse) a call and record its result as a tool message."""
+    def _run(self, call: ToolCall, allowed: bool, stopped: bool = False) -> Iterator[Event]:
+        """Run (or refuse, or after a stop skip) a call and record its result as a tool message."""
         name = call.name or "unknown"  # a call too garbled to name its tool
         yield ToolCallStarted(name, call.arguments)
-        if call.error:
+        if stopped:
+            result = ToolResult.failure("Not run: the reply was stopped before this call.")
+        elif call.error:
             result = ToolResult.failure(call.error)
         elif not allowed:
             limit = self.max_tool_calls

@@ -3,8 +3,12 @@
 import re
 
 import pytest
+import torch
+from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
 from bench import first_token, gpu, ingest, streaming, turn_prep
+from chat.local import LocalBackend
+from testkit.tiny import omni, qwen2_5_omni
 
 
 def table(output: str) -> list[list[str]]:
@@ -56,9 +60,31 @@ def test_streaming_quick(capsys):
     assert "worst median added per chunk" in output
 
 
-@pytest.mark.parametrize("family", ["qwen2-audio", "qwen-audio-chat"])
+@pytest.mark.parametrize("family", ["qwen2-audio", "qwen-audio-chat", "qwen2.5-omni-7b", "qwen3-omni"])
 def test_gpu_tiny_quick(capsys, family):
     gpu.main(["--tiny", "--quick", "--family", family])  # exactly the asked-for number of tokens, through LocalBackend
     rows = table(capsys.readouterr().out)
     assert [row[:2] for row in rows] == [["none", "fp32"], ["nf4", "nf4"]]
     assert all(is_number(cell) for row in rows for cell in row[2:] if cell != "-")
+
+
+def test_qwen2_5_omni_7b_has_the_real_size():
+    config = Qwen2_5OmniConfig(thinker_config=qwen2_5_omni.FULL_THINKER)
+    with torch.device("meta"):
+        thinker = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config.thinker_config)
+    assert round(sum(p.numel() for p in thinker.parameters()) / 1e9, 2) == 8.93  # LM 7.62 B, audio 0.64, vision 0.68
+
+
+def test_qwen2_5_omni_7b_builder_runs_through_the_app(tmp_path):
+    # the GPU builder's whole path on the CPU: the real vocabulary, ids and file layout, narrowed widths
+    text = qwen2_5_omni.TEXT | {"vocab_size": omni.REAL_VOCAB_SIZE}
+    narrow = qwen2_5_omni.FULL_THINKER | {"audio_config": qwen2_5_omni.AUDIO, "vision_config": qwen2_5_omni.VISION,
+                                          "text_config": text}
+    folder = qwen2_5_omni.build_qwen2_5_omni_7b(tmp_path, "cpu", thinker=narrow)
+    backend = LocalBackend(str(folder), quantization="none", cpu_only=True)
+    try:
+        assert backend.family.name == "qwen2.5-omni"
+        stats = gpu.reply(backend, seed=0, n_new_tokens=4)
+        assert stats.n_prompt_tokens > 750  # a 30-s clip is 750 audio tokens, then the question in bytes
+    finally:
+        backend.close()

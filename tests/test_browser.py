@@ -17,6 +17,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from chat.store import DB_FILE, Store
+from testkit.tiny.qwen2_5_omni import build_tiny_qwen2_5_omni
+from testkit.tiny.qwen3_omni import build_tiny_qwen3_omni
 from tests.conftest import tone, write_audio
 from tests.openai_server import OpenAIServer
 from tests.test_web import endless_copy, free_port
@@ -336,3 +338,68 @@ def test_salmonn_answers_two_turns_about_two_clips_and_says_its_tools_are_off(sa
     expect(chat).to_contain_text("SALMONN · none ·")  # each reply's figures name the family
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "salmonn.png", full_page=True)
+
+
+OMNI_BUILDERS = {"Qwen2.5-Omni": build_tiny_qwen2_5_omni, "Qwen3-Omni": build_tiny_qwen3_omni}
+
+
+@pytest.fixture(scope="module", params=sorted(OMNI_BUILDERS))
+def omni_app(request, tmp_path_factory):
+    """(title, the app serving the tiny checkpoint of an Omni family, started from its full folder)."""
+    folder = tmp_path_factory.mktemp(f"browser-{request.param}")
+    app = App(folder / "app", "-c", str(OMNI_BUILDERS[request.param](folder / "model")), "--cpu-only")
+    try:
+        app.wait_until_up()
+        yield request.param, app
+    finally:
+        app.stop()
+
+
+def test_an_omni_family_answers_two_turns_about_two_clips(omni_app, browser, speech_wav, audio_files):
+    title, app = omni_app
+    page = new_page(browser)
+    page.goto(app.url)
+    expect(page.locator("#header")).to_contain_text(f"({title})")
+    set_settings(page, max_new_tokens="8")
+    send(page, "Describe the sound.", [speech_wav])
+    first = wait_for_replies(page, 1)
+    send(page, "And how does Audio 2 differ?", [audio_files["flac"]])
+    replies = wait_for_replies(page, 2)
+    assert replies[0] == first[0] and all(reply.strip() for reply in replies)
+    chat = page.locator("#chatbot")
+    expect(chat).to_contain_text("Audio 1 · question.wav")
+    expect(chat).to_contain_text("Audio 2 · tone.flac · 2.0 s")
+    expect(chat).to_contain_text(f"{title} · none ·")  # each reply's figures name the family
+    expect(chat).to_contain_text("cached")  # the second turn started from the first one's attention cache
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"{title.lower()}.png", full_page=True)
+
+
+def test_thinking_streams_in_a_block_that_folds_away_and_stays_after_a_reload(browser, tmp_path):
+    model = "Qwen/Qwen3-Omni-30B-A3B-Thinking"  # a family whose replies start with their thinking
+    with OpenAIServer(models=(model,)) as openai:
+        openai.enqueue(["<think>\nThe clip ", "rises ", "in pitch, ", "so: a chirp.", "\n</think>\n\n", "It is ",
+                        "a chirp."], delay_s=1.0)
+        app = App(tmp_path / "thinking", "-c", model, "--api-base", openai.url)
+        try:
+            app.wait_until_up()
+            page = new_page(browser)
+            page.goto(app.url)
+            send(page, "What is it?")
+            chat = page.locator("#chatbot")
+            block = chat.get_by_text("Thinking", exact=True)
+            expect(block).to_be_visible(timeout=30_000)
+            expect(chat.get_by_text("The clip rises")).to_be_visible(timeout=30_000)  # open while it is written
+            expect(chat).to_contain_text("It is a chirp.", timeout=30_000)
+            expect(chat).not_to_contain_text("The clip rises", timeout=30_000)  # folded away once the answer starts
+            expect(chat).not_to_contain_text("think>")
+            page.reload()
+            expect(chat).to_contain_text("It is a chirp.", timeout=30_000)
+            expect(block).to_be_visible(timeout=30_000)  # the block stays with the reply
+            block.click()
+            expect(chat.get_by_text("The clip rises in pitch, so: a chirp.")).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(1000)  # the block's opening slide, before the screenshot
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=ARTIFACTS / "thinking.png", full_page=True)
+        finally:
+            app.stop()

@@ -478,3 +478,63 @@ def test_set_shows_and_changes_the_generation_settings_with_clear_errors():
     assert conversation.messages[-1].figures.settings == GenerationSettings(temperature=0.2, seed=7)
     assert [line.rsplit(", ", 1)[1] for line in lines if line.startswith("Settings:")][-5:] == [
         "seed random.", "seed 3.", "seed random.", "seed 4.", "seed random."]  # empty, random or none: a new one
+
+
+class Thinking(type(DEFAULT_FAMILY)):
+    """A family whose replies start with their thinking, as Qwen3-Omni's Thinking checkpoint's do."""
+
+    reasoning_tags = ("<think>", "</think>")
+
+
+class Terminal(io.StringIO):
+    """stdout that is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def thinking_backend() -> ScriptedBackend:
+    backend = ScriptedBackend(family=Thinking())
+    backend.enqueue(["<think>\nTwo", " tones.\n</th", "ink>\n\n", "Both ", "are tones."])
+    return backend
+
+
+def test_thinking_is_marked_on_a_line_of_its_own_and_never_the_answer():
+    code, transcript, conversation = session(["What are they?", "/quit"], thinking_backend())
+    assert transcript == screen("> What are they?", "[thinking] Two tones.", "Both are tones.", "> /quit")
+    reply = conversation.messages[-1]
+    assert (reply.reasoning, reply.shown) == ("Two tones.", "Both are tones.")
+
+
+def test_thinking_is_dimmed_where_the_terminal_shows_colour(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    _, transcript, _ = session(["What are they?", "/quit"], thinking_backend(), stdout=Terminal())
+    assert "[thinking] \033[2mTwo\033[22m\033[2m tones.\033[22m\nBoth are tones.\n" in transcript
+    monkeypatch.setenv("NO_COLOR", "1")
+    _, transcript, _ = session(["What are they?", "/quit"], thinking_backend(), stdout=Terminal())
+    assert "\033[" not in transcript and "[thinking] Two tones.\nBoth are tones.\n" in transcript
+
+
+def test_a_reply_stopped_while_thinking_keeps_its_thought():
+    backend = ScriptedBackend(interval_s=0.3, family=Thinking())
+    backend.enqueue(["<think>\nFirst", " thought", " never shown"])
+    _, transcript, conversation = session(["Think.", "/quit"], backend, stdout=InterruptedScreen(" thought"))
+    assert transcript == screen("> Think.", "[thinking] First thought [stopped]", "> /quit")
+    reply = conversation.messages[-1]
+    assert (reply.status, reply.reasoning) == (STOPPED, "First thought")
+
+
+def test_several_calls_in_one_reply_are_shown_one_step_each_in_order():
+    backend = ScriptedBackend()
+    call = '<tool_call>\n{{"name": "reverse", "arguments": {{"audio": {}}}}}\n</tool_call>'
+    backend.enqueue(["Both. " + call.format(1)[:20], call.format(1)[20:] + "\n" + call.format(2)])
+    backend.enqueue(["Audio 3 and Audio 4."])
+    conversation = Conversation()
+    conversation.add_user("", [Clip.from_array(tone(1.0, f), SAMPLE_RATE, name=f"{f}.wav", source=UPLOADED)
+                               for f in (300, 400)])
+    _, transcript, _ = session(["Reverse both.", "/quit"], backend, conversation=conversation, tools=True)
+    assert transcript == screen("[Audio 1, Audio 2] > Reverse both.", "Both. ",
+                                "[tool] reverse(audio=1) → Audio 3 (1.0 s)",
+                                "[tool] reverse(audio=2) → Audio 4 (1.0 s)", "Audio 3 and Audio 4.", "> /quit")
+    assert [m.role for m in conversation.messages] == [USER, ASSISTANT, TOOL, TOOL, ASSISTANT]

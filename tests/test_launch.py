@@ -35,7 +35,7 @@ def test_help_documents_every_flag_with_its_default():
     assert result.returncode == 0
     for flag in FLAGS:
         assert f" {flag}" in result.stdout, flag
-    for default in ("Qwen/Qwen2-Audio-7B-Instruct", "default: 8000", "default: 127.0.0.1", "{4bit,8bit,none}"):
+    for default in ("Qwen/Qwen2-Audio-7B-Instruct", "default: 8000", "default: 127.0.0.1", "{4bit,8bit,fp8,none}"):
         assert default in " ".join(result.stdout.split())
 
 

@@ -213,8 +213,15 @@ def test_another_architecture_is_refused(tiny_whisper):
 
 
 def test_an_unknown_quantization_lists_the_choices(tiny_qwen2_audio):
-    with pytest.raises(SettingsError, match="Unknown quantization '3bit'; choose one of: 4bit, 8bit, none"):
+    with pytest.raises(SettingsError, match="Unknown quantization '3bit'; choose one of: 4bit, 8bit, fp8, none"):
         LocalBackend(str(tiny_qwen2_audio), quantization="3bit")
+
+
+def test_fp8_without_an_fp8_gpu_says_what_to_do(tiny_qwen2_audio):
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("this machine has a GPU with FP8 tensor cores")
+    with pytest.raises(BackendError, match="fp8 needs a GPU of compute capability 8.9 or newer.*--quantization 4bit"):
+        LocalBackend(str(tiny_qwen2_audio), quantization="fp8")
 
 
 def test_4bit_without_bitsandbytes_says_what_to_do(tiny_qwen2_audio, monkeypatch):

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chat import Clip, Conversation, StoreError, load, save
+from chat.conversation import ToolUse
 from chat.audio import SAMPLE_RATE
 from chat.clip import EDITED
 from tests.conftest import tone
@@ -47,7 +48,7 @@ def test_saved_file_is_versioned_json_and_clips_are_stored_once(tmp_path):
     c.add_user("q", [clip(1), clip(2)])
     save(c, tmp_path)
     data = json.loads((tmp_path / "conversation.json").read_text())
-    assert data["version"] == 2 and data["messages"][0]["clips"][1]["name"] == "c2.wav"
+    assert data["version"] == 3 and data["messages"][0]["clips"][1]["name"] == "c2.wav"
     assert sorted(p.stem for p in (tmp_path / "clips").iterdir()) == sorted(x.id for x in c.clips())
 
 
@@ -95,3 +96,32 @@ def test_an_edit_saved_with_its_own_label_in_its_note_reads_without_it(tmp_path)
     save(loaded, tmp_path / "again")
     assert [x.note for x in load(tmp_path / "again").clips()] == ["", "Audio 1 reversed"]  # and a note without it stays
 
+
+
+def test_a_replys_thinking_and_calls_are_saved_and_read_back(tmp_path):
+    c = Conversation()
+    c.add_user("Reverse Audio 1 and Audio 2.", [clip(1), clip(2)])
+    text = '<think>\nBoth.\n</think>\n\n<tool_call>{"name": "reverse"}</tool_call>\n<tool_call>...</tool_call>'
+    reply = c.add_assistant(text)
+    c.describe_reply(reply, "", (ToolUse("reverse", {"audio": 1}), ToolUse("reverse", {"audio": 2})), "Both.")
+    c.add_tool("reverse", "made Audio 3")
+    c.add_tool("reverse", "made Audio 4")  # one result per call, in order
+    save(c, tmp_path)
+    assert json.loads((tmp_path / "conversation.json").read_text())["messages"][1]["reasoning"] == "Both."
+    loaded = load(tmp_path)
+    assert_identical(loaded, c)
+    assert (loaded.messages[1].reasoning, loaded.messages[1].text, len(loaded.messages[1].calls)) == ("Both.", text, 2)
+
+
+def test_a_version_2_file_without_thinking_still_loads(tmp_path):
+    c = Conversation()
+    c.add_user("q")
+    c.add_assistant("a")
+    save(c, tmp_path)
+    path = tmp_path / "conversation.json"
+    data = json.loads(path.read_text())
+    data["version"] = 2
+    for message in data["messages"]:
+        del message["reasoning"]
+    path.write_text(json.dumps(data))
+    assert load(tmp_path).messages == c.messages and load(tmp_path).messages[1].reasoning == ""

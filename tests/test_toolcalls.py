@@ -140,7 +140,7 @@ def test_react_action_without_input_is_plain_text():
 def test_styles_and_their_registry():
     assert get_family("qwen2-audio").tool_style == "hermes" and get_family("qwen-audio-chat").tool_style == "react"
     assert isinstance(get_parser("react"), ReActParser)
-    with pytest.raises(ValueError, match="choose one of: hermes, react"):
+    with pytest.raises(ValueError, match="choose one of: hermes, qwen3, react, mistral"):
         get_parser("xml")
 
 
@@ -150,3 +150,41 @@ def test_the_prompt_example_parses_in_its_own_format(style):
     text = get_parser(style).instructions("Edit clips.", [], example)
     _, calls = stream(style, [text.split("Example, to remove 3.04 to 3.23 s from Audio 2:\n")[1]])
     assert (calls[0].name, calls[0].arguments, calls[0].error) == ("delete_ranges", ARGUMENTS, "")
+
+
+def read_on(style: str, chunks: list[str]):
+    """Feed chunks then finish, reading on after each call as a turn does; returns (shown, calls, parser)."""
+    parser, shown, calls = get_parser(style), [], []
+
+    def take(result: tuple[str, list], more) -> None:
+        while True:
+            shown.append(result[0])
+            calls.extend(result[1])
+            if not result[1]:
+                return
+            result = more()
+
+    for chunk in chunks:
+        take(parser.feed(chunk), lambda: parser.feed(""))
+    take(parser.finish(), parser.finish)
+    return shown, calls, parser
+
+
+def test_several_hermes_calls_are_read_on_every_split_and_a_result_the_model_writes_ends_the_reply():
+    calls_part = "A" + HERMES_CALL + "\n" + HERMES_CALL
+    reply = calls_part + "\n<tool_response>\nmade up\n</tool_response>" + HERMES_CALL + "more"
+    for chunks in splits(reply, 2):
+        shown, calls, parser = read_on("hermes", chunks)
+        assert [c.end for c in calls] == [len("A" + HERMES_CALL), len(calls_part)] and parser.ended
+        assert "".join(shown) == "A\n\n"  # nothing of the made-up result, nor of what follows it
+
+
+def test_a_result_tag_before_any_call_is_text():
+    shown, calls, parser = read_on("hermes", ["It comes in <tool_response> tags."])
+    assert "".join(shown) == "It comes in <tool_response> tags." and not calls and not parser.ended
+
+
+def test_which_formats_make_several_calls_per_reply():
+    assert get_parser("hermes").several_calls
+    assert not get_parser("react").several_calls  # it stops at its Observation
+    assert not get_parser("mistral").several_calls  # a list is read as its first call

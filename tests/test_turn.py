@@ -15,7 +15,7 @@ from chat.families.base import ReplyStep
 from chat.families.qwen_audio_chat.spans import SPANS_TOOL
 from chat.remote import RemoteBackend
 from chat.tools import ToolBox
-from chat.turn import END, TextChunk, ToolCallFinished, ToolCallStarted, Turn, drain, in_batches
+from chat.turn import END, ReasoningChunk, TextChunk, ToolCallFinished, ToolCallStarted, Turn, drain, in_batches
 from testkit.scripted import ScriptedBackend
 from tests.conftest import tone
 from tests.openai_server import OpenAIServer, decoded_audio
@@ -240,3 +240,133 @@ def list_or_error(batches) -> list | Exception:
         return list(batches)
     except Exception as e:
         return e
+
+
+def reverse_call(audio: int) -> str:
+    return f'<tool_call>\n{{"name": "reverse", "arguments": {{"audio": {audio}}}}}\n</tool_call>'
+
+
+TWO_CALLS_SPLIT = ["I'll reverse both. <tool", '_call>\n{"name": "reverse", "arguments": {"audio": 1}}\n</tool_call>\n',
+                   '<tool_call>\n{"name": "reverse", "arguments": {"audio": 2}}\n</tool', "_call>"]
+
+
+def test_several_calls_in_one_reply_run_in_order_and_the_next_prompt_holds_every_result(conversation):
+    backend = ScriptedBackend()
+    backend.enqueue(TWO_CALLS_SPLIT)
+    backend.enqueue(["Audio 3 and Audio 4 are reversed."])
+    events = list(Turn(backend, conversation, tools=ToolBox()))
+
+    assert kinds(events) == ["TextChunk", "ToolCallStarted", "ToolCallFinished", "ToolCallStarted", "ToolCallFinished",
+                             "TextChunk"]
+    assert [e for e in events if isinstance(e, ToolCallStarted)] == [ToolCallStarted("reverse", {"audio": 1}),
+                                                                    ToolCallStarted("reverse", {"audio": 2})]
+    reply = conversation.messages[1]
+    assert reply.text == "".join(TWO_CALLS_SPLIT) and reply.shown == "I'll reverse both. " and reply.status == DONE
+    assert [(c.name, c.arguments) for c in reply.calls] == [("reverse", {"audio": 1}), ("reverse", {"audio": 2})]
+    assert shape(conversation)[2:] == [(TOOL, "Audio 3 = Audio 1 reversed (2.00 s)."),
+                                       (TOOL, "Audio 4 = Audio 2 reversed (3.00 s)."),
+                                       (ASSISTANT, "Audio 3 and Audio 4 are reversed.")]
+    finished = [e for e in events if isinstance(e, ToolCallFinished)]
+    assert [e.message for e in finished] == conversation.messages[2:4]
+    assert len(backend.prompts) == 2  # one Response for both calls, one for the answer
+    first, second = (backend.prompts[1].text.index(f"Audio {n} = Audio {n - 2} reversed") for n in (3, 4))
+    assert first < second and backend.prompts[1].text.count("<tool_response>\n") == 2
+
+
+def test_a_stop_between_calls_runs_no_more_but_gives_each_call_its_result(conversation):
+    backend = ScriptedBackend()
+    backend.enqueue(TWO_CALLS_SPLIT)
+    turn = Turn(backend, conversation, tools=ToolBox())
+    events = []
+    for event in turn:
+        events.append(event)
+        if isinstance(event, ToolCallFinished):
+            turn.cancel()  # after the first call ran
+    assert [(m.role, m.failed) for m in conversation.messages[2:]] == [(TOOL, False), (TOOL, True)]
+    assert conversation.messages[-1].text == "Error: Not run: the reply was stopped before this call."
+    assert len(conversation.clips()) == 3 and len(backend.prompts) == 1  # one clip made, no reply asked for
+
+
+def test_text_between_calls_is_shown_and_text_after_the_last_is_dropped_with_it(conversation):
+    backend = ScriptedBackend()
+    backend.enqueue(["First ", reverse_call(1), " then ", reverse_call(2) + " and I", " am done."])
+    backend.enqueue(["Done."])
+    events = list(Turn(backend, conversation, tools=ToolBox()))
+    assert "".join(e.text for e in events if isinstance(e, TextChunk)) == "First  then Done."
+    reply = conversation.messages[1]
+    assert reply.text == f"First {reverse_call(1)} then {reverse_call(2)}" and reply.shown == "First  then "
+    assert [m.role for m in conversation.messages[1:]] == [ASSISTANT, TOOL, TOOL, ASSISTANT]
+
+
+def test_every_call_of_a_reply_counts_against_the_limit(conversation):
+    backend = ScriptedBackend()
+    backend.enqueue([reverse_call(1) + reverse_call(2) + reverse_call(1)])  # the third is past the limit of 2
+    backend.enqueue([reverse_call(2)])  # the model ignores the refusal: refused too, and the turn ends
+    backend.enqueue(["never asked"])
+    events = list(Turn(backend, conversation, tools=ToolBox(), max_tool_calls=2))
+    finished = [e for e in events if isinstance(e, ToolCallFinished)]
+    assert [bool(e.error) for e in finished] == [False, False, True, True]
+    assert "this turn already ran 2 tool calls, the limit" in finished[2].error
+    assert [m.role for m in conversation.messages[1:]] == [ASSISTANT, TOOL, TOOL, TOOL, ASSISTANT, TOOL]
+    assert len(backend.prompts) == 2 and backend.replies == [["never asked"]]
+
+
+def test_a_result_the_model_writes_itself_ends_the_reply_at_its_last_call(conversation):
+    backend = ScriptedBackend()
+    backend.enqueue([reverse_call(1), "\n<tool_resp", "onse>\nAudio 3 = made up\n</tool_response>\n", reverse_call(2),
+                     "never read"])
+    backend.enqueue(["Done."])
+    events = list(Turn(backend, conversation, tools=ToolBox()))
+    assert [e for e in events if isinstance(e, ToolCallStarted)] == [ToolCallStarted("reverse", {"audio": 1})]
+    assert conversation.messages[1].text == reverse_call(1) and len(conversation.clips()) == 3
+    assert conversation.messages[-1].text == "Done."
+
+
+class Thinking(type(get_family("qwen2-audio"))):
+    """A family whose replies start with their thinking, as Qwen3-Omni's Thinking checkpoint's do."""
+
+    reasoning_tags = ("<think>", "</think>")
+
+
+THINKING_SPLIT = ["<th", "ink>\nTwo clips", "; reverse ", "both.\n</th", "ink>\n", "\nOn it. "]
+
+
+def test_thinking_streams_apart_and_is_recorded_apart_from_the_answer(conversation):
+    backend = ScriptedBackend(family=Thinking())
+    backend.enqueue(THINKING_SPLIT + ["Both ", "are fine."])
+    events = list(Turn(backend, conversation))
+    assert kinds(events) == ["ReasoningChunk"] * 3 + ["TextChunk"] * 3
+    assert "".join(e.text for e in events if isinstance(e, ReasoningChunk)) == "Two clips; reverse both."
+    reply = conversation.messages[-1]
+    assert reply.text == "".join(THINKING_SPLIT) + "Both are fine."  # what the model wrote, tags and all
+    assert (reply.reasoning, reply.shown, reply.display_text) == ("Two clips; reverse both.", "On it. Both are fine.",
+                                                                  "On it. Both are fine.")
+
+
+def test_thinking_then_several_calls_and_calls_in_the_thinking_are_not_run(conversation):
+    backend = ScriptedBackend(family=Thinking())
+    backend.enqueue([f"<think>\nNot {reverse_call(2)} alone: both.\n</think>\n\n", reverse_call(1), "\n",
+                     reverse_call(2)])
+    backend.enqueue(["<think>\nDone both.\n</think>\n\nReversed."])
+    events = list(Turn(backend, conversation, tools=ToolBox()))
+    assert kinds(events) == ["ReasoningChunk", "ToolCallStarted", "ToolCallFinished", "ToolCallStarted",
+                             "ToolCallFinished", "ReasoningChunk", "TextChunk"]
+    first, second = conversation.messages[1], conversation.messages[-1]
+    assert first.reasoning == f"Not {reverse_call(2)} alone: both." and first.shown == ""
+    assert [c.arguments for c in first.calls] == [{"audio": 1}, {"audio": 2}]
+    assert first.text.endswith(reverse_call(1) + "\n" + reverse_call(2))
+    assert (second.reasoning, second.shown) == ("Done both.", "Reversed.")
+
+
+def test_a_reply_stopped_while_thinking_keeps_what_was_thought(conversation):
+    backend = ScriptedBackend(family=Thinking())
+    backend.enqueue(["<think>\nFirst", " thought", " never seen"])
+    turn = Turn(backend, conversation, tools=ToolBox())
+    events = []
+    for event in turn:
+        events.append(event)
+        if len(events) == 2:
+            turn.cancel()
+    reply = conversation.messages[-1]
+    assert (reply.status, reply.reasoning, reply.shown) == (STOPPED, "First thought", "")
+    assert "".join(e.text for e in events) == "First thought"

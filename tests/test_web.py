@@ -771,3 +771,84 @@ def test_each_update_sends_what_gradio_would_and_processes_only_what_changed(tmp
     session.view.show(session.conversation, "So far, and more")
     assert [[m.content for m in messages] for messages in processed] == [["So far, and more"]]  # the new text only
 
+
+
+class Thinking(type(ScriptedBackend().family)):
+    """A family whose replies start with their thinking, as Qwen3-Omni's Thinking checkpoint's do."""
+
+    reasoning_tags = ("<think>", "</think>")
+
+
+def thoughts(chat: list) -> list[tuple[str, str | None, str]]:
+    """(title, status, text) of each thinking block of a rendered chat."""
+    return [(m.metadata["title"], m.metadata.get("status"), m.content) for m in chat
+            if m.metadata and m.metadata.get("title") == "Thinking"]
+
+
+def test_thinking_streams_open_then_folds_away_and_stays_with_the_reply(tmp_path):
+    backend = ScriptedBackend(interval_s=0.25, family=Thinking())
+    backend.enqueue(["<think>\nThe clip", " is a tone.", "\n</think>\n\n", "A tone."])
+    page = ChatPage(backend, Store(tmp_path), None)
+    _, session, *_ = page.open_session(None)
+    renders = send(page, session, "What is it?")
+    assert thoughts(renders[0]) == [("Thinking", "pending", "The clip")]  # open, with a spinner, while it is written
+    assert ("Thinking", "pending", "The clip is a tone.") in [t for r in renders for t in thoughts(r)]
+    final = renders[-1]
+    assert thoughts(final) == [("Thinking", "done", "The clip is a tone.")]  # folded away once done
+    assert bot_texts(final)[-1] == "A tone."  # the answer, in a message of its own
+    assert not any("think>" in all_text(r) for r in renders)
+    reply = session.conversation.messages[-1]
+    assert (reply.reasoning, reply.shown) == ("The clip is a tone.", "A tone.")
+    assert thoughts(page.open_session(session.id)[2]) == thoughts(final)  # after a reload
+    _, other, *_ = page.open_session(None)
+    page.upload(other, page.download(session).value["path"])
+    assert thoughts(page._render(other)) == thoughts(final)  # and in a downloaded copy opened again
+
+
+def test_a_reply_stopped_while_thinking_shows_what_was_thought(tmp_path):
+    backend = ScriptedBackend(interval_s=0.25, family=Thinking())
+    backend.enqueue(["<think>\nFirst", " thought", " and more", " and more"])
+    page = ChatPage(backend, Store(tmp_path), None)
+    _, session, *_ = page.open_session(None)
+    page.add_message(session, {"text": "Think.", "files": []}, *SETTINGS)
+    stream = page.respond(session)
+    next(stream)
+    next(stream)
+    stream.close()  # as gradio closes it on Stop
+    final = page._render(session)
+    assert thoughts(final)[0][:2] == ("Thinking", "done") and thoughts(final)[0][2].startswith("First thought")
+    assert bot_texts(final)[-1] == "*Stopped by the user.*"
+
+
+def test_several_calls_in_one_reply_show_as_steps_in_order(tmp_path, speech_wav):
+    backend = ScriptedBackend()
+    call = '<tool_call>\n{{"name": "delete_ranges", "arguments": {{"audio": 1, "ranges": [[{}, {}]]}}}}\n</tool_call>'
+    backend.enqueue(["Cutting twice.\n" + call.format(0.1, 0.2)[:30], call.format(0.1, 0.2)[30:] + "\n",
+                     call.format(0.3, 0.4)])
+    backend.enqueue(["Done: Audio 2 and Audio 3."])
+    shown_running: list[str] = []  # the titles of the running steps the page has shown
+    page_caught_up = threading.Condition()
+
+    @functools.wraps(delete_ranges)
+    def delete_ranges_once_shown(audio, ranges):  # a tool that runs until the page has shown it running
+        title = f"🛠 delete_ranges(audio=1, ranges={ranges!r})"  # as the model wrote the call
+        with page_caught_up:
+            assert page_caught_up.wait_for(lambda: title in shown_running, timeout=30), f"never shown: {title}"
+        return delete_ranges(audio, ranges)
+
+    page = ChatPage(backend, Store(tmp_path), ToolBox([Tool.from_function(delete_ranges_once_shown)]))
+    _, session, *_ = page.open_session(None)
+    page.add_message(session, {"text": "Cut twice.", "files": [str(speech_wav)]}, *SETTINGS)
+    renders = []
+    for chat in page.respond(session):
+        renders.append(chat)
+        with page_caught_up:
+            shown_running += [m.metadata["title"] for m in chat if m.metadata.get("status") == "pending"]
+            page_caught_up.notify_all()
+    assert list(dict.fromkeys(shown_running)) == ["🛠 delete_ranges(audio=1, ranges=[[0.1, 0.2]])",
+                                                  "🛠 delete_ranges(audio=1, ranges=[[0.3, 0.4]])"]
+    final = renders[-1]
+    assert [m.metadata for m in final if m.metadata] == [{"title": "🛠 delete_ranges", "status": "done"}] * 2
+    assert bot_texts(final)[0] == "Cutting twice." and bot_texts(final)[-1] == "Done: Audio 2 and Audio 3."
+    assert [clip.note for clip in session.conversation.clips()[1:]] == ["Audio 1 with 0.1–0.2 s removed",
+                                                                        "Audio 1 with 0.3–0.4 s removed"]

@@ -10,7 +10,7 @@ import importlib
 from pathlib import Path
 
 from chat.errors import BackendError
-from chat.families import qwen2_audio, qwen_audio_chat, salmonn, voxtral
+from chat.families import qwen2_5_omni, qwen2_audio, qwen3_omni, qwen_audio_chat, salmonn, voxtral
 from chat.families.base import Family, LoadOptions, LocalModel
 
 # each family with its LocalModel class by dotted path
@@ -19,6 +19,8 @@ REGISTRY: tuple[tuple[Family, str], ...] = (
     (qwen_audio_chat.FAMILY, "chat.families.qwen_audio_chat.model.QwenAudioChatModel"),
     (salmonn.FAMILY, "chat.families.salmonn.model.SalmonnModel"),
     (voxtral.FAMILY, "chat.families.voxtral.model.VoxtralModel"),
+    (qwen2_5_omni.FAMILY, "chat.families.qwen2_5_omni.model.Qwen2_5OmniModel"),
+    (qwen3_omni.FAMILY, "chat.families.qwen3_omni.model.Qwen3OmniModel"),
 )
 FAMILIES: dict[str, Family] = {family.name: family for family, _ in REGISTRY}
 LOCAL_MODELS: dict[str, str] = {family.name: model for family, model in REGISTRY}

@@ -19,6 +19,7 @@ from chat.audio import SAMPLE_RATE, n_windows
 from chat.clip import Clip
 from chat.conversation import DEFAULT_SYSTEM_PROMPT, Conversation
 from chat.prompts import Control, Prompt, PromptRenderer, Text
+from chat.reasoning import ReasoningReader
 from chat.settings import GenerationSettings
 from chat.toolcalls import ReplyReader, get_parser
 
@@ -46,7 +47,7 @@ class LoadOptions:
 
     dtype: torch.dtype
     device_map: str | dict
-    quantization_config: object | None  # transformers' BitsAndBytesConfig, or None for full precision
+    quantization_config: object | None  # BitsAndBytesConfig or FineGrainedFP8Config; None for full precision
 
 
 class LocalModel:
@@ -119,6 +120,24 @@ class LocalModel:
         return None
 
 
+class TransformersTokenizerModel(LocalModel):
+    """A LocalModel whose tokenizer is transformers' own (Qwen2-Audio, the Omni families): its ids and stop ids."""
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """The tokenizer's ids of each text."""
+        return self.tokenizer(texts)["input_ids"] if texts else []
+
+    def control_id(self, token: str) -> int:
+        """The tokenizer's id of a special token."""
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+    def end_ids(self, tokens: list[str]) -> list[int]:
+        """The ids of tokens that end a reply, with every end the checkpoint's generation config names."""
+        eos = self.model.generation_config.eos_token_id  # None, an id or a list of ids
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return sorted({*map(self.control_id, tokens), *eos})
+
+
 class Family:
     """One model family: how its checkpoints look, how it hears, what its prompts are, what it can do."""
 
@@ -131,6 +150,7 @@ class Family:
     settings = GenerationSettings()  # its published sampling defaults
     tool_style: str | None = "hermes"  # the tool-call format it is offered (chat.toolcalls); None: it has none
     offers_tools = False  # whether the editing tools are offered unless a person says otherwise: if trained on calls
+    reasoning_tags: tuple[str, str] | None = None  # (open, close) of the thinking a reply may start with
     control_tokens: tuple[str, ...] = ()  # tokens a person's text must not produce
     unquantized_modules: tuple[str, ...] = ()  # full module paths kept in bf16 when the LLM is quantized
     served_by_vllm = False
@@ -171,8 +191,10 @@ class Family:
         raise NotImplementedError(f"No OpenAI-compatible server serves {self.title}; run it locally instead.")
 
     def reader(self, tools: bool) -> ReplyReader:
-        """Reads a streamed reply: text meant for the person and, with tools, the calls it makes."""
-        return get_parser(self.tool_style) if tools else ReplyReader()
+        """Reads a streamed reply: its thinking (with reasoning_tags), text meant for the person and, with tools,
+        the calls it makes."""
+        reader = get_parser(self.tool_style) if tools else ReplyReader()
+        return reader if self.reasoning_tags is None else ReasoningReader(self.reasoning_tags, reader)
 
     def after_reply(self, conversation: Conversation) -> ReplyStep | None:
         """The step the reply that ends the conversation takes by itself, if any; the base family takes none."""

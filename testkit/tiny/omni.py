@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken
 from transformers import GenerationConfig, PreTrainedModel, Qwen2Tokenizer, WhisperFeatureExtractor
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from testkit.tiny.common import (
     PRINTABLE_ASCII, SAMPLING_RATE, SEED, Weights, byte_vocab, space_merges, suppress_all_but,
 )
 
 REAL_FIRST_ADDED_ID = 151643  # <|endoftext|> in every Qwen2.5 / Qwen3 vocabulary
+REAL_VOCAB_SIZE = 152064  # both families' embedding rows, more than their tokenizers' ids
 N_SPACED = len(space_merges())  # " x" tokens after the 256 bytes
 FIRST_ADDED_ID = 256 + N_SPACED
 VOCAB_SIZE = 512  # the embedding rows, more than the tokenizer's ids, as the real 152064 are
@@ -60,6 +62,33 @@ def tiny_tokenizer(
     if ids != list(range(FIRST_ADDED_ID, FIRST_ADDED_ID + len(tokens))):
         raise AssertionError(f"added tokens landed at {ids}")
     tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def full_vocab_tokenizer(added: list[tuple[str, bool]], named: dict[str, str], model_max_length: int,
+                         vocab_size: int = REAL_VOCAB_SIZE) -> Qwen2Tokenizer:
+    """A byte-level tokenizer with a token for each of the model's embedding rows, the added tokens at their real ids.
+
+    The real tokenizer cannot be downloaded here. Every other id past the bytes decodes to a word (" t1234"), so a
+    random model's replies stream as text; prompts split into bytes (no merges), some 60 more text tokens than the
+    real tokenizer gives beside a clip's audio tokens. added and named as tiny_tokenizer takes them; both families'
+    real-shape builders use it.
+    """
+    symbols = bytes_to_unicode()
+    first, n_added = REAL_FIRST_ADDED_ID, len(added)
+    vocab = {symbols[b]: b for b in range(256)}
+    vocab.update({f"{symbols[ord(' ')]}t{i}": i for i in range(256, vocab_size) if not first <= i < first + n_added})
+    vocab.update({token: first + i for i, (token, _) in enumerate(added)})
+    eos, pad = "<|im_end|>", "<|endoftext|>"
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, eos_token=eos, pad_token=pad,
+        extra_special_tokens=[token for token, special in added if special and token not in (eos, pad)],
+        model_max_length=model_max_length, clean_up_tokenization_spaces=False, errors="replace", **named,
+    )
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token, special in added
+                          if not special])
+    if tokenizer.convert_tokens_to_ids([token for token, _ in added]) != list(range(first, first + n_added)):
+        raise AssertionError("the added tokens left their real ids")
     return tokenizer
 
 

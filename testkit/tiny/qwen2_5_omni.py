@@ -16,6 +16,10 @@ id - 151643 + omni.FIRST_ADDED_ID. The talker's text ids (<tts_text_*>, each voi
 in the real tokenizer either: they sit near the end of the embedding rows, as 151859.. do in the real 152064.
 
 Run as a script to write one:  python -m testkit.tiny.qwen2_5_omni /tmp/tiny-qwen2.5-omni
+
+build_qwen2_5_omni_7b(folder, device) writes Qwen2.5-Omni-7B's thinker at its real shapes with random bf16 weights
+(for bench/gpu.py): 8.93 B parameters (language model with lm_head 7.62 B, audio encoder 0.64 B, vision encoder
+0.68 B), 17.9 GB; in 4 bit (NF4 layers, the rest bf16) 8.2 GB.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, Qwen2Tokenizer
+from transformers import (
+    GenerationConfig,
+    Qwen2_5OmniConfig,
+    Qwen2_5OmniForConditionalGeneration,
+    Qwen2_5OmniThinkerForConditionalGeneration,
+    Qwen2Tokenizer,
+)
 
 from testkit.tiny import omni
 from testkit.tiny.common import SEED
@@ -87,6 +97,25 @@ BIGVGAN = {"mel_dim": MEL_BINS_OUT, "upsample_initial_channel": 64, "resblock_ke
            "upsample_rates": [5, 3, 2, 2, 2, 2], "upsample_kernel_sizes": [11, 7, 4, 4, 4, 4]}  # the real 240x
 N_REF_MEL_FRAMES = 32
 
+# Qwen/Qwen2.5-Omni-7B's thinker_config (config.json), as public copies of it and transformers' config defaults
+# (documented as that checkpoint's) give it; the vision tower is Qwen2.5-VL-7B's (its config.json: 1280 wide).
+FULL_ROPE = ROPE | {"mrope_section": [16, 24, 24]}  # sums to head_dim / 2 = 3584 / 28 / 2
+FULL_TEXT = TEXT | {"vocab_size": omni.REAL_VOCAB_SIZE, "hidden_size": 3584, "intermediate_size": 18944,
+                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                    "rope_parameters": FULL_ROPE}
+FULL_AUDIO = AUDIO | {"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+                      "output_dim": 3584}  # Whisper-large-v3 sized
+FULL_VISION = VISION | {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                        "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]}
+REAL_ID = {token: omni.REAL_FIRST_ADDED_ID + i for i, (token, _) in enumerate(ADDED_TOKENS)}
+FULL_THINKER = THINKER | {
+    "text_config": FULL_TEXT, "audio_config": FULL_AUDIO, "vision_config": FULL_VISION,
+    "audio_token_index": REAL_ID["<|AUDIO|>"], "image_token_index": REAL_ID["<|IMAGE|>"],
+    "video_token_index": REAL_ID["<|VIDEO|>"], "audio_start_token_id": REAL_ID["<|audio_bos|>"],
+    "audio_end_token_id": REAL_ID["<|audio_eos|>"], "vision_start_token_id": REAL_ID["<|vision_bos|>"],
+    "vision_end_token_id": REAL_ID["<|vision_eos|>"],
+}
+
 
 def tiny_tokenizer(chat_template: str | None = None) -> Qwen2Tokenizer:
     """The byte-level tokenizer with Qwen2.5-Omni's added tokens (and a chat template when one is passed)."""
@@ -114,6 +143,33 @@ def build_tiny_qwen2_5_omni(folder: Path, chat_template: str | None = None) -> P
     omni.fill(model, model.thinker, [ID["<|im_end|>"], ID["<|endoftext|>"]])
     folder = omni.save(folder, model, tiny_tokenizer(chat_template))
     torch.save(speakers(), folder / "spk_dict.pt")
+    return folder
+
+
+def build_qwen2_5_omni_7b(folder: Path, device: str | torch.device, thinker: dict = FULL_THINKER) -> Path:
+    """Qwen2.5-Omni-7B's thinker at its real shapes, random bf16 weights made on the device, saved as the real
+    checkpoint lays the thinker out; returns the folder.
+
+    Only the thinker is built: the app loads nothing else while the voice is off. config.json is the whole model's
+    (model_type qwen2_5_omni, which the family recognizes; the talker and token2wav sections at transformers'
+    defaults, enable_audio_output false); the weights are named as transformers saves a thinker (model.*,
+    audio_tower.*, visual.*, lm_head.*: the real shards' names without their thinker. prefix, which the loader
+    strips). thinker: the thinker_config (a narrowed one checks the whole path on a CPU).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False)  # no talker weights to speak with
+    tokenizer = omni.full_vocab_tokenizer(ADDED_TOKENS, NAMED_TOKENS, MAX_POSITIONS, thinker["text_config"]["vocab_size"])
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config.thinker_config, dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=REAL_ID["<|im_end|>"],
+                                               pad_token_id=REAL_ID["<|endoftext|>"])
+    model.save_pretrained(folder)
+    del model
+    config.save_pretrained(folder)  # the whole model's config.json over the thinker's own
+    tokenizer.save_pretrained(folder)
+    omni.feature_extractor().save_pretrained(folder)
     return folder
 
 

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from testkit import DATA as TESTKIT_DATA
-from testkit.tiny.common import SEED, Weights
+from testkit.tiny.common import Weights
 
 DATA = TESTKIT_DATA / "salmonn"
 LLM = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,

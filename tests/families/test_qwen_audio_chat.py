@@ -6,7 +6,6 @@ tiny checkpoint, run once in a side environment by testkit/parity/run_original_q
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -5,11 +5,11 @@ import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from chat.audio import SAMPLE_RATE
-from chat.families.base import LoadOptions, LocalModel
+from chat.families.base import LoadOptions, TransformersTokenizerModel
 from chat.families.qwen2_audio.family import IM_END, IM_START
 
 
-class Qwen2AudioModel(LocalModel):
+class Qwen2AudioModel(TransformersTokenizerModel):
     """Qwen2AudioForConditionalGeneration and its processor, from_pretrained."""
 
     def __init__(self, checkpoint: str, options: LoadOptions) -> None:
@@ -21,17 +21,7 @@ class Qwen2AudioModel(LocalModel):
         self.tokenizer = self.processor.tokenizer
         self.audio_token_id = self.model.config.audio_token_id
         self.context_tokens = self.model.config.text_config.max_position_embeddings
-        eos = self.model.generation_config.eos_token_id  # None, an id or a list of ids
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.stop_ids = sorted({*self.tokenizer.convert_tokens_to_ids([IM_END, IM_START]), *eos})
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """The tokenizer's ids of each text."""
-        return self.tokenizer(texts)["input_ids"] if texts else []
-
-    def control_id(self, token: str) -> int:
-        """The tokenizer's id of a special token."""
-        return self.tokenizer.convert_tokens_to_ids(token)
+        self.stop_ids = self.end_ids([IM_END, IM_START])
 
     def features(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         """The processor's mel features of one part, padded to the 30-s window, with its frame mask."""

@@ -80,6 +80,18 @@ class App:
         self.process.terminate()
         self.process.wait(timeout=10)
 
+    def __enter__(self) -> "App":
+        """Serving: wait_until_up(); leaving the block stops it."""
+        try:
+            self.wait_until_up()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 @pytest.fixture(scope="module")
 def apps(tiny_qwen2_audio, tmp_path_factory):
@@ -312,12 +324,8 @@ def test_the_side_panel_lists_conversations_and_opens_an_older_one(apps, browser
 @pytest.fixture(scope="module")
 def salmonn_app(tiny_salmonn, tmp_path_factory):
     """The app serving the tiny SALMONN parts, started from their decode yaml as a person would."""
-    app = App(tmp_path_factory.mktemp("browser-salmonn") / "app", "-c", str(tiny_salmonn), "--cpu-only")
-    try:
-        app.wait_until_up()
+    with App(tmp_path_factory.mktemp("browser-salmonn") / "app", "-c", str(tiny_salmonn), "--cpu-only") as app:
         yield app
-    finally:
-        app.stop()
 
 
 def test_salmonn_answers_two_turns_about_two_clips_and_says_its_tools_are_off(salmonn_app, browser, speech_wav,
@@ -347,12 +355,8 @@ OMNI_BUILDERS = {"Qwen2.5-Omni": build_tiny_qwen2_5_omni, "Qwen3-Omni": build_ti
 def omni_app(request, tmp_path_factory):
     """(title, the app serving the tiny checkpoint of an Omni family, started from its full folder)."""
     folder = tmp_path_factory.mktemp(f"browser-{request.param}")
-    app = App(folder / "app", "-c", str(OMNI_BUILDERS[request.param](folder / "model")), "--cpu-only")
-    try:
-        app.wait_until_up()
+    with App(folder / "app", "-c", str(OMNI_BUILDERS[request.param](folder / "model")), "--cpu-only") as app:
         yield request.param, app
-    finally:
-        app.stop()
 
 
 def test_an_omni_family_answers_two_turns_about_two_clips(omni_app, browser, speech_wav, audio_files):
@@ -380,9 +384,7 @@ def test_thinking_streams_in_a_block_that_folds_away_and_stays_after_a_reload(br
     with OpenAIServer(models=(model,)) as openai:
         openai.enqueue(["<think>\nThe clip ", "rises ", "in pitch, ", "so: a chirp.", "\n</think>\n\n", "It is ",
                         "a chirp."], delay_s=1.0)
-        app = App(tmp_path / "thinking", "-c", model, "--api-base", openai.url)
-        try:
-            app.wait_until_up()
+        with App(tmp_path / "thinking", "-c", model, "--api-base", openai.url) as app:
             page = new_page(browser)
             page.goto(app.url)
             send(page, "What is it?")
@@ -401,5 +403,3 @@ def test_thinking_streams_in_a_block_that_folds_away_and_stays_after_a_reload(br
             page.wait_for_timeout(1000)  # the block's opening slide, before the screenshot
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=ARTIFACTS / "thinking.png", full_page=True)
-        finally:
-            app.stop()

@@ -77,6 +77,21 @@ def session(lines, backend=None, recorder=None, conversation=None, stdout=None, 
     return code, stdout.getvalue(), conversation
 
 
+def two_turns_about_two_clips(backend: Backend, folder: Path) -> None:
+    """The terminal with a real (tiny) model: a clip added and asked about, then a second one, greedily; both replies
+    land, stream to the screen, and the second starts from the first one's attention cache."""
+    files = [write_audio(folder / f"clip{k}.wav", tone(1.6 + k, 300.0 + 200 * k)) for k in (1, 2)]
+    lines = [f"/add {files[0]}", "/set max_new_tokens 6", "/set temperature 0", "What is Audio 1?",
+             f"/add {files[1]}", "And Audio 2?", "/quit"]
+    code, transcript, conversation = session(lines, backend)
+    assert code == 0
+    replies = [m for m in conversation.messages if m.role == ASSISTANT]
+    assert [m.status for m in replies] == [DONE, DONE] and all(m.text for m in replies)
+    assert [clip.name for clip in conversation.clips()] == ["clip1.wav", "clip2.wav"]
+    assert replies[1].figures.reused_tokens > 0
+    assert all(m.display_text in transcript for m in replies)
+
+
 def take(seconds: float, sample_rate: int = 48000) -> tuple[np.ndarray, int]:
     """What a stereo 16-bit microphone delivers for `seconds` of a tone."""
     mono = (tone(seconds, 300, sample_rate) * 32767).astype(np.int16)

@@ -32,6 +32,7 @@ from testkit import DATA
 from testkit.tiny.qwen2_5_omni import build_tiny_qwen2_5_omni
 from tests.conftest import one_intra_op_thread, tone
 from tests.openai_server import OpenAIServer, decoded_audio
+from tests.test_cli import two_turns_about_two_clips
 
 FAMILY = get_family("qwen2.5-omni")
 RENDERINGS = json.loads((DATA / "qwen2_5_omni" / "renderings.json").read_text())["cases"]
@@ -338,3 +339,9 @@ def served_text(messages: list[dict]) -> str:
 
     turns = "".join(f"<|im_start|>{m['role']}\n{body(m['content'])}<|im_end|>\n" for m in messages)
     return f"{turns}<|im_start|>assistant\n"
+
+
+def test_the_terminal_holds_a_two_turn_two_clip_conversation(omni, tmp_path):
+    backend, _ = omni
+    backend.last_reply = None
+    two_turns_about_two_clips(backend, tmp_path)

@@ -262,3 +262,17 @@ def test_prepared_inputs_match_the_processor_and_carry_every_part(backend):
     assert torch.equal(inputs["input_ids"], expected["input_ids"])
     assert torch.equal(inputs["feature_attention_mask"], expected["feature_attention_mask"].to(torch.long))
     assert torch.allclose(inputs["input_features"], expected["input_features"])
+
+
+def test_the_results_of_one_replys_calls_are_one_user_turn_as_in_qwen2_5s_template():
+    conversation = Conversation()
+    conversation.add_user("Reverse both.", [numbered_clip(1), numbered_clip(2)])
+    conversation.add_assistant("<tool_call>...</tool_call>\n<tool_call>...</tool_call>")
+    conversation.add_tool("reverse", "Audio 3 = Audio 1 reversed (0.50 s).", (numbered_clip(3),))
+    conversation.add_tool("reverse", "Audio 4 = Audio 2 reversed (0.50 s).", (numbered_clip(4),))
+    text = get_family("qwen2-audio").renderer.render(conversation).text
+    assert text.endswith(
+        "<|im_start|>user\n<tool_response>\nAudio 3: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+        "Audio 3 = Audio 1 reversed (0.50 s).\n</tool_response>\n<tool_response>\n"
+        "Audio 4: <|audio_bos|><|AUDIO|><|audio_eos|>\nAudio 4 = Audio 2 reversed (0.50 s).\n</tool_response>"
+        "<|im_end|>\n<|im_start|>assistant\n")

@@ -35,9 +35,9 @@ from chat.turn import TextChunk, ToolCallFinished, ToolCallStarted, Turn
 from testkit import DATA
 from testkit.scripted import ScriptedBackend
 from testkit.tiny.qwen3_omni import ID, build_tiny_qwen3_omni
-from tests.conftest import one_intra_op_thread, tone, write_audio
+from tests.conftest import one_intra_op_thread, tone
 from tests.openai_server import OpenAIServer
-from tests.test_cli import session
+from tests.test_cli import two_turns_about_two_clips
 
 FAMILY = get_family("qwen3-omni")
 RENDERINGS = json.loads((DATA / "qwen3_omni" / "renderings.json").read_text())
@@ -279,18 +279,7 @@ def test_through_vllm_the_clips_go_as_input_audio_and_the_calls_as_openai_tool_c
 def test_the_terminal_holds_a_two_turn_two_clip_conversation(qwen3_omni, tmp_path):
     backend, _ = qwen3_omni
     backend.last_reply = None
-    files = []
-    for name in ("chirp.wav", "bursts.wav"):
-        files.append(write_audio(tmp_path / name, clip_of(name).samples))
-    lines = [f"/add {files[0]}", "/set max_new_tokens 6", "/set temperature 0", "What is Audio 1?",
-             f"/add {files[1]}", "And Audio 2?", "/quit"]
-    code, transcript, conversation = session(lines, backend)
-    assert code == 0
-    replies = [m for m in conversation.messages if m.role == ASSISTANT]
-    assert [m.status for m in replies] == ["done", "done"] and all(m.text for m in replies)
-    assert [clip.name for clip in conversation.clips()] == ["chirp.wav", "bursts.wav"]
-    assert replies[1].figures.reused_tokens > 0  # the second turn started from the first one's attention cache
-    assert all(m.text in transcript for m in replies)
+    two_turns_about_two_clips(backend, tmp_path)
 
 
 def test_reasoning_a_server_sends_apart_is_the_replys_thinking():

@@ -17,28 +17,31 @@ MAX_AUDIO_TOKENS_PER_PART = 750  # a full 30-s window
 
 @dataclass(frozen=True)
 class ChatTurn:
-    """One turn of the chat template: its role, then text, the clip parts (each on a labelled line), then text."""
+    """One turn of the chat template: its role and its content in order, text and clip parts (each part on a
+    labelled line)."""
 
     role: str
-    before: str
-    parts: tuple[AudioPart, ...]
-    after: str
+    content: tuple[str | AudioPart, ...]
 
 
 def chat_turns(messages: tuple[Message, ...], parts: dict[str, list[AudioPart]]) -> list[ChatTurn]:
     """The messages as the template's turns, the one layout of both the local prompt and a server's request.
 
     A reply that failed before its first token has nothing to show the model and is left out. The template
-    has no tool role: a tool's result is a user turn in `<tool_response>` tags, the Qwen2.5 convention, with
-    the clip it made inside them.
+    has no tool role: tool results are a user turn of `<tool_response>` blocks, the Qwen2.5 convention (the
+    results of one reply's several calls in one turn), with the clip a tool made inside its block.
     """
-    turns = []
-    for message in messages:
+    turns: list[ChatTurn] = []
+    for previous, message in zip((None, *messages), messages):
         heard = tuple(part for clip in message.clips for part in parts[clip.id])
         if message.role == TOOL:
-            turns.append(ChatTurn(USER, "<tool_response>\n", heard, f"{message.text}\n</tool_response>"))
+            block = ("<tool_response>\n", *heard, f"{message.text}\n</tool_response>")
+            if previous is not None and previous.role == TOOL:
+                turns[-1] = ChatTurn(USER, (*turns[-1].content, "\n", *block))
+            else:
+                turns.append(ChatTurn(USER, block))
         elif message.role == USER or message.text:
-            turns.append(ChatTurn(message.role, "", heard, message.text))
+            turns.append(ChatTurn(message.role, (*heard, message.text)))
     return turns
 
 
@@ -52,12 +55,14 @@ class Qwen2AudioRenderer(PromptRenderer):
     def write(self, prompt: Segments, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
               tools: tuple[dict, ...]) -> None:
         """The prompt, ending where the assistant's reply begins; the text between control tokens is encoded whole."""
-        for turn in [ChatTurn("system", "", (), system), *chat_turns(messages, parts)]:
+        for turn in [ChatTurn("system", (system,)), *chat_turns(messages, parts)]:
             prompt.control(IM_START)
-            prompt.text(f"{turn.role}\n{turn.before}")
-            for part in turn.parts:
-                prompt.audio_line(part, AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS)
-            prompt.text(turn.after)
+            prompt.text(f"{turn.role}\n")
+            for chunk in turn.content:
+                if isinstance(chunk, str):
+                    prompt.text(chunk)
+                else:
+                    prompt.audio_line(chunk, AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS)
             prompt.control(IM_END)
             prompt.text("\n")
         prompt.control(IM_START)
@@ -107,13 +112,15 @@ class Qwen2Audio(Family):
         n_sent = 0
         for turn in chat_turns(prompt.messages, prompt.clip_parts):
             if turn.role == ASSISTANT:
-                messages.append({"role": ASSISTANT, "content": turn.after})
+                messages.append({"role": ASSISTANT, "content": turn.content[-1]})
                 continue
-            content = [text_content(turn.before)] if turn.before else []
-            for part in turn.parts:
-                n_sent += 1
-                content += [audio_content(part.samples), *_clip_note(part, n_sent)]
-            content += [text_content(turn.after)] if turn.after else []
+            content = []
+            for chunk in turn.content:
+                if isinstance(chunk, str):
+                    content += [text_content(chunk)] if chunk else []
+                else:
+                    n_sent += 1
+                    content += [audio_content(chunk.samples), *_clip_note(chunk, n_sent)]
             messages.append({"role": turn.role, "content": content})
         return messages
 

@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="replies generated at once (default: 1); others wait in a queue that shows their place")
     server.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"largest file a person may upload, in MB (default: {DEFAULT_MAX_UPLOAD_MB})")
+    server.add_argument("--server-api-key", action="append", metavar="KEY", default=[],
+                        help="a key the OpenAI-compatible API at /v1 accepts as `Authorization: Bearer KEY` (repeat "
+                             "for more); without one the API answers only on a loopback address")
+    server.add_argument("--server-api-key-file", type=Path, help="file of API keys, one per line")
+    server.add_argument("--api-only", action="store_true",
+                        help="serve only the OpenAI-compatible API at /v1, no page (a headless GPU box)")
     server.add_argument("--data-dir", type=Path,
                         help=f"folder for conversations and clips "
                              f"(default: ${DATA_DIR_ENV}, else data/ beside launch.py)")
@@ -74,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--concurrency and --max-upload-mb must be at least 1")
     try:
         args.logins = logins(args.auth, args.auth_file)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        args.api_keys = api_keys(args.server_api_key, args.server_api_key_file)
     except ValueError as e:
         parser.error(str(e))
     if args.share and not args.logins and not args.share_without_login:
@@ -95,6 +105,18 @@ def logins(auth: list[str], auth_file: Path | None) -> list[tuple[str, str]]:
         if len(pair) != 2 or not all(pair):
             raise ValueError(f"a login must be USER:PASSWORD with neither empty, not {line.split(':', 1)[0]!r}:...")
     return pairs
+
+
+def api_keys(keys: list[str], key_file: Path | None) -> tuple[str, ...]:
+    """The API keys of --server-api-key values and the lines of --server-api-key-file; ValueError names a problem."""
+    if key_file is not None:
+        try:
+            keys = keys + [line.strip() for line in key_file.read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise ValueError(f"cannot read --server-api-key-file {key_file}: {e.strerror}") from e
+    if any(not key.strip() for key in keys):
+        raise ValueError("--server-api-key cannot be empty")
+    return tuple(keys)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,13 +172,30 @@ def log_to(path: Path, console_level: int) -> None:
 
 
 def serve(args: argparse.Namespace, backend, store: Store, description: str) -> int:
-    """Serve the page until interrupted; exit code 1 when --share could not make its link."""
+    """Serve the page and the API (or the API alone) until interrupted; exit code 1 when --share could not make its
+    link, or the API alone was asked for where it must stay off."""
+    from app.api import ApiOptions, OpenAIApi, why_off
+
+    off = why_off(args.api_keys, args.share, args.server_name)
+    api = None if off else OpenAIApi(backend, ApiOptions(args.api_keys, max_upload_mb=args.max_upload_mb))
+    url = f"http://{args.server_name}:{args.server_port}/v1"
+    if off:
+        print(f"{'error' if args.api_only else 'note'}: the OpenAI-compatible API is off: {off}", file=sys.stderr)
+        if args.api_only:
+            return 1
+    else:
+        log.info("OpenAI-compatible API at %s (%s)", url, "keys required" if args.api_keys else "no key: loopback only")
+    if args.api_only:
+        import uvicorn
+
+        uvicorn.run(api.asgi(), host=args.server_name, port=args.server_port, log_level="warning")
+        return 0
     from app.web import CSS, THEME, build_demo, freeze_startup_objects, launch
 
     demo = build_demo(backend, store, description=description, concurrency=args.concurrency, tools=args.tools,
                       word_model=args.word_model)
     launch(
-        demo, store, server_name=args.server_name, server_port=args.server_port, share=args.share,
+        demo, store, api, server_name=args.server_name, server_port=args.server_port, share=args.share,
         inbrowser=args.inbrowser, auth=args.logins or None, max_file_size=f"{args.max_upload_mb}mb", theme=THEME,
         css=CSS, prevent_thread_lock=True,
     )

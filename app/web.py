@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api import ApiMiddleware, OpenAIApi
 from app.chatview import ChatBlocks, ChatView
 from app.render import ClipPath, render
 from chat.backend import Backend
@@ -438,9 +439,13 @@ def _login(scope: Scope) -> str | None:
     return app.tokens.get(token)
 
 
-def launch(demo: gr.Blocks, store: Store, **options) -> None:
-    """demo.launch(**options) with the clip files of store served only to the logins shown them."""
-    demo.launch(app_kwargs={"middleware": [Middleware(ClipAccess, store=store)]}, **options)
+def launch(demo: gr.Blocks, store: Store, api: OpenAIApi | None = None, **options) -> None:
+    """demo.launch(**options) with the clip files of store served only to the logins shown them, and api (the
+    OpenAI-compatible API) at /v1 on the same server."""
+    middleware = [Middleware(ClipAccess, store=store)]
+    if api is not None:
+        middleware.insert(0, Middleware(ApiMiddleware, api=api))
+    demo.launch(app_kwargs={"middleware": middleware}, **options)
 
 
 def freeze_startup_objects() -> None:

@@ -102,6 +102,11 @@ class ToolCallParser(ReplyReader):
         raise NotImplementedError
 
     @classmethod
+    def write(cls, name: str, arguments: dict) -> str:
+        """A call as the model writes it in this format (a client's earlier call, sent back as history)."""
+        raise NotImplementedError
+
+    @classmethod
     def instructions(cls, intro: str, specs: list[dict], example: tuple[str, dict, str] | None) -> str:
         """System-prompt text: intro, the tools (OpenAI function specs) and how to call them in this format.
 
@@ -130,6 +135,11 @@ class HermesParser(ToolCallParser):
         if close < 0 and call.error:
             call = ToolCall("", {}, f"The tool call was cut off before {self.closer}. {call.error}")
         return n_chars, call
+
+    @classmethod
+    def write(cls, name: str, arguments: dict) -> str:
+        """`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`."""
+        return f"{cls.marker}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{cls.closer}"
 
     @classmethod
     def instructions(cls, intro: str, specs: list[dict], example: tuple[str, dict, str] | None) -> str:
@@ -195,6 +205,11 @@ class ReActParser(ToolCallParser):
         n_input = len(raw) if line_end < 0 else line_end
         error = f"Action Input must be one JSON object such as {{\"audio\": 1}}, got {raw[:n_input].strip()[:80]!r}."
         return input_start + n_input, ToolCall(name, {}, error)
+
+    @classmethod
+    def write(cls, name: str, arguments: dict) -> str:
+        """`Action: name` and `Action Input: {...}` on the next line."""
+        return f"{cls.marker} {name}\n{cls.input_marker} {json.dumps(arguments, ensure_ascii=False)}"
 
     @classmethod
     def instructions(cls, intro: str, specs: list[dict], example: tuple[str, dict, str] | None) -> str:
@@ -268,6 +283,11 @@ class MistralParser(ToolCallParser):
         call = _call_from_json(json.dumps(first)) if isinstance(first, dict) else ToolCall(
             "", {}, 'A tool call list needs [{"name": ..., "arguments": {...}}].')
         return body_start + n_json, call
+
+    @classmethod
+    def write(cls, name: str, arguments: dict) -> str:
+        """`[TOOL_CALLS]` and a one-call JSON list, the form every tokenizer version reads."""
+        return f"{cls.marker}{json.dumps([{'name': name, 'arguments': arguments}], ensure_ascii=False)}"
 
     @classmethod
     def instructions(cls, intro: str, specs: list[dict], example: tuple[str, dict, str] | None) -> str:

@@ -122,8 +122,16 @@ TOOLS_INTRO = (
     "You can edit audio clips with tools. Refer to a clip by its number (2 means Audio 2); times are in "
     "seconds. Each edit makes a new clip with the next number and leaves the others as they are."
 )
+CLIENT_TOOLS_INTRO = "You may call one or more functions to assist with the user query."  # Qwen's own words
 WORDS_HINT = " To edit by words, first call find_words to learn when each word is said."
 EXAMPLE_CALL = ("delete_ranges", {"audio": 2, "ranges": [[3.04, 3.23]]}, "remove 3.04 to 3.23 s from Audio 2")
+
+
+def client_tool_system_prompt(specs: tuple[dict, ...], style: str, system_prompt: str) -> str:
+    """The system prompt with tools a client runs itself (OpenAI function specs) and how to call them, in the family's
+    format; where the family's template lists them (a native style), only the intro."""
+    instructions = get_parser(style).instructions(CLIENT_TOOLS_INTRO, list(specs), None)
+    return f"{system_prompt or DEFAULT_SYSTEM_PROMPT}\n\n{instructions}"
 
 
 def tool_system_prompt(toolbox: ToolBox, style: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:

@@ -11,7 +11,7 @@ from chat.conversation import DONE, Conversation, Message, ToolUse
 from chat.errors import ChatError, ToolError
 from chat.settings import GenerationSettings
 from chat.toolcalls import ToolCall, get_parser
-from chat.tools import ToolBox, ToolResult, run_tool_call, tool_system_prompt
+from chat.tools import ToolBox, ToolResult, client_tool_system_prompt, run_tool_call, tool_system_prompt
 
 END = object()  # what pump() puts on its queue after a turn's last event
 DEFAULT_MAX_TOOL_CALLS = 4  # per turn, like llm's chain_limit: a looping model cannot edit forever
@@ -66,17 +66,27 @@ class Turn:
         settings: GenerationSettings | None = None,
         tools: ToolBox | None = None,
         max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS,
+        client_tools: tuple[dict, ...] | None = None,
     ):
-        if tools is not None and not backend.supports_tools:
+        """client_tools: None for the app's own turn; for an API client's, the tools it runs itself (OpenAI function
+        specs, perhaps none): the reply's calls end the turn unrun (the reply's message holds them), and the family's
+        own step after a reply (Qwen-Audio-Chat's clips) is not taken."""
+        offered = tools is not None or bool(client_tools)
+        if offered and not backend.supports_tools:
             raise ToolError(f"{type(backend).__name__} does not support tool calls; turn speech editing off.")
+        if offered and backend.family.tool_style is None:
+            raise ToolError(f"{backend.family.title} was not trained to call tools and has no format for them.")
         self.backend, self.conversation, self.settings = backend, conversation, settings
-        self.tools, self.max_tool_calls = tools, max_tool_calls
+        self.tools, self.max_tool_calls, self.client_tools = tools, max_tool_calls, client_tools
         self.system_prompt = None  # the conversation's own, unless tools are on
         self.tool_specs: tuple[dict, ...] = ()  # for a family whose template lists the tools itself
-        if tools is not None:
-            self.system_prompt = tool_system_prompt(tools, backend.family.tool_style, conversation.system_prompt)
-            if get_parser(backend.family.tool_style).native:
-                self.tool_specs = tuple(tool.spec() for tool in tools.tools.values())
+        style = backend.family.tool_style
+        if client_tools:
+            self.system_prompt = client_tool_system_prompt(client_tools, style, conversation.system_prompt)
+        elif tools is not None:
+            self.system_prompt = tool_system_prompt(tools, style, conversation.system_prompt)
+        if offered and get_parser(style).native:
+            self.tool_specs = client_tools or tuple(tool.spec() for tool in tools.tools.values())
         self.responses: list[Response] = [self._new_response()]
         self._cancel = threading.Event()
 
@@ -94,7 +104,7 @@ class Turn:
         n_calls, n_refused = 0, 0  # calls asked for in this turn; Responses that had calls refused
         while True:
             calls = yield from self._stream()
-            if self._cancel.is_set():
+            if self._cancel.is_set() or self.client_tools is not None:
                 return
             if not calls:
                 yield from self._after_reply()
@@ -121,7 +131,7 @@ class Turn:
         shown only once another call follows it: the reply is cut at its last call, so that text was never
         an answer (written before any result came back).
         """
-        reader = self.backend.family.reader(tools=self.tools is not None)
+        reader = self.backend.family.reader(tools=self.tools is not None or bool(self.client_tools))
         calls: list[ToolCall] = []
         shown: list[str] = []  # what the person is shown of the reply
         after: list[str] = []  # text since the last call, shown if another call follows

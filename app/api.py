@@ -278,13 +278,14 @@ def conversation_of(messages: object, backend: Backend, max_upload_mb: int) -> C
         try:
             if role in ("system", "developer"):
                 conversation.system_prompt = _text(content, where) or DEFAULT_SYSTEM_PROMPT
-            elif role == "user":
-                text, clips = _user_content(content, where, len(conversation.clips()), max_upload_mb)
-                conversation.add_user(text, clips)
+            elif role in ("user", TOOL):
+                text, clips = _heard(content, where, len(conversation.clips()), max_upload_mb)
+                if role == TOOL:  # a clip here is one a tool made (another instance of this app sends it so)
+                    conversation.add_tool(names.get(message.get("tool_call_id"), "tool"), text, tuple(clips))
+                else:
+                    conversation.add_user(text, clips)
             elif role == ASSISTANT:
                 conversation.messages.append(_reply(message, where, style, names))
-            elif role == TOOL:
-                conversation.add_tool(names.get(message.get("tool_call_id"), "tool"), _text(content, where))
             else:
                 raise ApiError(400, f"{where}: the role must be system, user, assistant or tool.")
         except ChatError as e:
@@ -300,11 +301,11 @@ def _text(content: object, where: str) -> str:
         return content or ""
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(str(part.get("text", "")) for part in content)
-    raise ApiError(400, f"{where}: only a user message may carry audio; send text here.")
+    raise ApiError(400, f"{where}: only user and tool messages may carry audio; send text here.")
 
 
-def _user_content(content: object, where: str, n_clips: int, max_upload_mb: int) -> tuple[str, list[Clip]]:
-    """The text and the clips of a user message, in order. A text part that is only this app's own label of the
+def _heard(content: object, where: str, n_clips: int, max_upload_mb: int) -> tuple[str, list[Clip]]:
+    """The text and the clips of a user or tool message, in order. A text part that is only this app's own label of the
     clip after it (`Audio 2: `, as another instance of this app sends) is left out: the clip is labelled anew."""
     if isinstance(content, str):
         return content, []
@@ -371,6 +372,8 @@ def _reply(message: dict, where: str, style: str | None, names: dict[str, str]) 
 def settings_of(body: dict, defaults: GenerationSettings) -> GenerationSettings:
     """The request's sampling fields over the model's defaults (those it leaves out keep them, as on the page)."""
     values = {name: body[field] for field, name in SAMPLING_FIELDS.items() if body.get(field) is not None}
+    if isinstance(values.get("top_k"), int) and values["top_k"] < 0:
+        values["top_k"] = 0  # vLLM's -1, which turns top-k off, is the app's 0
     try:
         return settings_from(values, defaults)
     except ChatError as e:

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BitsAndBytesConfig, Cache, FineGrainedFP8Config, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    BitsAndBytesConfig,
+    Cache,
+    FineGrainedFP8Config,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 from transformers.utils import cached_file
 
 from chat.backend import QUANTIZATIONS, Backend, Stats
@@ -309,7 +316,8 @@ def _read_config(model: str) -> dict:
 
 
 def _fp8_config(unquantized_modules: tuple[str, ...]) -> FineGrainedFP8Config:
-    """FP8 weights and activations, which need FP8 tensor cores; on an older GPU transformers would quietly keep bf16."""
+    """FP8 weights and activations, which need FP8 tensor cores: on an older GPU transformers would quietly keep
+    bf16."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < FP8_COMPUTE_CAPABILITY:
         found = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
         raise BackendError(f"--quantization fp8 needs a GPU of compute capability 8.9 or newer (RTX 40xx, L4, H100); "

@@ -13,7 +13,7 @@ import httpx
 
 from chat.backend import Backend, Stats
 from chat.errors import BackendError
-from chat.families import Family, family_for_name
+from chat.families import FAMILIES, Family, family_for_name
 from chat.prompts import Prompt
 from chat.settings import GenerationSettings
 
@@ -42,20 +42,21 @@ class RemoteBackend(Backend):
         context_tokens: int | None = None,  # the server's --max-model-len, when it is not the model's own
     ) -> None:
         self.model, self.api_base = model, api_base.rstrip("/")
-        self.family = family or family_for_name(model)
-        if not self.family.served_by_vllm:
-            raise BackendError(
-                f"{model} is {self.family.title}, which OpenAI-compatible servers such as vLLM do not serve. "
-                "Run it in this app instead: leave out --api-base."
-            )
-        self.name, self.quantization = model, "server"
-        self.context_tokens = context_tokens or self.family.context_tokens
         self.api_key, self.timeout_s = api_key, timeout_s
         self.where = f"The model server at {self.api_base}"  # how error messages name it
         self.client = httpx.Client(
             headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
             timeout=httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)),
         )
+        served_family = None if family else self._served_family()
+        self.family = family or served_family or family_for_name(model)
+        if not self.family.served_by_vllm and served_family is None:
+            raise BackendError(
+                f"{model} is {self.family.title}, which OpenAI-compatible servers such as vLLM do not serve. "
+                "Run it in this app (leave out --api-base), or point --api-base at another instance of this app."
+            )
+        self.name, self.quantization = model, "server"
+        self.context_tokens = context_tokens or self.family.context_tokens
 
     def execute(
         self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event
@@ -105,6 +106,15 @@ class RemoteBackend(Backend):
             raise BackendError(
                 f"The connection to {self.api_base} broke before the reply was complete ({e}). Try again."
             ) from e
+
+    def _served_family(self) -> Family | None:
+        """The family the server names for the model: another instance of this app does, in /v1/models."""
+        try:
+            response = self.client.get(f"{self.api_base}/models", timeout=CONNECT_TIMEOUT_S)
+            listed = {model["id"]: model.get("family") for model in response.raise_for_status().json()["data"]}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        return next((f for f in FAMILIES.values() if f.title == listed.get(self.model)), None)
 
     def served_models(self) -> list[str] | None:
         """The model names `GET {api_base}/models` lists, or None when it does not answer."""

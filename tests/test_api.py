@@ -23,7 +23,9 @@ from chat.audio import SAMPLE_RATE
 from chat.clip import Clip
 from chat.families import get_family
 from chat.local import LocalBackend
+from chat.remote import RemoteBackend
 from chat.store import Store
+from chat.turn import Turn
 from testkit.scripted import ScriptedBackend
 from tests.conftest import tone
 from tests.test_web import free_port
@@ -220,3 +222,29 @@ def test_the_api_shares_the_pages_server_and_port(tmp_path):
         demo.close()
     assert reply.choices[0].message.content == "This is a scripted reply."  # no page login needed: its own key
     assert page.status_code == 200 and "gradio" in page.text.lower()
+
+
+def pcm16_clip(samples: np.ndarray, name: str) -> Clip:
+    """A clip whose samples 16-bit wav carries exactly (the remote backend sends clips so): k / 32768, |k| < 16384."""
+    return Clip(np.round(samples * 32768) / 32768, name=name)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_qwen_audio_chat", "tiny_salmonn"])
+def test_this_apps_remote_backend_holds_a_conversation_with_another_instance(checkpoint, request):
+    """No other server runs Qwen-Audio-Chat or SALMONN: one instance of this app serves them to another, whose
+    greedy replies over two turns and two clips equal the serving instance's own."""
+    local = LocalBackend(str(request.getfixturevalue(checkpoint)), cpu_only=True)
+    greedy = GenerationSettings(temperature=0, max_new_tokens=6, repetition_penalty=1.0)
+    here, there = Conversation(), Conversation()
+    with serving(local, keys=()) as (client, _):
+        remote = RemoteBackend(local.name, str(client.base_url))
+        for question, clip in [("What is this?", pcm16_clip(tone(1.0, 300.0, amplitude=0.4), "a.wav")),
+                               ("And Audio 2?", pcm16_clip(tone(1.5, 500.0, amplitude=0.4), "b.wav"))]:
+            for conversation, backend in ((here, local), (there, remote)):
+                conversation.add_user(question, [clip])
+                list(Turn(backend, conversation, greedy))
+        remote.close()
+    assert remote.family is local.family
+    assert [m.text for m in there.messages] == [m.text for m in here.messages]
+    assert all(m.text for m in there.messages) and len(there.clips()) >= 2
+    local.close()

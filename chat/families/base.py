@@ -17,7 +17,8 @@ import numpy as np
 
 from chat.audio import SAMPLE_RATE, n_windows
 from chat.clip import Clip
-from chat.conversation import DEFAULT_SYSTEM_PROMPT, Conversation
+from chat.conversation import ASSISTANT, DEFAULT_SYSTEM_PROMPT, Conversation
+from chat.openai_content import audio_content, text_content
 from chat.prompts import Control, Prompt, PromptRenderer, Text
 from chat.reasoning import ReasoningReader
 from chat.settings import GenerationSettings
@@ -187,8 +188,20 @@ class Family:
         return None
 
     def request_messages(self, prompt: Prompt) -> list[dict]:
-        """The prompt as OpenAI chat messages for a server that serves this family."""
-        raise NotImplementedError(f"No OpenAI-compatible server serves {self.title}; run it locally instead.")
+        """The prompt as OpenAI chat messages for a server that serves this family. This base writes what another
+        instance of this app reads (its /v1 runs every family): each clip part as input_audio after its label, which
+        that app writes anew, replies as the model wrote them, tool results as tool messages."""
+        messages = [{"role": "system", "content": prompt.system}]
+        for message in prompt.messages:
+            if message.role == ASSISTANT:
+                if message.text:
+                    messages.append({"role": ASSISTANT, "content": message.text})
+                continue
+            heard = [chunk for clip in message.clips for part in prompt.clip_parts.get(clip.id, [])
+                     for chunk in (text_content(f"{part.label}: "), audio_content(part.samples))]
+            messages.append({"role": message.role, "content": heard + ([text_content(message.text)] if message.text
+                                                                        else [])})
+        return messages
 
     def reader(self, tools: bool) -> ReplyReader:
         """Reads a streamed reply: its thinking (with reasoning_tags), text meant for the person and, with tools,

@@ -50,8 +50,8 @@ def system_text(system: str) -> str:
 def chat_turns(messages: tuple[Message, ...], parts: dict[str, list[AudioPart]]) -> Iterator[tuple[str, list[Chunk]]]:
     """(role, content) of each turn after the system turn: the one layout of the local prompt and a server's request.
 
-    A user turn's clips come before its text; a tool turn's text comes first, then a space and the clip it made. A reply that
-    failed before its first token has nothing to show the model and is left out.
+    A user turn's clips come before its text; a tool turn's text comes first, then a space and the clip it made.
+    A reply that failed before its first token has nothing to show the model and is left out.
     """
     for message in messages:
         if message.role == ASSISTANT and not message.text:

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from app.api import why_off
 from chat.errors import ChatError
 from chat.families import FAMILIES
 from chat.backend import QUANTIZATIONS
@@ -86,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.api_keys = api_keys(args.server_api_key, args.server_api_key_file)
     except ValueError as e:
         parser.error(str(e))
+    if args.api_only and (off := why_off(args.api_keys, args.share, args.server_name)):
+        parser.error(f"--api-only, but the API must stay off: {off}")
     if args.share and not args.logins and not args.share_without_login:
         parser.error("--share makes the page public: add --auth USER:PASSWORD (or --auth-file), "
                      "or pass --share-without-login to share it with anyone who has the link")
@@ -174,17 +177,15 @@ def log_to(path: Path, console_level: int) -> None:
 def serve(args: argparse.Namespace, backend, store: Store, description: str) -> int:
     """Serve the page and the API (or the API alone) until interrupted; exit code 1 when --share could not make its
     link, or the API alone was asked for where it must stay off."""
-    from app.api import ApiOptions, OpenAIApi, why_off
+    from app.api import ApiOptions, OpenAIApi
 
-    off = why_off(args.api_keys, args.share, args.server_name)
+    off = why_off(args.api_keys, args.share, args.server_name)  # never with --api-only (parse_args refuses it)
     api = None if off else OpenAIApi(backend, ApiOptions(args.api_keys, max_upload_mb=args.max_upload_mb))
-    url = f"http://{args.server_name}:{args.server_port}/v1"
     if off:
-        print(f"{'error' if args.api_only else 'note'}: the OpenAI-compatible API is off: {off}", file=sys.stderr)
-        if args.api_only:
-            return 1
+        print(f"note: the OpenAI-compatible API is off: {off}", file=sys.stderr)
     else:
-        log.info("OpenAI-compatible API at %s (%s)", url, "keys required" if args.api_keys else "no key: loopback only")
+        log.info("OpenAI-compatible API at http://%s:%d/v1 (%s)", args.server_name, args.server_port,
+                 "keys required" if args.api_keys else "no key: loopback only")
     if args.api_only:
         import uvicorn
 

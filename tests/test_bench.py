@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
-from bench import first_token, gpu, ingest, streaming, turn_prep
+from bench import api_turns, first_token, gpu, ingest, streaming, turn_prep
 from chat.local import LocalBackend
 from testkit.tiny import omni, qwen2_5_omni
 
@@ -32,6 +32,13 @@ def test_ingest_quick(capsys):
     rows = table(capsys.readouterr().out)
     assert [row[:2] for row in rows] == [["30 s", "wav"], ["30 s", "mp3"]]
     assert all(is_number(cell) for row in rows for cell in row[2:])
+
+
+def test_api_turns(capsys):
+    api_turns.main(["--repeats", "1"])
+    rows = table(capsys.readouterr().out)
+    assert [row[0] for row in rows] == ["continued (cache reused)", "fresh server"]
+    assert int(rows[0][2]) > 0 and rows[1][2] == "0" and all(is_number(row[1]) for row in rows)
 
 
 def test_turn_prep_quick(capsys):

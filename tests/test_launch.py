@@ -4,11 +4,14 @@ The page itself is served by launch.py in tests/test_browser.py (--cpu-only, --s
 --api-base, --auth, --max-upload-mb).
 """
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gradio.networking
+import httpx
 import pytest
 
 import launch
@@ -21,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FLAGS = [
     "-c", "--checkpoint-path", "--cpu-only", "--quantization", "--api-base", "--api-key", "--server-name",
     "--server-port", "--inbrowser", "--share", "--share-without-login", "--auth", "--auth-file", "--concurrency",
-    "--max-upload-mb", "--data-dir", "--tools", "--no-tools", "--word-model", "--cli",
+    "--max-upload-mb", "--data-dir", "--tools", "--no-tools", "--word-model", "--cli", "--server-api-key",
+    "--server-api-key-file", "--api-only",
 ]
 
 
@@ -70,6 +74,8 @@ def test_logins_come_from_flags_and_from_a_file(tmp_path):
         (["--auth-file", "/no/such/logins.txt"], "cannot read --auth-file /no/such/logins.txt"),
         (["--concurrency", "0"], "--concurrency and --max-upload-mb must be at least 1"),
         (["--quantization", "2bit"], "invalid choice: '2bit'"),
+        (["--api-only", "--server-name", "0.0.0.0"], "--api-only, but the API must stay off: --server-name 0.0.0.0"),
+        (["--server-api-key-file", "/no/such/keys"], "cannot read --server-api-key-file /no/such/keys"),
     ],
 )
 def test_bad_flags_are_named(capsys, argv, message):
@@ -116,3 +122,24 @@ def test_choosing_a_family_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.stdout.strip() == "[]"
+
+
+def test_api_only_serves_the_api_and_no_page(tiny_qwen2_audio, tmp_path):
+    port = free_port()
+    command = [sys.executable, "launch.py", "--api-only", "-c", str(tiny_qwen2_audio), "--cpu-only", "--server-port",
+               str(port), "--server-api-key", "sk-box", "--data-dir", str(tmp_path / "data")]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline, models = time.monotonic() + 120, None
+        while models is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-box"})
+            except httpx.TransportError:
+                time.sleep(0.2)
+        page = httpx.get(f"http://127.0.0.1:{port}/")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert models.status_code == 200 and models.json()["data"][0]["family"] == "Qwen2-Audio"
+    assert page.status_code == 404

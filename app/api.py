@@ -38,6 +38,7 @@ from chat.settings import SETTING_NAMES, GenerationSettings, settings_from
 from chat.toolcalls import get_parser
 from chat.turn import END, ReasoningChunk, TextChunk, Turn
 
+PREFIX = "/v1"  # where the API's routes are, as OpenAI's
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # where the API answers without a key
 MAX_WAITING = 8  # requests queued behind the reply being generated; more are refused with 429
 RETRY_AFTER_S = 10  # what a refused client is told to wait
@@ -78,10 +79,10 @@ class OpenAIApi:
         self.generating = asyncio.Lock()  # one reply at a time, in arrival order
         self.n_waiting = 0  # requests holding or waiting for `generating`
 
-    def asgi(self, fallback: ASGIApp | None = None) -> Router:
-        """An ASGI app of the routes, handing every other path to fallback (404 without one)."""
-        return Router(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                              Route("/v1/models", self.models, methods=["GET"])], default=fallback)
+    def asgi(self) -> Router:
+        """An ASGI app of the routes (404 for any other path)."""
+        return Router(routes=[Route(f"{PREFIX}/chat/completions", self.chat, methods=["POST"]),
+                              Route(f"{PREFIX}/models", self.models, methods=["GET"])])
 
     async def models(self, request: Request) -> Response:
         """The loaded model, with its family."""
@@ -391,14 +392,15 @@ def tools_of(body: dict) -> tuple[dict, ...] | None:
 
 
 class ApiMiddleware:
-    """The API in front of the page's ASGI app (gradio's): /v1/chat/completions and /v1/models are the API's, every
-    other request and event the page's. A request to the API passes no page login: it has its own keys."""
+    """The API in front of the page's ASGI app (gradio's): HTTP requests under /v1/ are the API's, every other request
+    and event the page's, untouched. A request to the API passes no page login: it has its own keys."""
 
     def __init__(self, app: ASGIApp, api: OpenAIApi) -> None:
-        self.page, self.api = app, api.asgi(fallback=app)
+        self.page, self.api = app, api.asgi()
 
     async def __call__(self, scope, receive, send) -> None:
-        await (self.api if scope["type"] == "http" else self.page)(scope, receive, send)
+        is_api = scope["type"] == "http" and scope["path"].startswith(f"{PREFIX}/")
+        await (self.api if is_api else self.page)(scope, receive, send)
 
 
 def why_off(keys: tuple[str, ...], share: bool, server_name: str) -> str | None:

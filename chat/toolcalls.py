@@ -1,4 +1,5 @@
-"""Tool calls in a streamed reply: Hermes `<tool_call>` JSON, ReAct `Action:` lines, Mistral's `[TOOL_CALLS]`.
+"""Tool calls in a streamed reply: Hermes `<tool_call>` JSON, ReAct `Action:` lines, Mistral's `[TOOL_CALLS]`, Gemma 4's
+`<|tool_call>call:NAME{...}<tool_call|>`.
 
 A parser is fed the reply chunk by chunk and returns the text that is safe to show plus the calls
 completed so far. Text that might be the start of a call is held back until it is clearly not one,
@@ -7,8 +8,12 @@ A reply's opening thinking is split off before the parser sees it (chat.reasonin
 """
 
 import json
+import re
 import reprlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+
+from chat.gemma4_args import STRING_MARK, ArgumentSyntaxError, read_object, write_members
 
 
 @dataclass(frozen=True)
@@ -295,6 +300,83 @@ class MistralParser(ToolCallParser):
         return intro
 
 
+class Gemma4Parser(ToolCallParser):
+    """Gemma 4: `<|tool_call>call:NAME{key:value,...}<tool_call|>`, as often as the reply needs, in its own argument
+    syntax (chat.gemma4_args: unquoted keys, strings between <|"|> marks). The template declares the tools
+    (`<|tool>declaration:...<tool|>`) and a result comes back as `<|tool_response>response:NAME{...}<tool_response|>`.
+
+    A call ends at the first <tool_call|>, as vLLM's and transformers' Gemma 4 parsers end it: the format has no
+    escape, and a string left open by mistake must not swallow the rest of the reply.
+    """
+
+    style = "gemma4"
+    marker = "<|tool_call>"
+    closer = "<tool_call|>"
+    result_marker = "<|tool_response>"
+    several_calls = True
+    native = True
+    call_prefix = "call:"
+    name_pattern = re.compile(r"[\w.-]+")  # vLLM's gemma4 parser; transformers' serving reads \w+
+
+    def _read(self, held: str, final: bool) -> tuple[int, ToolCall | None] | None:
+        close = held.find(self.closer)
+        if close < 0 and not final:
+            return None
+        body = held[len(self.marker): close if close >= 0 else len(held)]
+        n_chars = close + len(self.closer) if close >= 0 else len(held)
+        return n_chars, self._call(body, cut_off=close < 0)
+
+    @classmethod
+    def _call(cls, body: str, cut_off: bool) -> ToolCall:
+        """A call body `call:NAME{...}` as a ToolCall (error set if malformed; cut_off: the reply ended in it).
+
+        A body complete but for the closer is read as a call: the reply stopped exactly at its end (where a backend
+        that stops on <tool_call|> leaves it), as HermesParser reads one left open.
+        """
+        cut = f"The tool call was cut off before {cls.closer}"
+        syntax = f"Write {cls.marker}call:NAME{{key:value,...}}{cls.closer}, strings between {STRING_MARK} marks."
+        if not body.startswith(cls.call_prefix):
+            if cut_off and cls.call_prefix.startswith(body):
+                return ToolCall("", {}, f"{cut}.")
+            return ToolCall("", {}, f"A tool call must start with {cls.call_prefix}NAME{{, got {reprlib.repr(body)}. "
+                                    + syntax)
+        rest = body[len(cls.call_prefix):]
+        n_name = rest.find("{")
+        name = (rest if n_name < 0 else rest[:n_name]).strip()
+        if n_name < 0:
+            name = name if cls.name_pattern.fullmatch(name) else ""
+            return ToolCall(name, {}, f"{cut}: it ends before its arguments {{...}}." if cut_off else
+                            f"The tool call {reprlib.repr(body)} has no arguments {{...}}. {syntax}")
+        if not cls.name_pattern.fullmatch(name):
+            return ToolCall("", {}, f"{reprlib.repr(name)} is not a tool name (letters, digits, _ . -). {syntax}")
+        try:
+            arguments, n_args = read_object(rest[n_name:])
+        except ArgumentSyntaxError as e:
+            if cut_off and e.missing:
+                return ToolCall(name, {}, f"{cut}: the arguments of {name} end before {e.missing}.")
+            return ToolCall(name, {}, f"The arguments of {name} could not be read: {e}. {syntax}")
+        after = rest[n_name + n_args:].strip()
+        if after:
+            return ToolCall(name, {}, f"The call to {name} has {reprlib.repr(after)} after its arguments' closing }}, "
+                                      f"where {cls.closer} should follow. {syntax}")
+        return ToolCall(name, arguments)
+
+    @classmethod
+    def write(cls, name: str, arguments: dict) -> str:
+        """`<|tool_call>call:NAME{key:value,...}<tool_call|>` exactly as the template writes an earlier call (keys
+        sorted, unquoted; an argument string it writes as it is, and anything else as `{}`, as the template does)."""
+        if isinstance(arguments, Mapping):
+            members = write_members(arguments)
+        else:
+            members = arguments if isinstance(arguments, str) else ""
+        return f"{cls.marker}{cls.call_prefix}{name}{{{members}}}{cls.closer}"
+
+    @classmethod
+    def instructions(cls, intro: str, specs: list[dict], example: tuple[str, dict, str] | None) -> str:
+        """Only the intro: the template declares the tools and the model knows its own call format."""
+        return intro
+
+
 def partial_marker(text: str, marker: str) -> int:
     """Length of the longest end of text that is the start of marker (held back until it resolves)."""
     for n in range(min(len(text), len(marker) - 1), 0, -1):
@@ -328,7 +410,7 @@ def _checked_call(name: str, arguments: object) -> ToolCall:
 
 
 PARSERS: dict[str, type[ToolCallParser]] = {
-    parser.style: parser for parser in (HermesParser, Qwen3Parser, ReActParser, MistralParser)
+    parser.style: parser for parser in (HermesParser, Qwen3Parser, ReActParser, MistralParser, Gemma4Parser)
 }
 
 

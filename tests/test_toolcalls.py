@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chat.toolcalls import (
+    Gemma4Parser,
     HermesParser,
     ReActParser,
     get_parser,
@@ -188,3 +189,165 @@ def test_which_formats_make_several_calls_per_reply():
     assert get_parser("hermes").several_calls
     assert not get_parser("react").several_calls  # it stops at its Observation
     assert not get_parser("mistral").several_calls  # a list is read as its first call
+
+
+# Gemma 4: <|tool_call>call:NAME{ARGS}<tool_call|>, in its own argument syntax (chat.gemma4_args)
+
+Q = '<|"|>'  # Gemma 4's string mark
+GEMMA4_CALLS = [  # the app's tools' argument shapes, as Gemma 4's template writes them: keys sorted and unquoted
+    ("delete_ranges", {"audio": 1, "ranges": [[0.52, 0.91]]},
+     "<|tool_call>call:delete_ranges{audio:1,ranges:[[0.52,0.91]]}<tool_call|>"),
+    ("change_volume", {"audio": 2, "gain_db": -6.5},
+     "<|tool_call>call:change_volume{audio:2,gain_db:-6.5}<tool_call|>"),
+    ("change_volume", {"audio": 2, "gain_db": 3, "start_s": 1.0, "end_s": 2.25},
+     "<|tool_call>call:change_volume{audio:2,end_s:2.25,gain_db:3,start_s:1.0}<tool_call|>"),
+    ("find_words", {"audio": 1}, "<|tool_call>call:find_words{audio:1}<tool_call|>"),
+]
+NESTED_BODY = (
+    f"call:tag{{flag:true,label:{Q}Say \"hi\", {{not}} [a list]: 'x'{Q},offset:-1.5e-3,"
+    "pairs:[[0,0.5],[1.25,-2]],opts:{deep:{n:-7,ok:false}},none:null,empty:[]}"
+)
+NESTED_ARGUMENTS = {
+    "flag": True, "label": 'Say "hi", {not} [a list]: \'x\'', "offset": -0.0015,
+    "pairs": [[0, 0.5], [1.25, -2]], "opts": {"deep": {"n": -7, "ok": False}}, "none": None, "empty": [],
+}
+
+
+@pytest.mark.parametrize(("name", "arguments", "written"), GEMMA4_CALLS)
+def test_gemma4_writes_a_call_as_its_template_does_and_reads_it_back(name, arguments, written):
+    assert Gemma4Parser.write(name, arguments) == written
+    shown, calls = stream("gemma4", ["Sure. " + written])
+    assert "".join(shown) == "Sure. " and [(c.name, c.arguments, c.error) for c in calls] == [(name, arguments, "")]
+    assert type(calls[0].arguments["audio"]) is int  # a clip number stays an int, a time or gain a float
+
+
+def test_gemma4_orders_keys_as_jinja_dictsort_and_writes_values_as_jinja_prints_them():
+    arguments = {"b": [True, False, None], "C": 1e-7, "a": {"Z": "x y", "y": 2.0}}
+    written = Gemma4Parser.write("f", arguments)
+    assert written == f"<|tool_call>call:f{{a:{{y:2.0,Z:{Q}x y{Q}}},b:[true,false,None],C:1e-07}}<tool_call|>"
+    _, calls = stream("gemma4", [written])
+    assert (calls[0].arguments, calls[0].error) == (arguments, "")
+
+
+GEMMA4_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet='ab {}[],:"<|>\n').filter(lambda s: Q not in s and Gemma4Parser.closer not in s),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.from_regex(r"[A-Za-z_]\w{0,5}", fullmatch=True), inner,
+                                                             max_size=3),
+    max_leaves=10,
+)
+
+
+@given(arguments=st.dictionaries(st.from_regex(r"[A-Za-z_]\w{0,5}", fullmatch=True), GEMMA4_VALUES, max_size=4))
+def test_gemma4_reads_back_whatever_it_writes(arguments):
+    _, calls = stream("gemma4", [Gemma4Parser.write("f", arguments)])
+    assert [(c.name, c.arguments, c.error) for c in calls] == [("f", arguments, "")]
+
+
+def test_gemma4_reads_nested_arguments_and_any_strings_between_the_marks():
+    shown, calls = stream("gemma4", [f"<|tool_call>{NESTED_BODY}<tool_call|>"])
+    assert [(c.name, c.arguments, c.error) for c in calls] == [("tag", NESTED_ARGUMENTS, "")]
+    spaced = "call:tag { audio : 1 ,\n ranges : [ [ 0.5 , 1 ] ] }"  # whitespace between tokens is allowed
+    _, calls = stream("gemma4", [f"<|tool_call>{spaced}<tool_call|>"])
+    assert (calls[0].arguments, calls[0].error) == ({"audio": 1, "ranges": [[0.5, 1]]}, "")
+    assert Gemma4Parser.write("tag", NESTED_ARGUMENTS).count(Q) == 2  # only the one string is marked
+
+
+def test_gemma4_text_two_calls_and_text_are_read_on_every_2_way_split():
+    first, second = GEMMA4_CALLS[0][2], f"<|tool_call>{NESTED_BODY}<tool_call|>"
+    before, after = "I'll cut it, then tag it. ", "\nBoth done."
+    reply = before + first + second + after
+    expected = [("delete_ranges", GEMMA4_CALLS[0][1], ""), ("tag", NESTED_ARGUMENTS, "")]
+    for chunks in splits(reply, 2):
+        shown, calls, parser = read_on("gemma4", chunks)
+        assert "".join(shown) == before + after
+        assert [(c.name, c.arguments, c.error) for c in calls] == expected
+        assert [c.end for c in calls] == [len(before + first), len(before + first + second)] and not parser.ended
+        assert not any(mark in piece for piece in shown for mark in ("<|", "|>", "call:"))
+
+
+def test_gemma4_one_call_is_read_on_every_3_way_split():
+    reply = "Cut. " + GEMMA4_CALLS[1][2] + " Done."
+    for chunks in splits(reply, 3):
+        shown, calls, _ = read_on("gemma4", chunks)
+        assert "".join(shown) == "Cut.  Done."
+        assert [(c.name, c.arguments, c.error) for c in calls] == [("change_volume", GEMMA4_CALLS[1][1], "")]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Gemma writes call:reverse{audio:1} inside its tags; <|tool> declares one, <|tool_response> answers.",
+        "Tokens like <|tool_call or <tool_call|> alone, or <|turn>, are only text: call:x{",
+    ],
+)
+def test_gemma4_text_that_mentions_calls_stays_text(text):
+    for chunks in splits(text, 2):
+        shown, calls, parser = read_on("gemma4", chunks)
+        assert "".join(shown) == text and not calls and not parser.ended
+
+
+def test_gemma4_a_result_the_model_writes_itself_ends_the_reply():
+    call = GEMMA4_CALLS[2][2]
+    reply = "A" + call + "<|tool_response>response:find_words{value:<|\"|>made up<|\"|>}<tool_response|>" + call
+    shown, calls, parser = read_on("gemma4", [reply])
+    assert "".join(shown) == "A" and len(calls) == 1 and parser.ended
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ("call:reverse{audio:1,}", "expected an argument name, found '}'"),
+        ("call:reverse{audio 1}", "expected the : after the argument name audio"),
+        ("call:reverse{unit:celsius}", "'celsius' is not a value: write text between <|\"|> marks"),
+        ('call:reverse{unit:"celsius"}', "strings go between <|\"|> marks, not quotes"),
+        ('call:reverse{"audio":1}', "expected an argument name"),
+        ("call:reverse{audio:1,audio:2}", "the argument audio is given twice"),
+        ("call:reverse{audio:1.2.3}", "is not a value"),
+        ("call:reverse{audio:.5}", "is not a value"),
+        ("call:reverse{ranges:[[1,2}]}", "expected a , or the closing ] of a list, found '}]}'"),
+        ("call:reverse{audio:1", "they end before a , or the closing }"),
+        ("call:reverse{label:<|\"|>open}", "they end before the <|\"|> that closes the string"),
+        ("call:reverse{audio:1}junk", "'junk' after its arguments' closing }"),
+        ("call:reverse audio:1", "has no arguments {...}"),
+        ("call:{audio:1}", "'' is not a tool name"),
+        ("call:re verse{}", "'re verse' is not a tool name"),
+        ('reverse{audio:1}', "A tool call must start with call:NAME{"),
+        ("", "A tool call must start with call:NAME{"),
+        ("call:reverse{a:" + "[" * 100_000, "nest lists and objects more than 32 deep"),  # no RecursionError
+    ],
+)
+def test_a_malformed_gemma4_call_is_reported_not_raised(body, error):
+    shown, calls = stream("gemma4", [f"<|tool_call>{body}<tool_call|>after"])
+    assert len(calls) == 1 and error in calls[0].error and not calls[0].arguments
+    assert "Write <|tool_call>call:NAME{key:value,...}<tool_call|>" in calls[0].error  # how to write it instead
+    assert "".join(shown) == "after"
+
+
+@pytest.mark.parametrize(
+    ("reply", "name", "missing"),
+    [
+        ("<|tool_call>call:delete_ranges{audio:1,ranges:[[0.5", "delete_ranges", "a , or the closing ] of a list"),
+        ("<|tool_call>call:tag{label:<|\"|>half a sen", "tag", "the <|\"|> that closes the string 'half a sen'"),
+        ("<|tool_call>call:tag{label:", "tag", "a value"),
+        ("<|tool_call>call:tag", "tag", "its arguments {...}"),
+        ("<|tool_call>ca", "", "<tool_call|>."),
+        ("<|tool_call>", "", "<tool_call|>."),
+    ],
+)
+def test_a_gemma4_call_cut_off_by_the_end_of_the_reply_says_what_is_missing(reply, name, missing):
+    for chunks in splits("Sure: " + reply, 2):
+        shown, calls, _ = read_on("gemma4", chunks)
+        assert "".join(shown) == "Sure: " and [(c.name, c.arguments) for c in calls] == [(name, {})]
+        assert calls[0].error.startswith("The tool call was cut off before <tool_call|>") and missing in calls[0].error
+
+
+def test_a_gemma4_call_complete_but_for_its_closing_token_is_read():
+    _, calls = stream("gemma4", ["<|tool_call>call:find_words{audio:1}"])  # a backend that stops on <tool_call|>
+    assert [(c.name, c.arguments, c.error) for c in calls] == [("find_words", {"audio": 1}, "")]
+
+
+def test_gemma4_is_a_native_style_that_makes_several_calls():
+    parser = get_parser("gemma4")
+    assert isinstance(parser, Gemma4Parser) and parser.native and parser.several_calls
+    assert parser.instructions("Edit clips.", [{"type": "function"}], None) == "Edit clips."

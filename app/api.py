@@ -35,11 +35,13 @@ from chat.clip import Clip
 from chat.conversation import ASSISTANT, DEFAULT_SYSTEM_PROMPT, TOOL, Conversation, Message, ToolUse
 from chat.errors import ChatError
 from chat.settings import SETTING_NAMES, GenerationSettings, settings_from
+from chat.store import MAX_IMPORT_AUDIO_S
 from chat.toolcalls import get_parser
 from chat.turn import END, ReasoningChunk, TextChunk, Turn
 
 PREFIX = "/v1"  # where the API's routes are, as OpenAI's
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # where the API answers without a key
+MAX_REQUEST_AUDIO_S = MAX_IMPORT_AUDIO_S  # all clips of one request, as of an opened conversation
 MAX_WAITING = 8  # requests queued behind the reply being generated; more are refused with 429
 RETRY_AFTER_S = 10  # what a refused client is told to wait
 AUDIO_FORMATS = ("wav", "mp3")  # what OpenAI's input_audio takes
@@ -98,7 +100,7 @@ class OpenAIApi:
         """A chat completion, streamed as server-sent events when the body asks for it."""
         try:
             self._authorize(request)
-            body = await _json_body(request)
+            body = await _json_body(request, 2 * self.options.max_upload_mb)
             conversation = conversation_of(body.get("messages"), self.backend, self.options.max_upload_mb)
             settings = settings_of(body, self.backend.default_settings)
             tools = tools_of(body)
@@ -253,9 +255,17 @@ class Reply:
         return f"data: {json.dumps(chunk | fields, ensure_ascii=False)}\n\n"
 
 
-async def _json_body(request: Request) -> dict:
+async def _json_body(request: Request, max_mb: int) -> dict:
+    """The request's JSON object, read only up to max_mb (a request holds a conversation's clips, each at most
+    --max-upload-mb; twice that is more audio than MAX_REQUEST_AUDIO_S)."""
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        if len(data) > max_mb * 2**20:
+            raise ApiError(413, f"The request is larger than this server's limit of {max_mb} MB: send fewer or "
+                                "shorter clips, or start a new conversation.")
     try:
-        body = json.loads(await request.body())
+        body = json.loads(bytes(data))
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"The request body is not JSON: {e}.") from e
     if not isinstance(body, dict):
@@ -293,6 +303,9 @@ def conversation_of(messages: object, backend: Backend, max_upload_mb: int) -> C
             raise ApiError(400, f"{where}: {e}") from e
     if not conversation.awaiting_reply():
         raise ApiError(400, "The last message must be from the user or a tool: there is nothing to reply to.")
+    if sum(clip.duration_s for clip in conversation.clips()) > MAX_REQUEST_AUDIO_S:
+        raise ApiError(413, f"The request holds more than {MAX_REQUEST_AUDIO_S // 3600} hours of audio, the limit of "
+                            "one conversation: start a new one.")
     return conversation
 
 

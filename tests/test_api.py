@@ -122,7 +122,7 @@ def test_a_tool_call_comes_back_as_openai_tool_calls_and_its_result_goes_to_the_
     assert "<tool_response>\nSunny, 21 C.\n</tool_response>" in last
 
 
-def test_a_wrong_key_a_bad_clip_and_a_too_large_one_get_openais_errors():
+def test_a_wrong_key_a_bad_clip_and_too_large_ones_get_openais_errors():
     backend = ScriptedBackend()
     with serving(backend, max_upload_mb=1) as (client, _):
         wrong = openai.OpenAI(base_url=client.base_url, api_key="sk-wrong", max_retries=0)
@@ -135,6 +135,9 @@ def test_a_wrong_key_a_bad_clip_and_a_too_large_one_get_openais_errors():
         large = wav_part(tone(40.0))  # 1.3 MB of 16-bit wav
         with pytest.raises(openai.APIStatusError, match="larger than this server's limit of 1 MB") as error:
             client.chat.completions.create(model="any", messages=[{"role": "user", "content": [large]}])
+        assert error.value.status_code == 413
+        with pytest.raises(openai.APIStatusError, match="request is larger than this server's limit of 2 MB") as error:
+            client.chat.completions.create(model="any", messages=[{"role": "user", "content": "x" * 3 * 2**20}])
         assert error.value.status_code == 413
     assert backend.prompts == []
 

@@ -159,7 +159,8 @@ def build_qwen2_5_omni_7b(folder: Path, device: str | torch.device, thinker: dic
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False)  # no talker weights to speak with
-    tokenizer = omni.full_vocab_tokenizer(ADDED_TOKENS, NAMED_TOKENS, MAX_POSITIONS, thinker["text_config"]["vocab_size"])
+    tokenizer = omni.full_vocab_tokenizer(ADDED_TOKENS, NAMED_TOKENS, MAX_POSITIONS,
+                                          thinker["text_config"]["vocab_size"])
     torch.manual_seed(SEED)
     with torch.device(device):
         model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config.thinker_config, dtype=torch.bfloat16)

@@ -129,6 +129,8 @@ class LocalBackend(Backend):
         if n_reused:
             last_reply.cache.crop(n_reused - last_reply.cache.get_seq_length())  # negative: how many to remove
             inputs["past_key_values"] = last_reply.cache
+        elif (cache := self.loaded.new_cache()) is not None:
+            inputs["past_key_values"] = cache
         new_parts = [part for part, (start, _) in zip(prompt.audio_parts, runs) if start >= n_reused]
         if new_parts:
             features = [self._features(part) for part in new_parts]

@@ -10,7 +10,7 @@ import importlib
 from pathlib import Path
 
 from chat.errors import BackendError
-from chat.families import qwen2_5_omni, qwen2_audio, qwen3_omni, qwen_audio_chat, salmonn, voxtral
+from chat.families import gemma4, qwen2_5_omni, qwen2_audio, qwen3_omni, qwen_audio_chat, salmonn, voxtral
 from chat.families.base import Family, LoadOptions, LocalModel
 
 # each family with its LocalModel class by dotted path
@@ -21,6 +21,7 @@ REGISTRY: tuple[tuple[Family, str], ...] = (
     (voxtral.FAMILY, "chat.families.voxtral.model.VoxtralModel"),
     (qwen2_5_omni.FAMILY, "chat.families.qwen2_5_omni.model.Qwen2_5OmniModel"),
     (qwen3_omni.FAMILY, "chat.families.qwen3_omni.model.Qwen3OmniModel"),
+    (gemma4.FAMILY, "chat.families.gemma4.model.Gemma4Model"),
 )
 FAMILIES: dict[str, Family] = {family.name: family for family, _ in REGISTRY}
 LOCAL_MODELS: dict[str, str] = {family.name: model for family, model in REGISTRY}

@@ -111,6 +111,10 @@ class LocalModel:
         """The model's audio inputs of one part by name, e.g. input_features (n_mels, n_frames)."""
         raise NotImplementedError
 
+    def new_cache(self) -> object | None:
+        """The attention cache a reply starts with where none is reused; None: the one transformers makes."""
+        return None
+
     def position_encoding(self, n_tokens: int) -> object:
         """Set up generation for an input of n_tokens; returns what the keys' positions were encoded with.
 

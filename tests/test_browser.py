@@ -17,6 +17,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from chat.store import DB_FILE, Store
+from testkit.tiny.gemma4 import build_tiny_gemma4
 from testkit.tiny.qwen2_5_omni import build_tiny_qwen2_5_omni
 from testkit.tiny.qwen3_omni import build_tiny_qwen3_omni
 from tests.conftest import tone, write_audio
@@ -321,16 +322,16 @@ def test_the_side_panel_lists_conversations_and_opens_an_older_one(apps, browser
     page.screenshot(path=ARTIFACTS / "history.png", full_page=True)
 
 
-OMNI_BUILDERS = {"Qwen2.5-Omni": build_tiny_qwen2_5_omni, "Qwen3-Omni": build_tiny_qwen3_omni}
+BUILDERS = {"Gemma 4": build_tiny_gemma4, "Qwen2.5-Omni": build_tiny_qwen2_5_omni, "Qwen3-Omni": build_tiny_qwen3_omni}
 
 
-@pytest.fixture(scope="module", params=["SALMONN", *sorted(OMNI_BUILDERS)])
+@pytest.fixture(scope="module", params=["SALMONN", *sorted(BUILDERS)])
 def family_app(request, tmp_path_factory):
     """(title, the app serving a family's tiny checkpoint, started as a person would: SALMONN from its decode yaml,
-    the Omni families from their full folders)."""
+    the others from their folders)."""
     folder = tmp_path_factory.mktemp(f"browser-{request.param}")
     checkpoint = (request.getfixturevalue("tiny_salmonn") if request.param == "SALMONN"
-                  else OMNI_BUILDERS[request.param](folder / "model"))
+                  else BUILDERS[request.param](folder / "model"))
     with App(folder / "app", "-c", str(checkpoint), "--cpu-only") as app:
         yield request.param, app
 
@@ -354,7 +355,7 @@ def test_a_family_answers_two_turns_about_two_clips(family_app, browser, speech_
     expect(chat).to_contain_text(f"{title} · none ·")  # each reply's figures name the family
     expect(chat).to_contain_text("cached")  # the second turn started from the first one's attention cache
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / f"{title.lower()}.png", full_page=True)
+    page.screenshot(path=ARTIFACTS / f"{title.lower().replace(' ', '-')}.png", full_page=True)
 
 
 def test_thinking_streams_in_a_block_that_folds_away_and_stays_after_a_reload(browser, tmp_path):

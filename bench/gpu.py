@@ -1,9 +1,11 @@
 """GPU benchmark: a family's real architecture with random weights, through LocalBackend.
 
---family qwen2-audio (default), qwen-audio-chat, salmonn-7b, salmonn-13b, voxtral-mini, qwen2.5-omni-7b or
-qwen3-omni: builds the model from the real config on the GPU (no download), saves it as a checkpoint in that family's
-own format (SALMONN: its four parts and the decode yaml; Voxtral: with a full-size tekken.json; the Omni families:
-the thinker only, which is all the app loads while the voice is off, with a tokenizer covering every id), then
+--family qwen2-audio (default), qwen-audio-chat, salmonn-7b, salmonn-13b, voxtral-mini, qwen2.5-omni-7b,
+qwen3-omni, gemma4-e2b or gemma4-e4b: builds the model from the real config on the GPU (no download), saves it as a
+checkpoint in that family's own format (SALMONN: its four parts and the decode yaml; Voxtral: with a full-size
+tekken.json; the Omni families: the thinker only, which is all the app loads while the voice is off, with a
+tokenizer covering every id; Gemma 4: Gemma4ForConditionalGeneration with a 262144-id tokenizer,
+testkit.tiny.gemma4.build_gemma4_real), then
 for each route loads it the product's way (LocalBackend, from_pretrained) and answers a short question
 about a fresh 30 s clip with 256 generated tokens (min_new_tokens forces the length; the product's
 default sampling settings). Per route: load time, memory, time to first token (Response's own measure:
@@ -11,7 +13,25 @@ features, prefill and the first token), decode tokens/s, and that speed against 
 limit: bytes read per generated token (language-model weights + KV cache) / measured copy bandwidth.
 Routes: none (bf16 on a GPU), nf4 (bitsandbytes, the default on a GPU), nf4-compiled (the same with a
 static cache and torch.compile), int4-torchao-compiled (torchao int4 weight-only, tinygemm kernels;
-CUDA only, needs torchao).
+CUDA only, needs torchao); for Gemma 4 also nf4-ple-cpu (below).
+Gemma 4 E2B / E4B (google/gemma-4-E2B-it, -E4B-it): shapes from public copies of their config.json (E2B: hidden 1536,
+35 layers, 20 of them sharing KV, double-wide MLPs, 1 KV head; E4B: hidden 2560, 42 layers, 18 sharing KV, 2 KV heads;
+both: 8 heads of 256 (full-attention layers 512), per-layer embeddings (PLE) of 256 per layer over 262144 ids, audio
+tower 1024 x 12 layers, vision tower 768 x 16), counted on the meta device (tests/test_bench.py):
+    E2B 5.10 B parameters: PLE 2.35 B, embeddings 0.40 B (tied head), layers 1.86 B, audio 0.31 B, vision 0.17 B
+        (2.76 B without PLE, 2.28 B without PLE and the towers: Google's "2B effective");
+    E4B 7.94 B: PLE 2.82 B, embeddings 0.67 B, layers 3.95 B, audio 0.31 B, vision 0.17 B (5.12 B without PLE).
+  Memory by arithmetic, NF4 layers (0.51 byte a weight with double-quantized scales) and everything else in bf16:
+    E2B 0.94 + 6.48 = 7.4 GB, of which PLE 4.70 GB, so 2.7 GB with PLE on the CPU; E4B 1.98 + 7.99 = 10.0 GB, 4.3 GB
+    with PLE on the CPU (weights only; the KV cache and activations come on top).
+  nf4-ple-cpu: the app's 4-bit, with model.language_model.embed_tokens_per_layer on the CPU: a device_map dict that
+    puts that module on "cpu" and the rest on the GPU, with llm_int8_enable_fp32_cpu_offload (bitsandbytes refuses a
+    mixed map otherwise). LocalBackend's constructor takes a device string only (LoadOptions.device_map can hold a
+    dict, but nothing sets one), so the bench builds the LocalBackend with load_model replaced by a call of the
+    family's LocalModel (Gemma4Model) with that map. accelerate would offload a "cpu" module (weights kept on the
+    CPU, copied to the GPU at every call: 4.7 GB a step); the bench swaps that hook for one that runs the lookup on
+    the CPU and moves only the looked-up rows (35 x 256 values a token) to the GPU. Its verdict line answers: does
+    E2B take under 4 GB of GPU memory this way, and how fast?
 Qwen3-Omni's 30B-A3B thinker takes 63 GB in bf16, more than the device's disk, so its checkpoint has the real
 per-layer shapes but 8 of the 48 layers. First bench.qwen3_omni_experts.gpu_rows measures its quantization routes
 (the app's default, NF4 with the experts, first; resident memory scaled to 48 layers is what the 24 GB target
@@ -21,6 +41,9 @@ Without a GPU, or with --tiny, it runs the tiny test model on the CPU: that chec
 Run: .venv/bin/python -m bench.gpu [--family NAME] [--tiny] [--quick] [--routes nf4,none] [--checkpoint DIR]
 Both Omni families on a lent GPU, a few minutes each (install the carried wheels first, BENCHMARKS.md):
     for f in qwen2.5-omni-7b qwen3-omni; do python3 -m bench.gpu --quick --family "$f"; done
+Everything on a lent GPU (each family builds its own random checkpoint; the two Gemma 4 ones a minute or two each):
+    for f in qwen2-audio qwen-audio-chat salmonn-7b salmonn-13b voxtral-mini qwen2.5-omni-7b qwen3-omni \
+        gemma4-e2b gemma4-e4b; do python3 -m bench.gpu --quick --family "$f"; done
 """
 
 import argparse
@@ -53,7 +76,7 @@ from chat.clip import Clip  # noqa: E402
 from chat.conversation import Conversation  # noqa: E402
 from chat.local import LocalBackend  # noqa: E402
 from chat.settings import GenerationSettings  # noqa: E402
-from testkit.tiny import omni, qwen2_5_omni, qwen3_omni  # noqa: E402
+from testkit.tiny import gemma4, omni, qwen2_5_omni, qwen3_omni  # noqa: E402
 from testkit.tiny.qwen2_audio import build_tiny_qwen2_audio  # noqa: E402
 from testkit.tiny.qwen_audio_chat import FULL_SIZE, build_qwen_audio_chat, build_tiny_qwen_audio_chat  # noqa: E402
 from testkit.tiny.salmonn import FULL_SIZES, build_salmonn, build_tiny_salmonn  # noqa: E402
@@ -75,8 +98,12 @@ AUDIO_CONFIG = {  # Whisper-large-v3 sized encoder
 SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|AUDIO|>": 151646,
                   "<|audio_bos|>": 151647, "<|audio_eos|>": 151648}
 
-ROUTES = ("none", "nf4", "nf4-compiled", "int4-torchao-compiled")
+ROUTES = ("none", "nf4", "nf4-compiled", "int4-torchao-compiled", "nf4-ple-cpu")
 QUICK_ROUTES = ("none", "nf4")
+GEMMA4_SIZES = {"gemma4-e2b": "e2b", "gemma4-e4b": "e4b"}
+PLE_ROUTE = "nf4-ple-cpu"  # Gemma 4 only: 4-bit, per-layer embeddings on the CPU
+PLE_MODULE = "model.language_model.embed_tokens_per_layer"
+PLE_GPU_TARGET_GB = 4.0  # the issue's question: E2B under 4 GB of GPU memory with PLE on the CPU?
 CLIP_S = 30
 QUESTION = "What is said in this audio? Answer in detail."
 N_NEW_TOKENS = 256
@@ -88,11 +115,12 @@ TARGETS = {"memory_gb": 7.0, "ttft_s": 0.150, "tokens_per_s": 100.0}  # for the 
 # Qwen2.5-Omni-7B's thinker in 4 bit, by arithmetic: NF4 layers 3.37 GB + bf16 embeddings, lm_head, audio and vision
 # towers 4.81 GB = 8.2 GB; Qwen3-Omni: a 24 GB card (bench/qwen3_omni_experts.py: 19.1 GB of weights)
 MEMORY_TARGETS_GB = {"salmonn-7b": 7.0, "salmonn-13b": 11.0, "voxtral-mini": 7.0, "qwen2.5-omni-7b": 10.0,
-                     "qwen3-omni": 24.0}
+                     "qwen3-omni": 24.0, "gemma4-e2b": 7.5, "gemma4-e4b": 10.0}
 DEFAULT_ROUTE = "nf4"
 BENCH_FAMILIES = {"qwen2-audio": "Qwen2-Audio 7B", "qwen-audio-chat": "Qwen-Audio-Chat 7B",
                   "salmonn-7b": "SALMONN 7B", "salmonn-13b": "SALMONN 13B", "voxtral-mini": "Voxtral Mini 3B",
-                  "qwen2.5-omni-7b": "Qwen2.5-Omni-7B thinker", "qwen3-omni": "Qwen3-Omni-30B-A3B thinker"}
+                  "qwen2.5-omni-7b": "Qwen2.5-Omni-7B thinker", "qwen3-omni": "Qwen3-Omni-30B-A3B thinker",
+                  "gemma4-e2b": "Gemma 4 E2B", "gemma4-e4b": "Gemma 4 E4B"}
 QWEN3_OMNI_LAYERS = 8  # of the thinker's 48: 13.6 GB in bf16 (48 would take 63 GB, the device has 64 GB of disk)
 QWEN3_OMNI_ROUTES = ("nf4",)  # through LocalBackend: the app's default; the other routes are in the experts table
 # bench.qwen3_omni_experts' routes, the app's default (nf4-experts, what "4bit" loads) first
@@ -127,6 +155,10 @@ def build_checkpoint(folder: Path, family: str, device: torch.device, tiny: bool
     if family == "qwen2.5-omni-7b":
         return (qwen2_5_omni.build_tiny_qwen2_5_omni(folder) if tiny
                 else qwen2_5_omni.build_qwen2_5_omni_7b(folder, device))
+    if family in GEMMA4_SIZES:
+        if tiny:
+            return gemma4.build_tiny_gemma4(folder)
+        return gemma4.build_gemma4_real(folder, GEMMA4_SIZES[family], device)
     if family == "qwen3-omni":
         return qwen3_omni.build_tiny_qwen3_omni(folder) if tiny else build_qwen3_omni_layers(folder, QWEN3_OMNI_LAYERS)
     if family == "qwen-audio-chat":
@@ -177,6 +209,8 @@ def checkpoint_path(folder: Path, family: str) -> Path:
 
 def load(route: str, checkpoint: Path, on_gpu: bool) -> LocalBackend:
     """The product's loader, plus the one change each faster route makes on top of it."""
+    if route == PLE_ROUTE:
+        return load_ple_on_cpu(checkpoint, on_gpu)
     backend = LocalBackend(str(checkpoint), quantization="4bit" if route.startswith("nf4") else "none",
                            cpu_only=not on_gpu)
     model = backend.model
@@ -195,6 +229,69 @@ def load(route: str, checkpoint: Path, on_gpu: bool) -> LocalBackend:
         # custom ops (bitsandbytes/_ops.py), so compiling is worth measuring
         model.hf_quantizer = None
     return backend
+
+
+def ple_device_map(model_class: type, config, main: int | str) -> dict[str, int | str]:
+    """A device_map with PLE_MODULE on "cpu" and every other module on main: each module along PLE_MODULE's path
+    names its other children (found on the meta device), plus the top level's other children."""
+    with torch.device("meta"):
+        model = model_class._from_config(config)
+    device_map, module, prefix = {}, model, ""
+    for part in PLE_MODULE.split("."):
+        device_map.update({prefix + name: main for name, _ in module.named_children() if name != part})
+        device_map.update({prefix + name: main for name, _ in module.named_parameters(recurse=False)})
+        device_map.update({prefix + name: main for name, _ in module.named_buffers(recurse=False)})
+        module, prefix = getattr(module, part), prefix + part + "."
+    device_map[PLE_MODULE] = "cpu"
+    return device_map
+
+
+def run_on_cpu(module: torch.nn.Module) -> None:
+    """Make a module that accelerate dispatched as CPU-offloaded run on the CPU: its weights restored there, its
+    inputs moved to the CPU and its output back to the inputs' device."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    remove_hook_from_module(module)  # the offload hook puts the weights back on the CPU as it detaches
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    missing = [name for name, t in tensors if t.device.type == "meta"]
+    if missing:
+        raise RuntimeError(f"{PLE_MODULE}'s {', '.join(missing)} stayed on the meta device after loading")
+    module.to("cpu")  # accelerate leaves an offloaded module's buffers (the embedding's scale) on the GPU
+    add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+
+
+def load_ple_on_cpu(checkpoint: Path, on_gpu: bool) -> LocalBackend:
+    """The app's 4-bit load with PLE_MODULE on the CPU. LocalBackend cannot ask for it (its device is a string), so
+    its load_model is replaced for the call by the family's LocalModel class given a device_map dict."""
+    import copy
+    import dataclasses
+    from unittest import mock
+
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    from chat.families.gemma4.model import Gemma4Model
+
+    def load_with_ple_on_cpu(family, path, options):
+        config = Gemma4Config.from_pretrained(path)
+        device_map = ple_device_map(Gemma4ForConditionalGeneration, config, 0 if on_gpu else "cpu")
+        quantization = copy.deepcopy(options.quantization_config)
+        # bitsandbytes refuses a map mixing "cpu" and a GPU otherwise; it then leaves the "cpu" modules unquantized
+        # (all of them on a CPU-only map: there, for --tiny, the flag stays off)
+        quantization.llm_int8_enable_fp32_cpu_offload = on_gpu
+        quantization.llm_int8_skip_modules = [*(quantization.llm_int8_skip_modules or []), PLE_MODULE]
+        return Gemma4Model(path, dataclasses.replace(options, device_map=device_map, quantization_config=quantization))
+
+    with mock.patch("chat.local.load_model", load_with_ple_on_cpu):
+        backend = LocalBackend(str(checkpoint), quantization="4bit", cpu_only=not on_gpu)
+    if on_gpu:
+        run_on_cpu(language_model(backend.model).embed_tokens_per_layer)
+    return backend
+
+
+def ple_cpu_gb(model: torch.nn.Module) -> float:
+    """GB of the per-layer embeddings held in CPU memory."""
+    ple = getattr(language_model(model), "embed_tokens_per_layer", None)
+    return module_bytes(ple) / GB if ple is not None and ple.weight.device.type == "cpu" else 0.0
 
 
 def fresh_clip(seed: int) -> Clip:
@@ -248,12 +345,20 @@ def bytes_per_token(model: torch.nn.Module, mean_positions: float) -> float:
     decoder = language_model(model)
     text = model.config.get_text_config()
     experts = tuple(m for name, m in decoder.named_modules() if name.endswith(".experts"))
-    routed = getattr(text, "num_experts_per_tok", 0) / getattr(text, "num_experts", 1)  # Qwen3-Omni: 8 of 128
-    weights = (module_bytes(decoder, skip=(decoder.embed_tokens, *experts)) + module_bytes(model.lm_head)
+    per_layer = getattr(decoder, "embed_tokens_per_layer", None)  # Gemma 4's PLE: a lookup too
+    lookups = (decoder.embed_tokens,) if per_layer is None else (decoder.embed_tokens, per_layer)
+    # Qwen3-Omni: 8 of 128; Gemma 4's dense configs hold None for both
+    routed = (getattr(text, "num_experts_per_tok", None) or 0) / (getattr(text, "num_experts", None) or 1)
+    weights = (module_bytes(decoder, skip=(*lookups, *experts)) + module_bytes(model.lm_head)
                + routed * sum(module_bytes(m) for m in experts))
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_bytes = model.lm_head.weight.element_size()  # the cache is kept in the unquantized layers' dtype
-    kv_per_position = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * kv_bytes
+    # Gemma 4: layers that reuse another layer's KV keep none, and each layer's config has its own head_dim (full-
+    # attention layers 512, sliding 256)
+    kept = text.num_hidden_layers - (getattr(text, "num_kv_shared_layers", None) or 0)
+    layers = text.per_layer_config[:kept] if getattr(text, "is_heterogeneous", False) else [text] * kept
+    kv_per_position = 2 * kv_bytes * sum(
+        layer.num_key_value_heads * (getattr(layer, "head_dim", None) or layer.hidden_size // layer.num_attention_heads)
+        for layer in layers)
     return weights + kv_per_position * mean_positions
 
 
@@ -314,6 +419,8 @@ def measure(route: str, checkpoint: Path, on_gpu: bool, n_new_tokens: int, repea
     peak_gb = f"{max(peaks) / GB:.2f}" if on_gpu else "-"
     read_per_token = bytes_per_token(backend.model, stats[0].n_prompt_tokens + n_new_tokens / 2)
     limit = bandwidth / read_per_token
+    if route == PLE_ROUTE:
+        ple_on_cpu_gb.append(ple_cpu_gb(backend.model))
     row = [route, weights_label(backend, route), f"{load_s:.1f}", f"{first_reply_s:.1f}", f"{resident_gb:.2f}", peak_gb,
            stats[0].n_prompt_tokens, f"{ttft_s * 1000:.0f}", f"{tokens_per_s:.1f}", f"{read_per_token / GB:.3f}",
            f"{limit:.0f}", f"{100 * tokens_per_s / limit:.0f}%"]
@@ -321,6 +428,17 @@ def measure(route: str, checkpoint: Path, on_gpu: bool, n_new_tokens: int, repea
     del backend
     free_memory()
     return row
+
+
+ple_on_cpu_gb: list[float] = []  # measure's report of the PLE route's CPU-held embeddings
+
+
+def ple_verdict(row: list, ple_gb: float) -> str:
+    """The issue's question, for the PLE route: GPU memory under PLE_GPU_TARGET_GB, and at what speed."""
+    memory, tokens_per_s = float(row[5]), float(row[8])
+    return (f"{PLE_ROUTE}: GPU memory (peak reserved) {memory:.2f} GB with {ple_gb:.2f} GB of per-layer embeddings on "
+            f"the CPU, decode {tokens_per_s:.1f} tokens/s (target < {PLE_GPU_TARGET_GB} GB: "
+            f"{'met' if memory < PLE_GPU_TARGET_GB else 'missed'}; speed against the nf4 row above)")
 
 
 def verdicts(row: list, family: str) -> list[str]:
@@ -376,8 +494,13 @@ def main(argv: list[str] | None = None) -> None:
     if not on_gpu and not args.tiny:
         print("No CUDA GPU here: running the tiny model on the CPU (--tiny).\n")
     reduced = args.family == "qwen3-omni" and on_gpu  # the experts table, then the app's default on the same layers
+    gemma = args.family in GEMMA4_SIZES
+    family_routes = [r for r in ROUTES if gemma or r != PLE_ROUTE]
+    quick_routes = [*QUICK_ROUTES, PLE_ROUTE] if gemma else list(QUICK_ROUTES)
     routes = (args.routes.split(",") if args.routes else list(QWEN3_OMNI_ROUTES) if reduced
-              else list(QUICK_ROUTES if args.quick else ROUTES))
+              else quick_routes if args.quick else family_routes)
+    if PLE_ROUTE in routes and not gemma:
+        parser.error(f"{PLE_ROUTE} is for the Gemma 4 families ({', '.join(GEMMA4_SIZES)})")
     unknown = set(routes) - set(ROUTES)
     if unknown:
         parser.error(f"unknown routes {', '.join(sorted(unknown))}; choose from {', '.join(ROUTES)}")
@@ -393,13 +516,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"built the random checkpoint in {time.perf_counter() - start:.1f} s: {checkpoint}")
             free_memory()
         expert_rows = qwen3_expert_rows(checkpoint, args.quick) if reduced else []
-        rows = []
+        rows, ple_gb = [], 0.0
         for route in routes:
             if route.startswith("int4") and not on_gpu:
                 rows.append([route, "skipped: tinygemm int4 kernels are CUDA only"])
                 continue
             try:
                 rows.append(measure(route, checkpoint, on_gpu, n_new_tokens, repeats, bandwidth))
+                if route == PLE_ROUTE:
+                    ple_gb = ple_on_cpu_gb.pop()
             except Exception as e:  # one route failing (a missing package, a kernel) must not hide the others
                 rows.append([route, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"])
                 free_memory()
@@ -415,10 +540,13 @@ def main(argv: list[str] | None = None) -> None:
         [row + [""] * (12 - len(row)) for row in rows],
     )
     default = next((row for row in rows if row[0] == DEFAULT_ROUTE and len(row) == 12), None)
+    ple_row = next((row for row in rows if row[0] == PLE_ROUTE and len(row) == 12), None)
     if reduced:
         print("\n".join(qwen3_verdicts(expert_rows)))
     elif on_gpu and default is not None:
         print("\n".join(f"{DEFAULT_ROUTE}: {line}" for line in verdicts(default, args.family)))
+    if on_gpu and ple_row is not None:
+        print(ple_verdict(ple_row, ple_gb))
     elif default is not None:
         print("Targets are for a GPU and are not judged on the CPU.")
 

@@ -4,11 +4,13 @@ import re
 
 import pytest
 import torch
-from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerForConditionalGeneration
+from transformers import (
+    Gemma4Config, Gemma4ForConditionalGeneration, Qwen2_5OmniConfig, Qwen2_5OmniThinkerForConditionalGeneration,
+)
 
 from bench import api_turns, first_token, gpu, ingest, streaming, turn_prep
 from chat.local import LocalBackend
-from testkit.tiny import omni, qwen2_5_omni
+from testkit.tiny import gemma4, omni, qwen2_5_omni
 
 
 def table(output: str) -> list[list[str]]:
@@ -67,11 +69,13 @@ def test_streaming_quick(capsys):
     assert "worst median added per chunk" in output
 
 
-@pytest.mark.parametrize("family", ["qwen2-audio", "qwen-audio-chat", "qwen2.5-omni-7b", "qwen3-omni"])
+@pytest.mark.parametrize("family", ["qwen2-audio", "qwen-audio-chat", "qwen2.5-omni-7b", "qwen3-omni", "gemma4-e2b",
+                                    "gemma4-e4b"])
 def test_gpu_tiny_quick(capsys, family):
     gpu.main(["--tiny", "--quick", "--family", family])  # exactly the asked-for number of tokens, through LocalBackend
     rows = table(capsys.readouterr().out)
-    assert [row[:2] for row in rows] == [["none", "fp32"], ["nf4", "nf4"]]
+    ple = [["nf4-ple-cpu", "nf4"]] if family.startswith("gemma4") else []  # Gemma 4's PLE-on-CPU load runs too
+    assert [row[:2] for row in rows] == [["none", "fp32"], ["nf4", "nf4"], *ple]
     assert all(is_number(cell) for row in rows for cell in row[2:] if cell != "-")
 
 
@@ -93,5 +97,31 @@ def test_qwen2_5_omni_7b_builder_runs_through_the_app(tmp_path):
         assert backend.family.name == "qwen2.5-omni"
         stats = gpu.reply(backend, seed=0, n_new_tokens=4)
         assert stats.n_prompt_tokens > 750  # a 30-s clip is 750 audio tokens, then the question in bytes
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize(("size", "billions", "ple_billions"), [("e2b", 5.10, 2.35), ("e4b", 7.94, 2.82)])
+def test_gemma4_has_the_real_size(size, billions, ple_billions):
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration._from_config(gemma4.real_config(size))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions
+    ple = model.model.language_model.embed_tokens_per_layer
+    assert round(ple.weight.numel() / 1e9, 2) == ple_billions  # what nf4-ple-cpu keeps on the CPU
+
+
+def test_gemma4_builder_runs_through_the_app(tmp_path):
+    # the GPU builder's whole path on the CPU: the real vocabulary, ids, layer pattern and files, narrowed widths
+    narrow = {"hidden_size": 64, "intermediate_size": 128, "hidden_size_per_layer_input": 8, "head_dim": 16,
+              "global_head_dim": 32, "num_hidden_layers": 10, "num_kv_shared_layers": 5,
+              "layer_types": (["sliding_attention"] * 4 + ["full_attention"]) * 2}
+    config = Gemma4Config(text_config=gemma4.REAL_TEXT["e2b"] | narrow, audio_config=gemma4.AUDIO,
+                          vision_config=gemma4.VISION, **gemma4.REAL_TOP)
+    folder = gemma4.build_gemma4_real(tmp_path, "e2b", "cpu", config=config)
+    backend = LocalBackend(str(folder), quantization="none", cpu_only=True)
+    try:
+        assert backend.family.name == "gemma4" and len(backend.tokenizer.tokenizer) == gemma4.REAL_VOCAB_SIZE
+        stats = gpu.reply(backend, seed=0, n_new_tokens=4)
+        assert stats.n_prompt_tokens > 750  # a 30-s clip is 750 audio tokens, then the question in characters
     finally:
         backend.close()

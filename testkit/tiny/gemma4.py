@@ -208,5 +208,85 @@ def build_tiny_gemma4(folder: Path, chat_template: str | None = None) -> Path:
     return folder
 
 
+# The real E2B and E4B at full size: their config.json's shapes, as public copies of google/gemma-4-E2B-it's and
+# google/gemma-4-E4B-it's (-qat-w4a16-ct) config.json give them; the audio and vision towers are the config classes'
+# defaults, which transformers documents as google/gemma-4-e2b-it's. bench/gpu.py builds these with random weights.
+REAL_VOCAB_SIZE = 262144
+_REAL_TEXT = {"vocab_size": REAL_VOCAB_SIZE, "vocab_size_per_layer_input": REAL_VOCAB_SIZE,
+              "hidden_size_per_layer_input": 256, "num_attention_heads": 8, "head_dim": 256, "global_head_dim": 512,
+              "sliding_window": 512, "final_logit_softcapping": 30.0, "max_position_embeddings": MAX_POSITIONS,
+              "rope_parameters": ROPE, "attention_k_eq_v": False, "enable_moe_block": False,
+              "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+              "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+REAL_TEXT = {
+    # 35 layers, (4 sliding + 1 full) x 7; the last 20 share KV and have double-wide MLPs
+    "e2b": _REAL_TEXT | {"hidden_size": 1536, "intermediate_size": 6144, "num_hidden_layers": 35,
+                         "num_key_value_heads": 1, "num_kv_shared_layers": 20, "use_double_wide_mlp": True,
+                         "layer_types": (["sliding_attention"] * 4 + ["full_attention"]) * 7},
+    # 42 layers, (5 sliding + 1 full) x 7; the last 18 share KV
+    "e4b": _REAL_TEXT | {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 42,
+                         "num_key_value_heads": 2, "num_kv_shared_layers": 18, "use_double_wide_mlp": False,
+                         "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 7},
+}
+REAL_AUDIO = {"hidden_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 8,
+              "subsampling_conv_channels": [128, 32], "output_proj_dims": 1536, "use_clipped_linears": True}
+REAL_VISION = {"use_clipped_linears": True, "default_output_length": 280}  # otherwise Gemma4VisionConfig's defaults
+REAL_TOP = {"image_token_id": 258880, "audio_token_id": 258881, "video_token_id": 258884, "boi_token_id": 255999,
+            "eoi_token_id": 258882, "boa_token_id": 256000, "eoa_token_index": 258883, "eoa_token_id": 258883,
+            "eos_token_id": [1, 106], "tie_word_embeddings": True}
+
+
+def real_config(size: str, **text_overrides) -> Gemma4Config:
+    """E2B's or E4B's configuration ("e2b", "e4b"); text_overrides narrow it (a test's smaller widths)."""
+    return Gemma4Config(text_config=REAL_TEXT[size] | text_overrides, audio_config=REAL_AUDIO,
+                        vision_config=REAL_VISION, **REAL_TOP)
+
+
+def full_vocab_tokenizer() -> GemmaTokenizer:
+    """tiny_tokenizer's pieces with every one of the real 262144 ids: the low specials and the multimodal tokens at
+    their real ids (REAL_MM_IDS), every other id above the tiny pieces a word "▁t<id>" (decodes as " t<id>"), so a
+    random model's replies stream as text. Prompts encode into characters, as with the tiny tokenizer."""
+    vocab = {SPECIAL_LOW.get(i, f"<unused{i}>"): i for i in range(N_LOW)}
+    vocab.update({f"<0x{b:02X}>": FIRST_BYTE_ID + b for b in range(256)})
+    vocab[SPACE] = FIRST_BYTE_ID + 256
+    vocab.update({c: FIRST_CHAR_ID + i for i, c in enumerate(CHARS)})
+    vocab.update({SPACE + c: FIRST_SPACED_ID + i for i, c in enumerate(CHARS)})
+    real_mm = dict(zip(MULTIMODAL, REAL_MM_IDS))
+    by_id = {i: token for token, i in real_mm.items()}
+    vocab.update({by_id.get(i, f"{SPACE}t{i}"): i for i in range(FIRST_MM_ID, REAL_VOCAB_SIZE)})
+    specials = [t for i, t in sorted(SPECIAL_LOW.items()) if i > 4] + MULTIMODAL
+    tokenizer = GemmaTokenizer(
+        vocab=vocab, merges=[(SPACE, c) for c in CHARS], add_bos_token=False, padding_side="left",
+        model_max_length=MAX_POSITIONS, extra_special_tokens=NAMED_TOKENS,
+    )
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    if len(tokenizer) != REAL_VOCAB_SIZE or tokenizer.convert_tokens_to_ids(MULTIMODAL) != REAL_MM_IDS:
+        raise AssertionError("a token left its id")
+    return tokenizer
+
+
+def build_gemma4_real(folder: Path, size: str, device: str | torch.device = "cpu",
+                      config: Gemma4Config | None = None) -> Path:
+    """E2B or E4B at its real shapes (or config's) with random bf16 weights made on device, saved as the real folder
+    is laid out (sharded safetensors, generation_config.json with the real stop ids and sampling, the full-vocabulary
+    tokenizer, processor_config.json); returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        model = Gemma4ForConditionalGeneration._from_config(config or real_config(size), dtype=torch.bfloat16).eval()
+    model.generation_config = GenerationConfig(bos_token_id=2, pad_token_id=0, eos_token_id=EOS_IDS, do_sample=True,
+                                               temperature=1.0, top_k=64, top_p=0.95)
+    model.save_pretrained(folder)
+    del model
+    tokenizer = full_vocab_tokenizer()
+    tokenizer.init_kwargs["processor_class"] = "Gemma4Processor"
+    tokenizer.save_pretrained(folder)
+    extractor = json.loads(feature_extractor().to_json_string())
+    settings = {**PROCESSOR, "feature_extractor": extractor, "processor_class": "Gemma4Processor"}
+    (folder / "processor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
 if __name__ == "__main__":
     print(build_tiny_gemma4(Path(sys.argv[1])))

@@ -13,6 +13,8 @@ from chat import BackendError, Clip, Conversation, GenerationSettings, Response,
 from chat.audio import SAMPLE_RATE
 from chat.conversation import DONE, FAILED, STOPPED
 from chat.remote import RemoteBackend
+from chat.tools import ToolBox
+from chat.turn import Turn
 from testkit.scripted import ScriptedBackend
 from tests.conftest import tone
 from tests.openai_server import OpenAIServer, decoded_audio
@@ -262,3 +264,28 @@ def test_a_broken_stream_keeps_the_partial_reply_and_the_conversation_goes_on(se
     assert conversation.messages[-1].status == DONE
     # the model sees its partial reply
     assert server.requests[-1]["messages"][2] == {"role": "assistant", "content": "Half"}
+
+
+def a_native_tool_call_through_vllm(model: str, find_words: str, clip: Clip) -> RemoteBackend:
+    """A family whose template lists the tools, served by vLLM: the request carries the tools in `tools`, each clip
+    as input_audio after its `Audio N: ` label, and the next request the call as OpenAI tool_calls and its result as
+    a tool message naming it. find_words is the model's call of find_words on Audio 1 in its own format."""
+    conversation = Conversation()
+    conversation.add_user("Remove 'um' from Audio 1.", [clip])
+    with OpenAIServer(models=(model,)) as server:
+        server.enqueue([find_words[:12], find_words[12:]])
+        server.enqueue(["No 'um' ", "was found."])
+        remote = RemoteBackend(server.model, server.url)
+        try:
+            list(Turn(remote, conversation, tools=ToolBox()))
+        finally:
+            remote.close()
+        first, second = server.requests
+    assert {tool["function"]["name"] for tool in first["tools"]} >= {"delete_ranges", "find_words"}
+    user = first["messages"][-1]
+    assert [part["type"] for part in user["content"]] == ["text", "input_audio", "text"]
+    assert user["content"][0]["text"] == "Audio 1: "
+    call, result = second["messages"][-2:]
+    assert call["tool_calls"][0]["function"] == {"name": "find_words", "arguments": '{"audio": 1}'}
+    assert result["role"] == "tool" and result["tool_call_id"] == call["tool_calls"][0]["id"]
+    return remote

@@ -23,7 +23,6 @@ from chat.conversation import ASSISTANT, TOOL, USER, Message, ToolUse
 from chat.families import get_family
 from chat.families.gemma4.family import EMPTY_THOUGHT, Gemma4ThinkingRenderer, n_audio_tokens
 from chat.local import LocalBackend
-from chat.remote import RemoteBackend
 from chat.timestamps import WordTimestamper
 from chat.toolcalls import Gemma4Parser
 from chat.tools import ToolBox, toolbox_for
@@ -32,7 +31,7 @@ from testkit import DATA
 from testkit.scripted import ScriptedBackend
 from testkit.tiny.gemma4 import MM_IDS, SPECIAL_LOW, build_processor, build_tiny_gemma4
 from tests.conftest import one_intra_op_thread, tone
-from tests.openai_server import OpenAIServer
+from tests.test_remote_backend import a_native_tool_call_through_vllm
 from tests.test_cli import two_turns_about_two_clips
 
 FAMILY = get_family("gemma4")
@@ -271,25 +270,8 @@ def test_the_tools_are_offered_by_default_and_typed_control_tokens_stay_text(gem
 
 
 def test_through_vllm_the_clips_go_as_input_audio_and_the_calls_as_openai_tool_calls():
-    conversation = Conversation()
-    conversation.add_user("Remove 'um' from Audio 1.", [clip_of("speech.wav")])
-    with OpenAIServer(models=("google/gemma-4-E2B-it",)) as server:
-        server.enqueue([FIND_WORDS[:12], FIND_WORDS[12:]])
-        server.enqueue(["No 'um' ", "was found."])
-        remote = RemoteBackend(server.model, server.url)
-        try:
-            list(Turn(remote, conversation, tools=ToolBox()))
-        finally:
-            remote.close()
-        first, second = server.requests
+    remote = a_native_tool_call_through_vllm("google/gemma-4-E2B-it", FIND_WORDS, clip_of("speech.wav"))
     assert remote.family is FAMILY
-    assert {tool["function"]["name"] for tool in first["tools"]} >= {"delete_ranges", "find_words"}
-    user = first["messages"][-1]
-    assert [part["type"] for part in user["content"]] == ["text", "input_audio", "text"]
-    assert user["content"][0]["text"] == "Audio 1: "
-    call, result = second["messages"][-2:]
-    assert call["tool_calls"][0]["function"] == {"name": "find_words", "arguments": '{"audio": 1}'}
-    assert result["role"] == "tool" and result["tool_call_id"] == call["tool_calls"][0]["id"]
 
 
 def test_the_terminal_holds_a_two_turn_two_clip_conversation(gemma4, tmp_path):

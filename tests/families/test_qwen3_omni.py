@@ -37,6 +37,7 @@ from testkit.scripted import ScriptedBackend
 from testkit.tiny.qwen3_omni import ID, build_tiny_qwen3_omni
 from tests.conftest import one_intra_op_thread, tone
 from tests.openai_server import OpenAIServer
+from tests.test_remote_backend import a_native_tool_call_through_vllm
 from tests.test_cli import two_turns_about_two_clips
 
 FAMILY = get_family("qwen3-omni")
@@ -255,25 +256,8 @@ def test_a_long_clip_is_sent_as_labelled_parts_of_the_extractors_300_s_window(qw
 
 
 def test_through_vllm_the_clips_go_as_input_audio_and_the_calls_as_openai_tool_calls():
-    conversation = Conversation()
-    conversation.add_user("Remove 'um' from Audio 1.", [clip_of("speech.wav")])
-    with OpenAIServer(models=("Qwen/Qwen3-Omni-30B-A3B-Instruct",)) as server:
-        server.enqueue([FIND_WORDS[:12], FIND_WORDS[12:]])
-        server.enqueue(["No 'um' ", "was found."])
-        remote = RemoteBackend(server.model, server.url)
-        try:
-            list(Turn(remote, conversation, tools=ToolBox()))
-        finally:
-            remote.close()
-        first, second = server.requests
+    remote = a_native_tool_call_through_vllm("Qwen/Qwen3-Omni-30B-A3B-Instruct", FIND_WORDS, clip_of("speech.wav"))
     assert remote.family is FAMILY
-    assert {tool["function"]["name"] for tool in first["tools"]} >= {"delete_ranges", "find_words"}
-    user = first["messages"][-1]
-    assert [part["type"] for part in user["content"]] == ["text", "input_audio", "text"]
-    assert user["content"][0]["text"] == "Audio 1: "
-    call, result = second["messages"][-2:]
-    assert call["tool_calls"][0]["function"] == {"name": "find_words", "arguments": '{"audio": 1}'}
-    assert result["role"] == "tool" and result["tool_call_id"] == call["tool_calls"][0]["id"]
 
 
 def test_the_terminal_holds_a_two_turn_two_clip_conversation(qwen3_omni, tmp_path):

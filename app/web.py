@@ -213,10 +213,7 @@ class ChatPage:
                 if time.monotonic() - saved_at >= SAVE_EVERY_S:
                     self._save_as_interrupted(session, turn, streaming, thinking)
                     saved_at = time.monotonic()
-                recorded = turn.response.message
-                if recorded is not None and recorded.shown is None:
-                    continue  # recorded, not yet described by the turn: its raw text (thinking, calls) is no answer
-                unrecorded = recorded is None  # else the reply so far is on the conversation
+                unrecorded = turn.response.message is None  # else the reply so far is on the conversation
                 yield self._render(session, streaming if unrecorded else "", running, thinking if unrecorded else "")
             yield self._render(session)  # the worker has ended: everything is on the conversation
         except ChatError:

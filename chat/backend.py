@@ -109,6 +109,10 @@ class Response:
             n_dropped_turns=self.prompt.n_dropped_turns,
         )
         self.chunks: list[str] = []
+        # what its reader (Turn) has shown of it and read as thinking so far: recorded with it, so that no view of the
+        # conversation shows the raw text (thinking, calls) before the turn describes the reply in full
+        self.shown: str | None = None
+        self.reasoning = ""
         self.message: Message | None = None
         self._cancel = threading.Event()
         self._iterating = False
@@ -169,7 +173,8 @@ class Response:
             if self._end_at is not None and status == STOPPED:
                 self.chunks, status, note = [self.text[: self._end_at]], DONE, self.history_note
             self.stats.duration_s = time.monotonic() - self.stats.started_at
-            self.message = self.conversation.add_assistant(self.text, status=status, note=note, figures=self.figures())
+            self.message = self.conversation.add_assistant(self.text, status=status, note=note, figures=self.figures(),
+                                                           shown=self.shown, reasoning=self.reasoning)
             failure = f" ({note})" if status == FAILED else ""
             log.log(logging.WARNING if failure else logging.INFO, "reply %s%s: %s", status, failure,
                     self.message.figures.summary())

@@ -146,11 +146,12 @@ class Conversation:
         self.messages.append(message)
         return message
 
-    def add_assistant(self, text: str, status: str = DONE, note: str = "", figures: Figures | None = None) -> Message:
+    def add_assistant(self, text: str, status: str = DONE, note: str = "", figures: Figures | None = None,
+                      shown: str | None = None, reasoning: str = "") -> Message:
         """Record a reply (or the part of it that was generated before a stop or a failure)."""
         if not self.messages:
             raise ConversationError("A reply needs a question: the conversation is empty.")
-        message = Message(ASSISTANT, text, status=status, note=note, figures=figures)
+        message = Message(ASSISTANT, text, status=status, note=note, figures=figures, shown=shown, reasoning=reasoning)
         self.messages.append(message)
         return message
 

@@ -140,6 +140,7 @@ class Turn:
         def read(text: str, new: list[ToolCall]) -> Iterator[Event]:
             nonlocal n_thought
             if len(reader.reasoning) > n_thought:
+                self.response.reasoning = reader.reasoning
                 yield ReasoningChunk(reader.reasoning[n_thought:])
                 n_thought = len(reader.reasoning)
             if calls and not new:
@@ -150,6 +151,7 @@ class Turn:
                 text = ""  # the newline between two calls is no text for the person
             after.clear()
             shown.append(text)
+            self.response.shown = "".join(shown)
             if text:
                 yield TextChunk(text)
             calls.extend(new)

@@ -370,3 +370,17 @@ def test_a_reply_stopped_while_thinking_keeps_what_was_thought(conversation):
     reply = conversation.messages[-1]
     assert (reply.status, reply.reasoning, reply.shown) == (STOPPED, "First thought", "")
     assert "".join(e.text for e in events) == "First thought"
+
+
+def test_a_reply_is_recorded_with_what_was_shown_so_no_view_shows_its_raw_text(conversation):
+    """The Response records the reply when its stream ends, before the turn has read the last of it (here a `<` the
+    call parser held back): even then, the recorded reply shows only its answer and keeps its thinking apart."""
+    backend = ScriptedBackend(family=Thinking())
+    backend.enqueue(["<think>\nHmm.\n</think>\n\n", "A tone <"])
+    seen = []
+    for event in Turn(backend, conversation, tools=ToolBox()):
+        if event == TextChunk("<"):  # released by the reader's finish(), after the reply was recorded
+            reply = conversation.messages[-1]
+            seen.append((reply.role, reply.display_text, reply.reasoning))
+    assert seen == [(ASSISTANT, "A tone ", "Hmm.")]
+    assert conversation.messages[-1].display_text == "A tone <"

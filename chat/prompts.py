@@ -14,7 +14,7 @@ import numpy as np
 
 from chat.audio import split_windows
 from chat.clip import Clip
-from chat.conversation import USER, Conversation, Message
+from chat.conversation import DEFAULT_SYSTEM_PROMPT, USER, Conversation, Message
 from chat.errors import PromptTooLongError
 
 CHARS_PER_TOKEN_ESTIMATE = 3  # used only when the tokenizer is out of reach; errs on the long side
@@ -186,7 +186,8 @@ class PromptRenderer:
                 tools: tuple[dict, ...]) -> Prompt:
         system, messages = self.defuse(system), tuple(self._defused(message) for message in messages)
         parts = {clip.id: self.parts(clip, numbers[clip.id]) for message in messages for clip in message.clips}
-        system = system or self.family.system_prompt
+        # the app's default prompt (what a person who set none has) stands for the family's own default
+        system = self.family.system_prompt if system in ("", DEFAULT_SYSTEM_PROMPT) else system
         segments = Segments()
         self.write(segments, system, messages, parts, tools)
         return Prompt(tuple(segments.segments), messages, n_dropped, system, tools)

@@ -106,6 +106,14 @@ class ToolCallParser(ReplyReader):
         """For text starting with the marker: (its length, the call or None if not a call), or None to wait."""
         raise NotImplementedError
 
+    def _enclosed(self, held: str, final: bool) -> tuple[str, int, bool] | None:
+        """For a format whose calls end at `closer`: (the body after the marker, the characters up to and including
+        the closer, whether it came), or None to wait for it; at the reply's end, the rest is the body."""
+        close = held.find(self.closer)
+        if close < 0:
+            return (held[len(self.marker):], len(held), False) if final else None
+        return held[len(self.marker):close], close + len(self.closer), True
+
     @classmethod
     def write(cls, name: str, arguments: dict) -> str:
         """A call as the model writes it in this format (a client's earlier call, sent back as history)."""
@@ -131,13 +139,11 @@ class HermesParser(ToolCallParser):
     several_calls = True
 
     def _read(self, held: str, final: bool) -> tuple[int, ToolCall | None] | None:
-        close = held.find(self.closer)
-        if close < 0 and not final:
+        if (enclosed := self._enclosed(held, final)) is None:
             return None
-        body = held[len(self.marker): close if close >= 0 else len(held)]
-        n_chars = close + len(self.closer) if close >= 0 else len(held)
+        body, n_chars, closed = enclosed
         call = _call_from_json(body.strip())
-        if close < 0 and call.error:
+        if not closed and call.error:
             call = ToolCall("", {}, f"The tool call was cut off before {self.closer}. {call.error}")
         return n_chars, call
 
@@ -319,12 +325,10 @@ class Gemma4Parser(ToolCallParser):
     name_pattern = re.compile(r"[\w.-]+")  # vLLM's gemma4 parser; transformers' serving reads \w+
 
     def _read(self, held: str, final: bool) -> tuple[int, ToolCall | None] | None:
-        close = held.find(self.closer)
-        if close < 0 and not final:
+        if (enclosed := self._enclosed(held, final)) is None:
             return None
-        body = held[len(self.marker): close if close >= 0 else len(held)]
-        n_chars = close + len(self.closer) if close >= 0 else len(held)
-        return n_chars, self._call(body, cut_off=close < 0)
+        body, n_chars, closed = enclosed
+        return n_chars, self._call(body, cut_off=not closed)
 
     @classmethod
     def _call(cls, body: str, cut_off: bool) -> ToolCall:

@@ -42,7 +42,7 @@ import transformers  # noqa: E402
 
 from testkit import DATA  # noqa: E402
 from testkit.parity.render_omni_templates import (  # noqa: E402
-    REASONING, REPLY_1, SYSTEM, TOOLS, WORDS, WORDS_2, audio, call, text, user,
+    REASONING, REPLY_1, SYSTEM, TOOLS, WORDS, WORDS_2, audio, call, render, text, user,
 )
 from testkit.tiny import gemma4  # noqa: E402
 
@@ -136,24 +136,6 @@ def cases() -> dict[str, tuple[list[dict], dict]]:
     }
 
 
-def render(tokenizer, template: str, all_cases: dict) -> dict:
-    """Each case as text and as (unexpanded) ids, through transformers' apply_chat_template."""
-    placeholder_id = tokenizer.convert_tokens_to_ids("<|audio|>")
-    out = {}
-    for name, (messages, options) in all_cases.items():
-        rendered = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **options)
-        ids = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False,
-                                            **options)
-        if ids != tokenizer(rendered, add_special_tokens=False).input_ids:
-            raise AssertionError(f"{name}: tokenize=True differs from the tokenized text")
-        n_clips = sum(isinstance(m["content"], list) and sum(p.get("type") == "audio" for p in m["content"])
-                      for m in messages)
-        if ids.count(placeholder_id) != n_clips:
-            raise AssertionError(f"{name}: {ids.count(placeholder_id)} placeholders for {n_clips} clips")
-        out[name] = {"messages": messages, "options": options, "text": rendered, "ids": ids}
-    return out
-
-
 def write(path: Path, tokenizer, rendered: dict) -> None:
     """The renderings as JSON, each id list on one line."""
     special = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.get_added_vocab()}
@@ -189,7 +171,7 @@ def template(source: str) -> str:
 
 def main(source: str) -> None:
     tokenizer = gemma4.tiny_tokenizer()
-    write(DATA / "gemma4" / "renderings.json", tokenizer, render(tokenizer, template(source), cases()))
+    write(DATA / "gemma4" / "renderings.json", tokenizer, render(tokenizer, template(source), cases(), "<|audio|>"))
 
 
 if __name__ == "__main__":

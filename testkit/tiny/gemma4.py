@@ -191,6 +191,17 @@ def generation_config() -> GenerationConfig:
     )
 
 
+def save_processor_files(folder: Path, tokenizer) -> Path:
+    """The tokenizer files and processor_config.json, whose "feature_extractor" section the real repository keeps
+    the audio feature extractor in; returns the folder."""
+    tokenizer.init_kwargs["processor_class"] = "Gemma4Processor"
+    tokenizer.save_pretrained(folder)
+    extractor = json.loads(feature_extractor().to_json_string())
+    settings = {**PROCESSOR, "feature_extractor": extractor, "processor_class": "Gemma4Processor"}
+    (folder / "processor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
 def build_tiny_gemma4(folder: Path, chat_template: str | None = None) -> Path:
     """Write the tiny checkpoint folder (1.5 MB) and return it; deterministic, well under a second."""
     folder = Path(folder)
@@ -199,13 +210,7 @@ def build_tiny_gemma4(folder: Path, chat_template: str | None = None) -> Path:
     fill(model)
     model.generation_config = generation_config()
     model.save_pretrained(folder)
-    tokenizer = tiny_tokenizer(chat_template)
-    tokenizer.init_kwargs["processor_class"] = "Gemma4Processor"
-    tokenizer.save_pretrained(folder)
-    extractor = json.loads(feature_extractor().to_json_string())
-    settings = {**PROCESSOR, "feature_extractor": extractor, "processor_class": "Gemma4Processor"}
-    (folder / "processor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    return folder
+    return save_processor_files(folder, tiny_tokenizer(chat_template))
 
 
 # The real E2B and E4B at full size: their config.json's shapes, as public copies of google/gemma-4-E2B-it's and
@@ -279,13 +284,7 @@ def build_gemma4_real(folder: Path, size: str, device: str | torch.device = "cpu
                                                temperature=1.0, top_k=64, top_p=0.95)
     model.save_pretrained(folder)
     del model
-    tokenizer = full_vocab_tokenizer()
-    tokenizer.init_kwargs["processor_class"] = "Gemma4Processor"
-    tokenizer.save_pretrained(folder)
-    extractor = json.loads(feature_extractor().to_json_string())
-    settings = {**PROCESSOR, "feature_extractor": extractor, "processor_class": "Gemma4Processor"}
-    (folder / "processor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    return folder
+    return save_processor_files(folder, full_vocab_tokenizer())
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import json
 import math
 from collections.abc import Callable
 
-from chat.conversation import ASSISTANT, DEFAULT_SYSTEM_PROMPT, TOOL, USER, Message
+from chat.conversation import ASSISTANT, TOOL, USER, Message
 from chat.families.base import Family
 from chat.gemma4_args import STRING_MARK, write_value
 from chat.openai_content import audio_content, text_content
@@ -208,7 +208,6 @@ class Gemma4Renderer(PromptRenderer):
     def write(self, prompt: Segments, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
               tools: tuple[dict, ...]) -> None:
         """The prompt, ending where the model's reply begins."""
-        system = "" if system == DEFAULT_SYSTEM_PROMPT else system
         write = self._writer(prompt)
         write(BOS)
         last_type = None
@@ -316,8 +315,7 @@ class Gemma4(Family):
         """OpenAI messages for vLLM, which renders them with the checkpoint's template: clips as input_audio after
         their labels, each reply's calls as tool_calls (JSON arguments), each result as a tool message naming its
         call; the tools go in the request's `tools`."""
-        system = "" if prompt.system == DEFAULT_SYSTEM_PROMPT else prompt.system
-        messages = [{"role": "system", "content": system}] if system else []
+        messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
         n_calls, unanswered = 0, []
         for message in prompt.messages:
             heard = [part for clip in message.clips for part in prompt.clip_parts.get(clip.id, [])]

@@ -13,7 +13,7 @@ template keeps it: in the replies after the last text-only user message.
 import json
 from collections.abc import Callable
 
-from chat.conversation import ASSISTANT, DEFAULT_SYSTEM_PROMPT, TOOL, USER, Message
+from chat.conversation import ASSISTANT, TOOL, USER, Message
 from chat.families.base import Family
 from chat.openai_content import audio_content, text_content
 from chat.prompts import AudioPart, Prompt, PromptRenderer, Segments
@@ -103,8 +103,6 @@ class Qwen3OmniRenderer(PromptRenderer):
     def write(self, prompt: Segments, system: str, messages: tuple[Message, ...], parts: dict[str, list[AudioPart]],
               tools: tuple[dict, ...]) -> None:
         """The prompt, ending where the assistant's reply begins."""
-        # The app's default system prompt stands for "none set": Qwen3-Omni was trained without one
-        system = "" if system == DEFAULT_SYSTEM_PROMPT else system
         if tools:
             declarations = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
             self._turn(prompt, "system", [text_content((f"{system}\n\n" if system else "") + TOOLS_HEADER
@@ -188,7 +186,7 @@ class Qwen3Omni(Family):
     example_checkpoint = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
     context_tokens = 65536
     window_s = WINDOW_S
-    system_prompt = ""
+    system_prompt = ""  # no system message unless a person sets one: Qwen3-Omni was trained without one
     # the model card's sampling for the thinker (its vLLM example): temperature 0.6, top_p 0.95, top_k 20
     settings = GenerationSettings(temperature=0.6, top_p=0.95, top_k=20, repetition_penalty=1.0)
     tool_style = "qwen3"
@@ -216,8 +214,7 @@ class Qwen3Omni(Family):
     def request_messages(self, prompt: Prompt) -> list[dict]:
         """The template's messages with each part as input_audio and calls as OpenAI writes them, for vLLM; each
         tool message names the call it answers, in order."""
-        system = "" if prompt.system == DEFAULT_SYSTEM_PROMPT else prompt.system
-        messages = [{"role": "system", "content": system}] if system else []
+        messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
         n_calls, unanswered = 0, []
         for message in chat_messages(prompt.messages, prompt.clip_parts, lambda part: audio_content(part.samples)):
             if message["role"] == TOOL and unanswered:

@@ -14,6 +14,7 @@ from chat.toolcalls import ToolCall, get_parser
 from chat.tools import ToolBox, ToolResult, client_tool_system_prompt, run_tool_call, tool_system_prompt
 
 END = object()  # what pump() puts on its queue after a turn's last event
+SIGNAL_POLL_S = 0.1  # the longest a pending Ctrl-C waits to be raised while drain() waits for events
 DEFAULT_MAX_TOOL_CALLS = 4  # per turn, like llm's chain_limit: a looping model cannot edit forever
 
 
@@ -237,7 +238,7 @@ def drain(events: queue.Queue) -> Iterator[list[Event]]:
     each time they are taken, so a caller that leaves early (a terminal's Ctrl-C) may drain the queue again.
     """
     while True:
-        batch = [events.get()]  # waits for the next event; a terminal's Ctrl-C (SIGINT) interrupts the wait
+        batch = [_next(events)]
         while not events.empty():
             batch.append(events.get_nowait())
         arrived = [e for e in batch if e is not END and not isinstance(e, Exception)]
@@ -250,6 +251,16 @@ def drain(events: queue.Queue) -> Iterator[list[Event]]:
             if isinstance(ending[0], Exception):
                 raise ending[0]
             return
+
+
+def _next(events: queue.Queue) -> object:
+    """The next event, waited for in short waits: a terminal's Ctrl-C (SIGINT) that lands just before a wait begins
+    does not interrupt it, and is raised here at the end of that wait instead of after the model's next token."""
+    while True:
+        try:
+            return events.get(timeout=SIGNAL_POLL_S)
+        except queue.Empty:
+            pass
 
 
 def in_batches(turn: Turn) -> Iterator[list[Event]]:

@@ -65,7 +65,8 @@ class StampedBackend(ScriptedBackend):
         self.started_at: list[float] = []
         self.ready_at: list[float] = []
 
-    def execute(self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event) -> Iterator[str]:
+    def execute(self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event,
+                voice: str | None = None) -> Iterator[str]:
         """The scripted chunks, each handed over once its time has come, and stamped with that time."""
         start = time.monotonic()
         self.started_at.append(start)

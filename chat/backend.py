@@ -8,10 +8,11 @@ from dataclasses import dataclass, field, replace
 
 from chat.audio import SAMPLE_RATE
 from chat.conversation import DONE, FAILED, STOPPED, Conversation, Figures, Message
-from chat.errors import ChatError, ConversationError
+from chat.errors import ChatError, ConversationError, SettingsError
 from chat.families.base import Family
 from chat.prompts import Prompt, estimate_tokens
 from chat.settings import GenerationSettings
+from chat.speech import SpeechChunk
 
 STOPPED_NOTE = "Stopped by the user."
 QUANTIZATIONS = ("4bit", "8bit", "fp8", "none")  # of a local model; 4bit is the default on a GPU; fp8 needs CC 8.9+
@@ -30,6 +31,7 @@ class Stats:
     audio_s: float = 0.0
     peak_gpu_memory_mb: float | None = None  # None where there is no GPU
     n_dropped_turns: int = 0
+    time_to_first_audio_s: float | None = None  # of a spoken reply
     started_at: float = field(default_factory=time.monotonic)  # when the reply was asked for (time.monotonic)
 
     def first_token(self) -> None:
@@ -37,6 +39,11 @@ class Stats:
         tokens are produced: text may reach the reader later (a streamer holds it back until a word ends)."""
         if self.time_to_first_token_s is None:
             self.time_to_first_token_s = time.monotonic() - self.started_at
+
+    def first_audio(self) -> None:
+        """Note that the reply's first audio was made now, if this is the first time."""
+        if self.time_to_first_audio_s is None:
+            self.time_to_first_audio_s = time.monotonic() - self.started_at
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -55,6 +62,7 @@ class Backend:
     quantization = "none"  # how its weights are stored, as the figures of a reply say
     context_tokens = 8192
     supports_tools = True
+    voices: tuple[str, ...] = ()  # the voices it speaks its replies in itself (its family's talker), default first
 
     @property
     def default_settings(self) -> GenerationSettings:
@@ -62,9 +70,11 @@ class Backend:
         return self.family.settings
 
     def execute(
-        self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event
-    ) -> Iterator[str]:
-        """Yield text chunks of the reply; stop within one token step once cancel is set.
+        self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event,
+        voice: str | None = None,
+    ) -> Iterator[str | SpeechChunk]:
+        """Yield text chunks of the reply, and with a voice (one of voices) its audio as it is made; stop within one
+        token step once cancel is set.
 
         Set stats.n_tokens and stats.n_prompt_tokens as they become known. Clean-up (threads,
         connections) belongs in a finally block, since callers may close the generator at any yield.
@@ -80,7 +90,8 @@ class Backend:
 
 
 class Response:
-    """An iterator of text chunks that records the reply on the conversation when it ends.
+    """An iterator of text chunks (and, with a voice, SpeechChunks) that records the reply on the conversation when
+    it ends.
 
     However the reply ends, it is recorded: in full (done), cut short by cancel() or by closing
     the iterator (stopped), or with the error's message as its note (failed, and the error is
@@ -94,12 +105,17 @@ class Response:
         settings: GenerationSettings | None = None,
         system_prompt: str | None = None,
         tools: tuple[dict, ...] = (),
+        voice: str | None = None,
     ):
         """system_prompt, when given, replaces the conversation's for this reply only (Turn adds the tools to it);
-        tools are specs for a family whose own template lists them (a native tool style, chat.toolcalls)."""
+        tools are specs for a family whose own template lists them (a native tool style, chat.toolcalls); voice, one
+        of the backend's voices, has it speak the reply as it writes it."""
+        if voice is not None and voice not in backend.voices:
+            raise SettingsError(f"{backend.name} cannot speak in the voice {voice!r}; its voices: "
+                                f"{', '.join(backend.voices) or 'none'}.")
         if not conversation.awaiting_reply():
             raise ConversationError("There is nothing to reply to: send a message or a clip first.")
-        self.backend, self.conversation = backend, conversation
+        self.backend, self.conversation, self.voice = backend, conversation, voice
         self.settings = settings or backend.default_settings
         max_prompt_tokens = backend.context_tokens - self.settings.max_new_tokens
         shown = conversation if system_prompt is None else replace(conversation, system_prompt=system_prompt)
@@ -146,7 +162,7 @@ class Response:
             self.chunks = [self.text[:n_chars]]
             self.message = self.conversation.revise_reply(self.message, text=self.text)
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[str | SpeechChunk]:
         if self.message is not None:
             yield from self.chunks
             return
@@ -155,9 +171,13 @@ class Response:
         self._iterating = True
         self.stats.started_at = time.monotonic()
         status, note = STOPPED, STOPPED_NOTE
-        chunks = self.backend.execute(self.prompt, self.settings, self.stats, self._cancel)
+        chunks = self.backend.execute(self.prompt, self.settings, self.stats, self._cancel, voice=self.voice)
         try:
             for chunk in chunks:
+                if isinstance(chunk, SpeechChunk):
+                    self.stats.first_audio()
+                    yield chunk
+                    continue
                 self.stats.first_token()  # a backend that cannot see its tokens: the first text is the first token
                 self.chunks.append(chunk)
                 yield chunk

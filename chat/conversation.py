@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from chat.clip import Clip
 from chat.errors import ConversationError
 from chat.settings import GenerationSettings
+from chat.speech import Speech
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 USER, ASSISTANT, TOOL = "user", "assistant", "tool"
@@ -71,6 +72,7 @@ class Message:
     tool: str = ""  # a tool message: the tool that produced it
     failed: bool = False  # a tool message: the call was refused or failed
     figures: Figures | None = None  # a reply's: how it was made and what it cost
+    speech: Speech | None = None  # a reply's spoken audio, when the voice was on; never heard by the model
 
     @property
     def display_text(self) -> str:

@@ -1,7 +1,9 @@
 """The local backend: any family's checkpoint through transformers, quantized for a consumer GPU, streamed."""
 
+import contextlib
 import gc
 import json
+import queue
 import threading
 import warnings
 from collections import OrderedDict
@@ -23,17 +25,23 @@ from transformers.utils import cached_file
 
 from chat.backend import QUANTIZATIONS, Backend, Stats
 from chat.errors import BackendError, ChatError, SettingsError
-from chat.families import DEFAULT_FAMILY, Family, LoadOptions, config_of_file, family_for_config, load_model
+from chat.families import (
+    DEFAULT_FAMILY, Family, LoadOptions, config_of_file, family_for_config, load_model, load_talker, talker_voices,
+)
 from chat.prompts import AudioPart, Prompt
 from chat.settings import GenerationSettings
+from chat.speech import SpeechChunk, Talker, ThinkerStep, ThinkerStream
 
 # Parts' features kept for later turns: a 30-s part's 128 mel bins x 3000 frames in fp32 take 1.5 MB (SALMONN's
 # 3 MB), a 300-s part of the Omni families 15 MB; 256 MB holds the clips of a long conversation
 MAX_CACHED_FEATURES_MB = 256
 GENERATION_THREAD = "local-backend-generate"
+TALKER_THREAD = "local-backend-talker"
 BYTES_PER_MB = 2**20
 FP8_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
 MEMORY_HINT = "Try --quantization 4bit, fewer or shorter clips, or a lower max_new_tokens."
+POLL_S = 0.1  # how often a reply waiting for its next text or audio looks whether it was stopped
+SPEECH_ENDED = object()  # what a talker's thread puts on a reply's queue after its last audio
 
 # bitsandbytes warns on every 8-bit matmul that it casts bf16/fp32 activations to fp16, which it must.
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
@@ -48,6 +56,9 @@ class KeyValueCache:
     part_keys: list[tuple[str, int]]  # AudioPart.key of each run of audio tokens, in order
     cache: Cache
     position_encoding: object  # what the keys' positions were encoded with (LocalModel.position_encoding)
+    # the talker's layers of the thinker's hidden states of those tokens, layer → (n_cached, hidden_size), if the
+    # reply was spoken: a spoken next turn reuses the cache only with them, as its talker reads the whole prompt's
+    hidden: dict[int, torch.Tensor] | None = None
 
 
 class LocalBackend(Backend):
@@ -79,6 +90,7 @@ class LocalBackend(Backend):
                               _quantization_config(quantization, self.family.unquantized_modules))
         try:
             self.loaded = load_model(self.family, model, options)
+            self.voices = talker_voices(self.family, model)
         except torch.cuda.OutOfMemoryError as e:
             raise BackendError(
                 f"The GPU has too little free memory for {model} with --quantization {quantization}. Use "
@@ -92,6 +104,9 @@ class LocalBackend(Backend):
         self._cache_lock = threading.Lock()
         # the next turn of the same conversation starts from it; taken by one reply at a time, under _cache_lock
         self.last_reply: KeyValueCache | None = None
+        self._load_options = options
+        self._talker: Talker | None = None  # loaded the first time a reply is spoken
+        self._talker_lock = threading.Lock()
 
     @property
     def default_settings(self) -> GenerationSettings:
@@ -138,10 +153,26 @@ class LocalBackend(Backend):
         return {name: value.to(self.model.device) if name != "past_key_values" else value
                 for name, value in inputs.items()}
 
+    def talker(self) -> Talker:
+        """The family's talker of this checkpoint, loaded the first time it is asked for (a voice switched on)."""
+        with self._talker_lock:
+            if self._talker is None:
+                try:
+                    self._talker = load_talker(self.family, self.name, self._load_options, self.loaded)
+                except torch.cuda.OutOfMemoryError as e:
+                    raise BackendError(f"The GPU has too little free memory for {self.family.title}'s voice beside its "
+                                       "thinker. Turn the voice off, or use --quantization 4bit.") from e
+                except (OSError, ValueError, RuntimeError, KeyError) as e:
+                    raise BackendError(f"Could not load the voice of {self.name}: {e}") from e
+            return self._talker
+
     def execute(
-        self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event
-    ) -> Iterator[str]:
-        """Stream the reply from a worker thread that stops within one token of cancel or of the caller leaving."""
+        self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event,
+        voice: str | None = None,
+    ) -> Iterator[str | SpeechChunk]:
+        """Stream the reply (and with a voice, its talker's audio) from worker threads that stop within one token of
+        cancel or of the caller leaving."""
+        talker = self.talker() if voice is not None else None
         token_ids = self.loaded.token_ids(prompt)
         n_prompt = stats.n_prompt_tokens = len(token_ids)
         with self._cache_lock:
@@ -149,6 +180,8 @@ class LocalBackend(Backend):
         position_encoding = self.loaded.position_encoding(n_prompt)
         if last_reply is not None and last_reply.position_encoding != position_encoding:
             last_reply = None
+        if talker is not None and last_reply is not None and last_reply.hidden is None:
+            last_reply = None  # the talker reads the hidden states of the whole prompt, which a silent reply kept not
         try:
             inputs = self._inputs(prompt, token_ids, last_reply)
         except Exception as e:
@@ -160,9 +193,15 @@ class LocalBackend(Backend):
         if "past_key_values" in inputs:
             stats.n_reused_prompt_tokens = inputs["past_key_values"].get_seq_length()
         part_keys = [part.key for part in prompt.audio_parts]
-        finished = threading.Event()  # set when the caller stops listening, however it leaves
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        finished = threading.Event()  # set when the caller stops listening or stops the reply, however it leaves
+        out: queue.Queue = queue.Queue()  # the reply's text, and its audio with a voice, as both are made
+        streamer = QueueStreamer(out, self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[Exception] = []
+        listener = None
+        if talker is not None:
+            kept = {layer: hidden[: stats.n_reused_prompt_tokens] for layer, hidden in (last_reply.hidden or {}).items()
+                    } if "past_key_values" in inputs and last_reply is not None else {}
+            listener = ThinkerListener(self.model, prompt, torch.tensor(token_ids), kept, talker.hidden_layers)
 
         class CountOrStop(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -175,37 +214,57 @@ class LocalBackend(Backend):
             try:
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)
-                out = self.model.generate(
-                    **inputs, **generate_kwargs(settings, self.loaded.stop_ids), return_dict_in_generate=True,
-                    streamer=streamer, stopping_criteria=StoppingCriteriaList([CountOrStop()]),
-                )
-                n_cached = out.past_key_values.get_seq_length()
+                speaking = {} if listener is None else {"output_hidden_states": list(listener.layers)}
+                with listener or contextlib.nullcontext():
+                    result = self.model.generate(
+                        **inputs, **generate_kwargs(settings, self.loaded.stop_ids), **speaking,
+                        return_dict_in_generate=True, streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([CountOrStop()]),
+                    )
+                n_cached = result.past_key_values.get_seq_length()
                 with self._cache_lock:
                     self.last_reply = KeyValueCache(
-                        out.sequences[0, :n_cached], part_keys, out.past_key_values, position_encoding)
+                        result.sequences[0, :n_cached], part_keys, result.past_key_values, position_encoding,
+                        None if listener is None else listener.hidden())
             except Exception as e:
                 errors.append(e)
                 streamer.end()  # wake the consumer, which then raises the error
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()  # give the next, perhaps shorter, turn its chance
 
+        def speak() -> None:
+            try:
+                while not listener.ready.wait(POLL_S):  # the talker starts from the prompt's hidden states
+                    if finished.is_set():
+                        return
+                for samples in talker.speak(listener.stream, voice, finished, greedy=settings.temperature == 0):
+                    out.put(SpeechChunk(samples, talker.sample_rate))
+            except Exception as e:
+                out.put(e)
+            finally:
+                out.put(SPEECH_ENDED)
+
         on_cuda = self.model.device.type == "cuda"
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(self.model.device)
         thread = threading.Thread(target=generate, name=GENERATION_THREAD, daemon=True)
         thread.start()
+        voice_thread = None
+        if talker is not None:
+            voice_thread = threading.Thread(target=speak, name=TALKER_THREAD, daemon=True)
+            voice_thread.start()
         try:
-            for text in streamer:
-                if text:
-                    yield text
+            yield from merged(out, streamer.stop_signal, 1 + (talker is not None), cancel, finished)
             thread.join()
             if errors:
                 raise reply_error(errors[0]) from errors[0]
         finally:
-            # The streamer's queue is unbounded, so the worker never blocks on it: once it sees
-            # `finished` at its next token step it returns, and joining it is enough.
+            # The queue is unbounded, so no worker blocks on it: once they see `finished` at their next step they
+            # return, and joining them is enough.
             finished.set()
             thread.join()
+            if voice_thread is not None:
+                voice_thread.join()
             if on_cuda:
                 stats.peak_gpu_memory_mb = torch.cuda.max_memory_allocated(self.model.device) / BYTES_PER_MB
 
@@ -230,6 +289,85 @@ class LocalBackend(Backend):
             while sum(map(_n_bytes, self._features_cache.values())) > MAX_CACHED_FEATURES_MB * BYTES_PER_MB:
                 self._features_cache.popitem(last=False)
         return value
+
+
+class QueueStreamer(TextIteratorStreamer):
+    """transformers' streamer of a reply's words, put on a queue that a talker's audio shares."""
+
+    def __init__(self, out: queue.Queue, tokenizer, **kwargs) -> None:
+        super().__init__(tokenizer, **kwargs)
+        self.text_queue = out
+
+
+def merged(out: queue.Queue, text_ended: object, n_sources: int, cancel: threading.Event,
+           finished: threading.Event) -> Iterator[str | SpeechChunk]:
+    """The text and audio on a reply's queue, in the order they were made, until each source has ended; sets
+    finished as soon as cancel is, so the talker stops with the thinker."""
+    while n_sources:
+        try:
+            item = out.get(timeout=POLL_S)
+        except queue.Empty:
+            if cancel.is_set():
+                finished.set()
+            continue
+        if item is text_ended or item is SPEECH_ENDED:
+            n_sources -= 1
+        elif isinstance(item, Exception):
+            raise BackendError(f"The voice failed while speaking: {type(item).__name__}: {item}") from item
+        elif item:
+            yield item
+
+
+class ThinkerListener:
+    """Hooks on the thinker during one spoken reply's generate(): it fills the talker's ThinkerStream with the
+    prompt's hidden states (those a cached earlier turn kept, then the prefill's) and each reply token's as the
+    thinker forwards it. Only the generate thread's forwards count: a model may serve two replies at once."""
+
+    def __init__(self, model: torch.nn.Module, prompt: Prompt, prompt_ids: torch.Tensor,
+                 kept: dict[int, torch.Tensor], layers: tuple[int, ...]) -> None:
+        self.model, self.prompt, self.prompt_ids, self.kept, self.layers = model, prompt, prompt_ids, kept, layers
+        self.stream: ThinkerStream | None = None
+        self.ready = threading.Event()  # set once the prefill made the stream
+        self._steps: list[dict[int, torch.Tensor]] = []
+        self._thread: threading.Thread | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> "ThinkerListener":
+        self._thread = threading.current_thread()
+        self._handles = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+                         self.model.register_forward_hook(self._after, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        if self.stream is None:  # generate failed before its first forward: the talker still waits
+            self.stream = ThinkerStream(self.prompt, self.prompt_ids, {})
+            self.ready.set()
+        self.stream.end()
+
+    def hidden(self) -> dict[int, torch.Tensor]:
+        """The talker's layers of every forwarded token (the prompt's and the reply's but its last), for the cache."""
+        return {layer: torch.cat([self.stream.prompt_hidden[layer], *(step[layer][None] for step in self._steps)])
+                for layer in self.layers}
+
+    def _before(self, module, args, kwargs) -> None:
+        if threading.current_thread() is self._thread:
+            self._input_ids = kwargs["input_ids"]
+
+    def _after(self, module, args, kwargs, output) -> None:
+        if threading.current_thread() is not self._thread:
+            return
+        hidden = {layer: output.hidden_states[layer][0] for layer in self.layers}  # (n_new, hidden_size) each
+        if self.stream is None:
+            prompt_hidden = {layer: torch.cat([self.kept[layer], hidden[layer]]) if self.kept else hidden[layer]
+                             for layer in self.layers}
+            self.stream = ThinkerStream(self.prompt, self.prompt_ids, prompt_hidden)
+            self.ready.set()
+            return
+        step = {layer: hidden[layer][-1] for layer in self.layers}
+        self._steps.append(step)
+        self.stream.put(ThinkerStep(int(self._input_ids[0, -1]), step))
 
 
 def _n_bytes(features: dict[str, torch.Tensor]) -> int:

@@ -59,7 +59,8 @@ class RemoteBackend(Backend):
         self.context_tokens = context_tokens or self.family.context_tokens
 
     def execute(
-        self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event
+        self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event,
+        voice: str | None = None,  # never one: it has no voices of its own
     ) -> Iterator[str]:
         """Yield the reply's text pieces, checking cancel at every event (vLLM sends one per token step).
 

@@ -20,14 +20,18 @@ from chat.clip import SOURCES, Clip
 from chat.conversation import ROLES, STATUSES, TOOL, Conversation, Figures, Message, ToolUse
 from chat.errors import SettingsError, StoreError
 from chat.settings import GenerationSettings
+from chat.speech import Speech
 
-FORMAT_VERSION = 3  # 2 added what a reply shows, its calls, a tool message's tool and outcome; 3 a reply's thinking
-READABLE_VERSIONS = (1, 2, 3)
+# 2 added what a reply shows, its calls, a tool message's tool and outcome; 3 a reply's thinking; 4 its speech
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 V1_ERROR_PREFIX = "Error: "  # how version 1 told a failed tool message
 CONVERSATION_FILE = "conversation.json"
 CLIPS_FOLDER = "clips"
 MAX_CONVERSATION_BYTES = 16 * 2**20  # conversation.json: far more text than any context holds
 MAX_CLIP_FILE_BYTES = MAX_CLIP_S * SAMPLE_RATE * 4 + 2**16  # a stored clip: float32 samples and a wav header
+MAX_SPEECH_S = 30 * 60  # a spoken reply: far longer than any reply's text takes to read aloud
+SPEECH_RATES = range(8000, 48001)  # Hz: what a stored spoken reply may be in (every voice here makes 24 kHz)
 
 
 class ClipDict(TypedDict):
@@ -35,6 +39,12 @@ class ClipDict(TypedDict):
     name: str
     source: str
     note: str
+
+
+class SpeechDict(TypedDict):
+    id: str
+    sample_rate: int
+    voice: str
 
 
 class ToolUseDict(TypedDict):
@@ -54,6 +64,7 @@ class MessageDict(TypedDict):
     tool: str
     failed: bool
     figures: dict | None  # Figures, its settings a dict of GenerationSettings
+    speech: SpeechDict | None  # from version 4 on
 
 
 class ConversationDict(TypedDict):
@@ -82,6 +93,8 @@ def to_dict(conversation: Conversation) -> ConversationDict:
                 "tool": m.tool,
                 "failed": m.failed,
                 "figures": None if m.figures is None else dataclasses.asdict(m.figures),
+                "speech": None if m.speech is None else {"id": m.speech.id, "sample_rate": m.speech.sample_rate,
+                                                         "voice": m.speech.voice},
             }
             for m in conversation.messages
         ],
@@ -89,8 +102,9 @@ def to_dict(conversation: Conversation) -> ConversationDict:
 
 
 def from_dict(data: object, load_samples) -> Conversation:
-    """Rebuild a conversation, checking every field's type; load_samples(clip_id) returns that clip's samples,
-    or None when its audio is lost (the clip is then kept as Clip.lost).
+    """Rebuild a conversation, checking every field's type; load_samples(audio_id, sample_rate) returns the samples
+    of a clip (at SAMPLE_RATE) or of a spoken reply, or None when that audio is lost (the clip is then kept as
+    Clip.lost; a reply keeps its text without its speech).
 
     Raises StoreError naming the first field that is wrong: a file from elsewhere is not trusted.
     """
@@ -131,7 +145,26 @@ def _message(m: dict, where: str, version: int, load_samples, numbers: Iterator[
         reasoning=_field(m.get("reasoning", ""), str, f"{where}'s reasoning"), calls=tuple(calls),
         tool=_field(m.get("tool", ""), str, f"{where}'s tool"),
         failed=_field(m.get("failed", False), bool, f"{where}'s failed"), figures=_figures(m.get("figures"), where),
+        speech=_speech(m.get("speech"), where, load_samples),
     )
+
+
+def _speech(data: object, where: str, load_samples) -> Speech | None:
+    """A reply's saved speech, every field checked; None when it has none or its audio is lost."""
+    if data is None:
+        return None
+    data = _field(data, dict, f"{where}'s speech")
+    audio_id, rate = _field(data.get("id"), str, f"{where}'s speech id"), _field(data.get("sample_rate"), int,
+                                                                                  f"{where}'s speech sample rate")
+    if not audio_id.isalnum() or rate not in SPEECH_RATES:
+        raise StoreError(f"The saved conversation is damaged: {where}'s speech has id {audio_id!r} and rate {rate!r}.")
+    samples = load_samples(audio_id, rate)
+    if samples is None:
+        return None
+    speech = Speech(samples, rate, _field(data.get("voice"), str, f"{where}'s voice"))
+    if speech.id != audio_id:
+        raise StoreError(f"The spoken audio of {where} does not match its id: the save is damaged.")
+    return speech
 
 
 FIGURE_TYPES = {"model": str, "family": str, "quantization": str, "prompt_tokens": int, "reused_tokens": int,
@@ -161,11 +194,13 @@ def _field(value: object, kind: type | tuple, what: str):
 
 
 def save(conversation: Conversation, folder: str | Path) -> Path:
-    """Write conversation.json and one float32 wav per clip into folder; returns the folder."""
+    """Write conversation.json and one float32 wav per clip and per spoken reply into folder; returns the folder."""
     folder = Path(folder)
     (folder / CLIPS_FOLDER).mkdir(parents=True, exist_ok=True)
     for clip in conversation.clips():
         write_clip(clip, folder / CLIPS_FOLDER)
+    for speech in speeches(conversation):
+        write_speech(speech, folder / CLIPS_FOLDER)
     (folder / CONVERSATION_FILE).write_text(json.dumps(to_dict(conversation), indent=1, ensure_ascii=False))
     return folder
 
@@ -180,14 +215,19 @@ def load(folder: str | Path) -> Conversation:
         raise StoreError(f"{path} is over {MAX_CONVERSATION_BYTES // 2**20} MB: it is not a saved conversation.")
     try:
         data = json.loads(path.read_text())
-        return from_dict(data, lambda clip_id: read_clip(clip_file(folder / CLIPS_FOLDER, clip_id)))
+        return from_dict(data, lambda audio_id, rate: read_clip(clip_file(folder / CLIPS_FOLDER, audio_id), rate))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise StoreError(f"{path} is damaged ({e}); it cannot be loaded.") from e
 
 
-def clip_file(clips_folder: Path, clip_id: str) -> Path:
-    """Where a clip's audio lives in a clips folder: named by its content id."""
-    return clips_folder / f"{clip_id}.wav"
+def speeches(conversation: Conversation) -> list[Speech]:
+    """The spoken replies of a conversation, in order."""
+    return [m.speech for m in conversation.messages if m.speech is not None]
+
+
+def clip_file(clips_folder: Path, audio_id: str) -> Path:
+    """Where a clip's or a spoken reply's audio lives in a clips folder: named by its content id."""
+    return clips_folder / f"{audio_id}.wav"
 
 
 def write_clip(clip: Clip, clips_folder: Path) -> Path:
@@ -196,40 +236,61 @@ def write_clip(clip: Clip, clips_folder: Path) -> Path:
     A failed write raises OSError (errno ENOSPC when the disk is full) and leaves no file behind.
     """
     path = clip_file(clips_folder, clip.id)
-    if not path.exists() and not clip.missing:
+    if not clip.missing:
+        _write_audio(path, clip.samples, SAMPLE_RATE)
+    return path
+
+
+def write_speech(speech: Speech, clips_folder: Path) -> Path:
+    """A spoken reply's float32 wav at its own rate in clips_folder, written the first time; returns its path."""
+    path = clip_file(clips_folder, speech.id)
+    _write_audio(path, speech.samples, speech.sample_rate)
+    return path
+
+
+def _write_audio(path: Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Write a float32 wav unless it exists; a failed write raises OSError and leaves no file behind."""
+    if not path.exists():
         # write aside, then rename: a crash or a second thread never leaves a half-written clip under its id
         partial = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.partial.wav")
         try:
-            soundfile.write(partial, clip.samples, SAMPLE_RATE, subtype="FLOAT")
+            soundfile.write(partial, samples, sample_rate, subtype="FLOAT")
             os.replace(partial, path)
         except OSError:
             partial.unlink(missing_ok=True)
             raise
         except soundfile.LibsndfileError as e:
             # libsndfile tells a full disk only as "System error.": the space left tells it, before the part goes
-            full = shutil.disk_usage(clips_folder).free < clip.samples.nbytes
+            full = shutil.disk_usage(path.parent).free < samples.nbytes
             partial.unlink(missing_ok=True)
             code = errno.ENOSPC if full else errno.EIO
             raise OSError(code, f"{os.strerror(code)} (libsndfile: {e})", str(path)) from e
-    return path
 
 
-def read_clip(path: Path) -> np.ndarray:
-    """A stored clip's float32 samples; raises StoreError when the file is missing or damaged."""
+def max_file_bytes(sample_rate: int) -> int:
+    """The largest stored wav of a clip (at SAMPLE_RATE) or of a spoken reply (at its rate)."""
+    return MAX_CLIP_FILE_BYTES if sample_rate == SAMPLE_RATE else MAX_SPEECH_S * sample_rate * 4 + 2**16
+
+
+def read_clip(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A stored clip's (or spoken reply's, at its rate) float32 samples; raises StoreError when the file is missing
+    or damaged."""
     if not path.is_file():
         raise StoreError(f"{CLIPS_FOLDER}/{path.name} is missing from {path.parent.parent}: the save is incomplete.")
-    return read_clip_bytes(path.read_bytes() if path.stat().st_size <= MAX_CLIP_FILE_BYTES else b"", path.name)
+    size_ok = path.stat().st_size <= max_file_bytes(sample_rate)
+    return read_clip_bytes(path.read_bytes() if size_ok else b"", path.name, sample_rate)
 
 
-def read_clip_bytes(data: bytes, name: str) -> np.ndarray:
-    """The samples of a stored clip's wav bytes, checked against the clip limits before they are decoded."""
+def read_clip_bytes(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The samples of a stored clip's wav bytes (a spoken reply's at its rate), checked against the limits before
+    they are decoded."""
+    max_s, kind = (MAX_CLIP_S, "clip") if sample_rate == SAMPLE_RATE else (MAX_SPEECH_S, "spoken reply")
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as file:
-            if file.samplerate != SAMPLE_RATE or file.channels != 1:
-                raise StoreError(f"{name} is not 16 kHz mono as stored clips are: the save is damaged.")
-            if file.frames > MAX_CLIP_S * SAMPLE_RATE:
-                raise StoreError(f"{name} is longer than the {MAX_CLIP_S // 60}-minute clip limit: "
-                                 "the save is damaged.")
+            if file.samplerate != sample_rate or file.channels != 1:
+                raise StoreError(f"{name} is not {sample_rate / 1000:g} kHz mono as saved: the save is damaged.")
+            if file.frames > max_s * sample_rate:
+                raise StoreError(f"{name} is longer than the {max_s // 60}-minute {kind} limit: the save is damaged.")
             return file.read(dtype="float32")
     except soundfile.LibsndfileError as e:
         raise StoreError(f"{CLIPS_FOLDER}/{name} is damaged or too large ({e}); the save cannot be loaded.") from e
@@ -243,7 +304,7 @@ def _clip(data: dict, load_samples, number: int) -> Clip:
     note = note.removeprefix(f"Audio {number} = ")
     if source not in SOURCES or not clip_id.isalnum():
         raise StoreError(f"The saved conversation is damaged: clip {name!r} has source {source!r} and id {clip_id!r}.")
-    samples = load_samples(clip_id)
+    samples = load_samples(clip_id, SAMPLE_RATE)
     if samples is None:
         return Clip.lost(clip_id, name, source, note)
     clip = Clip(samples, name=name, source=source, note=note)

@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from chat import saving
 from chat.audio import SAMPLE_RATE
 from chat.clip import Clip
+from chat.speech import Speech
 from chat.conversation import Conversation
 from chat.errors import StoreError
 
@@ -142,6 +143,8 @@ class Store:
         try:
             for clip in conversation.clips():
                 self.clip_path(clip, user)
+            for speech in saving.speeches(conversation):
+                self.speech_path(speech, user)
             now = _now()
             data = json.dumps(saving.to_dict(conversation), ensure_ascii=False)
             with self._connect() as conn, conn:
@@ -230,11 +233,21 @@ class Store:
         owner is the login it is shown to: from then on may_fetch(clip id, owner) holds.
         """
         path = saving.write_clip(clip, self.clips_folder)
-        if owner and (clip.id, owner) not in self._granted:
-            with self._connect() as conn, conn:
-                conn.execute("INSERT OR IGNORE INTO clip_owners (clip_id, user) VALUES (?, ?)", (clip.id, owner))
-            self._granted.add((clip.id, owner))
+        self._grant(clip.id, owner)
         return path
+
+    def speech_path(self, speech: Speech, owner: str = "") -> Path:
+        """A spoken reply's wav file in the store, written the first time; fetched by its login as a clip is."""
+        path = saving.write_speech(speech, self.clips_folder)
+        self._grant(speech.id, owner)
+        return path
+
+    def _grant(self, audio_id: str, owner: str) -> None:
+        """Let a login fetch an audio file (a clip or a spoken reply) it was shown."""
+        if owner and (audio_id, owner) not in self._granted:
+            with self._connect() as conn, conn:
+                conn.execute("INSERT OR IGNORE INTO clip_owners (clip_id, user) VALUES (?, ?)", (audio_id, owner))
+            self._granted.add((audio_id, owner))
 
     def may_fetch(self, clip_id: str, user: str) -> bool:
         """Whether a login was ever shown this clip (in one of its conversations, or while one was written)."""
@@ -244,10 +257,10 @@ class Store:
             return conn.execute("SELECT 1 FROM clip_owners WHERE clip_id = ? AND user = ?",
                                 (clip_id, user)).fetchone() is not None
 
-    def _read_clip(self, clip_id: str):
-        """A stored clip's samples; None when its file is gone, so the conversation still opens."""
-        path = saving.clip_file(self.clips_folder, clip_id)
-        return saving.read_clip(path) if path.exists() else None
+    def _read_clip(self, audio_id: str, sample_rate: int):
+        """A stored clip's (or spoken reply's) samples; None when its file is gone, so the conversation still opens."""
+        path = saving.clip_file(self.clips_folder, audio_id)
+        return saving.read_clip(path, sample_rate) if path.exists() else None
 
     def _connect(self) -> closing[sqlite3.Connection]:
         # one short-lived connection per operation: sqlite3 connections must not be shared across threads
@@ -305,13 +318,13 @@ def from_zip(path: str | Path) -> Conversation:
 
             n_samples = [0]
 
-            def load_samples(clip_id: str):
-                entry = by_name.get(str(top / saving.CLIPS_FOLDER / f"{clip_id}.wav"))
+            def load_samples(audio_id: str, sample_rate: int):
+                entry = by_name.get(str(top / saving.CLIPS_FOLDER / f"{audio_id}.wav"))
                 if entry is None:
-                    raise StoreError(f"{path.name} lacks the audio of clip {clip_id}: the download is incomplete.")
-                data = _read_entry(archive, entry, saving.MAX_CLIP_FILE_BYTES)
-                samples = saving.read_clip_bytes(data, entry.filename)
-                n_samples[0] += len(samples)
+                    raise StoreError(f"{path.name} lacks the audio of clip {audio_id}: the download is incomplete.")
+                data = _read_entry(archive, entry, saving.max_file_bytes(sample_rate))
+                samples = saving.read_clip_bytes(data, entry.filename, sample_rate)
+                n_samples[0] += len(samples) * SAMPLE_RATE / sample_rate  # in seconds at 16 kHz: one budget
                 if n_samples[0] > MAX_IMPORT_AUDIO_S * SAMPLE_RATE:
                     raise StoreError(f"{path.name} holds more than {MAX_IMPORT_AUDIO_S // 3600} hours of audio, more "
                                      "than one conversation may. Split it, or keep it as a file.")

@@ -10,6 +10,7 @@ from chat.clip import Clip
 from chat.conversation import DONE, Conversation, Message, ToolUse
 from chat.errors import ChatError, ToolError
 from chat.settings import GenerationSettings
+from chat.speech import ReadAloud, Speech, SpeechChunk, Voice
 from chat.toolcalls import ToolCall, get_parser
 from chat.tools import ToolBox, ToolResult, client_tool_system_prompt, run_tool_call, tool_system_prompt
 
@@ -44,7 +45,7 @@ class ToolCallFinished:
     error: str = ""  # why the call was refused or failed; empty when it worked
 
 
-Event = TextChunk | ReasoningChunk | ToolCallStarted | ToolCallFinished
+Event = TextChunk | ReasoningChunk | SpeechChunk | ToolCallStarted | ToolCallFinished
 
 
 class Turn:
@@ -58,6 +59,10 @@ class Turn:
     Response continues the reply. A call past max_tool_calls is refused with a message the model
     answers; a Response after that which calls again ends the turn. A finished reply may take a step of
     its own in its family (Family.after_reply: Qwen-Audio-Chat's timestamps become clips).
+
+    With a voice, each Response is spoken as it streams (SpeechChunks among the events): by the backend's own
+    talker, or read aloud from the text meant for the person by a text-to-speech model. Its audio is recorded
+    on its message as its speech once the Response and its speech have ended.
     """
 
     def __init__(
@@ -68,17 +73,18 @@ class Turn:
         tools: ToolBox | None = None,
         max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS,
         client_tools: tuple[dict, ...] | None = None,
+        voice: Voice | None = None,
     ):
         """client_tools: None for the app's own turn; for an API client's, the tools it runs itself (OpenAI function
         specs, perhaps none): the reply's calls end the turn unrun (the reply's message holds them), and the family's
-        own step after a reply (Qwen-Audio-Chat's clips) is not taken."""
+        own step after a reply (Qwen-Audio-Chat's clips) is not taken. voice: None for text only."""
         offered = tools is not None or bool(client_tools)
         if offered and not backend.supports_tools:
             raise ToolError(f"{type(backend).__name__} does not support tool calls; turn speech editing off.")
         if offered and backend.family.tool_style is None:
             raise ToolError(f"{backend.family.title} was not trained to call tools and has no format for them.")
         self.backend, self.conversation, self.settings = backend, conversation, settings
-        self.tools, self.max_tool_calls, self.client_tools = tools, max_tool_calls, client_tools
+        self.tools, self.max_tool_calls, self.client_tools, self.voice = tools, max_tool_calls, client_tools, voice
         self.system_prompt = None  # the conversation's own, unless tools are on
         self.tool_specs: tuple[dict, ...] = ()  # for a family whose template lists the tools itself
         style = backend.family.tool_style
@@ -122,8 +128,9 @@ class Turn:
             self.responses.append(self._new_response())
 
     def _new_response(self) -> Response:
+        talker_voice = self.voice.name if self.voice is not None and self.voice.reader is None else None
         return Response(self.backend, self.conversation, self.settings, system_prompt=self.system_prompt,
-                        tools=self.tool_specs)
+                        tools=self.tool_specs, voice=talker_voice)
 
     def _stream(self) -> Generator[Event, None, list[ToolCall]]:
         """Yield the current response's thinking and its text for the person; return the tool calls it made.
@@ -137,6 +144,15 @@ class Turn:
         shown: list[str] = []  # what the person is shown of the reply
         after: list[str] = []  # text since the last call, shown if another call follows
         n_thought = 0  # of reader.reasoning, yielded so far
+        spoken: list[SpeechChunk] = []  # the Response's audio so far
+        read_aloud = None
+        if self.voice is not None and self.voice.reader is not None:
+            read_aloud = ReadAloud(self.voice.reader, self.voice.name, self._cancel)
+
+        def speech(chunks: Iterator[SpeechChunk]) -> Iterator[SpeechChunk]:
+            for chunk in chunks:
+                spoken.append(chunk)
+                yield chunk
 
         def read(text: str, new: list[ToolCall]) -> Iterator[Event]:
             nonlocal n_thought
@@ -155,6 +171,9 @@ class Turn:
             self.response.shown = "".join(shown)
             if text:
                 yield TextChunk(text)
+                if read_aloud is not None:
+                    read_aloud.feed(text)
+                    yield from speech(read_aloud.ready())
             calls.extend(new)
 
         def read_on(text: str, new: list[ToolCall], more: Callable[[], tuple[str, list[ToolCall]]]) -> Iterator[Event]:
@@ -165,6 +184,9 @@ class Turn:
 
         try:
             for chunk in self.response:  # never left early: the Response records itself when it ends
+                if isinstance(chunk, SpeechChunk):
+                    yield from speech([chunk])
+                    continue
                 yield from read_on(*reader.feed(chunk), lambda: reader.feed(""))
                 if calls and (not reader.several_calls or reader.ended):
                     self.response.end_at(calls[-1].end)  # stops the reply at once
@@ -175,11 +197,18 @@ class Turn:
                     del calls[n_before:]
             if calls and self.response.message.status == DONE:
                 self.response.end_at(calls[-1].end)  # what follows the last call is dropped
-        finally:  # a failed or closed reply is described too: what the person saw of it
+            if read_aloud is not None:
+                yield from speech(read_aloud.rest())
+        finally:  # a failed or closed reply is described too: what the person saw of it and heard
+            if read_aloud is not None:
+                read_aloud.close()  # its thread ends with the text, if the turn ended before rest() was read
             if self.response.message is not None:
                 uses = tuple(ToolUse(call.name, call.arguments) for call in calls if call.name)
                 self.response.message = self.conversation.describe_reply(self.response.message, "".join(shown), uses,
                                                                          reader.reasoning)
+                if spoken:
+                    self.response.message = self.conversation.revise_reply(
+                        self.response.message, speech=Speech.joined(spoken, self.voice.name))
         return calls
 
     def _run(self, call: ToolCall, allowed: bool, stopped: bool = False) -> Iterator[Event]:

@@ -23,7 +23,8 @@ class ScriptedBackend(Backend):
         self.replies.append(list(chunks))
 
     def execute(
-        self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event
+        self, prompt: Prompt, settings: GenerationSettings, stats: Stats, cancel: threading.Event,
+        voice: str | None = None,  # never one: it has no voices of its own
     ) -> Iterator[str]:
         """Yield the next queued reply chunk by chunk; an empty queue replies with a fixed sentence."""
         self.prompts.append(prompt)

@@ -234,7 +234,7 @@ class StuckInPrefill(Backend):
         self.started, self.release = threading.Event(), threading.Event()
         self.cancel = threading.Event()
 
-    def execute(self, prompt, settings, stats, cancel):
+    def execute(self, prompt, settings, stats, cancel, voice=None):
         self.cancel = cancel
         self.started.set()
         self.release.wait(60)
@@ -287,7 +287,7 @@ class FailsMidReply(Backend):
 
     family, name = DEFAULT_FAMILY, "scripted"
 
-    def execute(self, prompt, settings, stats, cancel):
+    def execute(self, prompt, settings, stats, cancel, voice=None):
         yield "Partial"
         raise BackendError("The GPU ran out of memory. Try --quantization 4bit.")
 

@@ -7,13 +7,13 @@ import time
 
 import pytest
 import torch
-from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2Config, TextIteratorStreamer
+from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2Config
 
 import chat.local
 from chat import BackendError, Conversation, GenerationSettings, Response, SettingsError
 from chat.conversation import DONE, FAILED, STOPPED
 from chat.families import get_family
-from chat.local import GENERATION_THREAD, LocalBackend, generate_kwargs
+from chat.local import GENERATION_THREAD, LocalBackend, QueueStreamer, generate_kwargs
 from tests.conftest import tone_clip
 
 SAMPLED = GenerationSettings(seed=0, max_new_tokens=24)  # random weights sampled: several streamed chunks
@@ -57,8 +57,8 @@ def test_token_counts_are_exact(backend):
     assert backend.count_prompt_tokens(response.prompt) == response.stats.n_prompt_tokens == n_prompt
 
 
-class TextAtTheEnd(TextIteratorStreamer):
-    """A streamer that holds all text back until the reply ends, as TextIteratorStreamer does until a word ends."""
+class TextAtTheEnd(QueueStreamer):
+    """A streamer that holds all text back until the reply ends, as transformers' streamer does until a word ends."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -72,7 +72,7 @@ class TextAtTheEnd(TextIteratorStreamer):
 
 def test_the_first_token_is_timed_when_it_is_generated_not_when_its_text_arrives(backend, monkeypatch):
     step_s = 0.02
-    monkeypatch.setattr(chat.local, "TextIteratorStreamer", TextAtTheEnd)
+    monkeypatch.setattr(chat.local, "QueueStreamer", TextAtTheEnd)
     conversation = Conversation()
     conversation.add_user("Describe it.", [tone_clip(1.0, 330, "c.wav")])
     response = Response(backend, conversation, GenerationSettings(seed=0, max_new_tokens=10))

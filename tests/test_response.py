@@ -10,7 +10,7 @@ from tests.conftest import tone
 
 
 class FailingBackend(ScriptedBackend):
-    def execute(self, prompt, settings, stats, cancel):
+    def execute(self, prompt, settings, stats, cancel, voice=None):
         yield "Half a"
         raise BackendError("The GPU ran out of memory while replying.")
 

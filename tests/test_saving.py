@@ -11,6 +11,7 @@ from chat import Clip, Conversation, StoreError, load, save
 from chat.conversation import ToolUse
 from chat.audio import SAMPLE_RATE
 from chat.clip import EDITED
+from chat.saving import FORMAT_VERSION
 from tests.conftest import tone
 
 
@@ -48,7 +49,7 @@ def test_saved_file_is_versioned_json_and_clips_are_stored_once(tmp_path):
     c.add_user("q", [clip(1), clip(2)])
     save(c, tmp_path)
     data = json.loads((tmp_path / "conversation.json").read_text())
-    assert data["version"] == 3 and data["messages"][0]["clips"][1]["name"] == "c2.wav"
+    assert data["version"] == FORMAT_VERSION and data["messages"][0]["clips"][1]["name"] == "c2.wav"
     assert sorted(p.stem for p in (tmp_path / "clips").iterdir()) == sorted(x.id for x in c.clips())
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from chat import store as store_module
+from chat import saving, store as store_module
 from chat.clip import Clip
 from chat.conversation import STOPPED, Conversation
 from chat.errors import StoreError
@@ -100,7 +100,7 @@ def test_rows_hold_the_versioned_json_of_chat_saving(tmp_path):
     store.save("s", conversation)
     with sqlite3.connect(tmp_path / DB_FILE) as conn:
         data = json.loads(conn.execute("SELECT data FROM conversations").fetchone()[0])
-    assert data["version"] == 3 and data["id"] == conversation.id
+    assert data["version"] == saving.FORMAT_VERSION and data["id"] == conversation.id
     assert [c["name"] for m in data["messages"] for c in m["clips"]] == ["a.wav", "b.wav"]
 
 

@@ -189,7 +189,7 @@ def test_in_batches_closed_mid_reply_stops_the_turn_and_its_worker():
 
 def test_in_batches_reraises_the_error_after_the_text_before_it():
     class Failing(ScriptedBackend):
-        def execute(self, prompt, settings, stats, cancel):
+        def execute(self, prompt, settings, stats, cancel, voice=None):
             yield "Half"
             raise BackendError("The server went away.")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from chat.errors import BackendError
 from chat.families import gemma4, qwen2_5_omni, qwen2_audio, qwen3_omni, qwen_audio_chat, salmonn, voxtral
 from chat.families.base import Family, LoadOptions, LocalModel
+from chat.speech import Talker
 
 # each family with its LocalModel class by dotted path
 REGISTRY: tuple[tuple[Family, str], ...] = (
@@ -41,6 +42,22 @@ def load_model(family: Family, checkpoint: str, options: LoadOptions) -> LocalMo
     return getattr(importlib.import_module(module), name)(checkpoint, options)
 
 
+def load_talker(family: Family, checkpoint: str, options: LoadOptions, thinker: LocalModel) -> Talker:
+    """The family's Talker of a checkpoint (its talker and vocoder), beside the thinker already loaded."""
+    return _talker_class(family)(checkpoint, options, thinker)
+
+
+def talker_voices(family: Family, checkpoint: str) -> tuple[str, ...]:
+    """The voices a checkpoint's talker speaks in, read without loading it; none for a family without a talker or a
+    checkpoint saved without one."""
+    return _talker_class(family).voices_of(checkpoint) if family.talker else ()
+
+
+def _talker_class(family: Family) -> type[Talker]:
+    module, _, name = family.talker.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def family_for_config(config: dict, checkpoint: str) -> Family:
     """The family whose checkpoints look like this config; BackendError lists the supported ones."""
     for family in FAMILIES.values():
@@ -68,4 +85,4 @@ def family_for_name(model_name: str) -> Family:
 
 
 __all__ = ["DEFAULT_FAMILY", "FAMILIES", "Family", "LoadOptions", "LocalModel", "config_of_file",
-           "family_for_config", "family_for_name", "get_family", "load_model"]
+           "family_for_config", "family_for_name", "get_family", "load_model", "load_talker", "talker_voices"]

@@ -159,6 +159,7 @@ class Family:
     control_tokens: tuple[str, ...] = ()  # tokens a person's text must not produce
     unquantized_modules: tuple[str, ...] = ()  # full module paths kept in bf16 when the LLM is quantized
     served_by_vllm = False
+    talker = ""  # its Talker class by dotted path, for a family that speaks with its own talker (the Omni families)
     renderer_class: type[PromptRenderer] = PromptRenderer
 
     @property

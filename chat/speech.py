@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from chat.clip import ID_HEX_CHARS
+from chat.errors import SettingsError
 
 if TYPE_CHECKING:
     import torch
@@ -195,3 +196,31 @@ class ReadAloud:
             self._audio.put(e)
         finally:
             self._audio.put(None)
+
+
+class Voices:
+    """The voices an app offers for its backend: the backend's own talker's where it has one (an Omni family run
+    here), else a text-to-speech model's, loaded the first time one of them speaks (its weights may download)."""
+
+    def __init__(self, backend_voices: tuple[str, ...], reader_voices: tuple[str, ...],
+                 load_reader: Callable[[], TextToSpeech]) -> None:
+        self.names = backend_voices or reader_voices  # the default first
+        self._talks = bool(backend_voices)
+        self._load_reader, self._reader = load_reader, None
+        self._lock = threading.Lock()
+
+    @property
+    def default(self) -> str:
+        """The voice used unless a person picks another."""
+        return self.names[0]
+
+    def get(self, name: str) -> Voice:
+        """A voice by name (a person's choice), its model loaded; SettingsError names the voices there are."""
+        if name not in self.names:
+            raise SettingsError(f"There is no voice {name!r}; choose one of: {', '.join(self.names)}.")
+        if self._talks:
+            return Voice(name)
+        with self._lock:
+            if self._reader is None:
+                self._reader = self._load_reader()
+        return Voice(name, self._reader)

@@ -4,7 +4,8 @@ Layout of the data folder:
 
     chat.db               conversations(id, session_id, user, data, created_at, updated_at, title);
                           data is chat.saving's JSON; clip_owners(clip_id, user): the logins shown each clip
-    clips/{clip id}.wav   float32 16 kHz audio, written once and never changed (the id is a hash of the samples)
+    clips/{clip id}.wav   float32 16 kHz audio, written once and never changed (the id is a hash of the samples);
+                          a spoken reply's the same way, at its own rate (24 kHz)
     downloads/*/*.zip     conversations being downloaded, removed after an hour
     audio-chat.log        what the app did: loads, refusals, failures, every reply's figures (launch.py)
 
@@ -144,7 +145,7 @@ class Store:
             for clip in conversation.clips():
                 self.clip_path(clip, user)
             for speech in saving.speeches(conversation):
-                self.speech_path(speech, user)
+                self.clip_path(speech, user)
             now = _now()
             data = json.dumps(saving.to_dict(conversation), ensure_ascii=False)
             with self._connect() as conn, conn:
@@ -227,19 +228,16 @@ class Store:
         folder.mkdir(parents=True)
         return to_zip(conversation, folder / name)
 
-    def clip_path(self, clip: Clip, owner: str = "") -> Path:
-        """The clip's wav file in the store, written the first time the clip is seen.
+    def clip_path(self, audio: Clip | Speech, owner: str = "") -> Path:
+        """The wav file of a clip (or of a spoken reply) in the store, written the first time it is seen.
 
-        owner is the login it is shown to: from then on may_fetch(clip id, owner) holds.
+        owner is the login it is shown to: from then on may_fetch(its id, owner) holds.
         """
-        path = saving.write_clip(clip, self.clips_folder)
-        self._grant(clip.id, owner)
-        return path
-
-    def speech_path(self, speech: Speech, owner: str = "") -> Path:
-        """A spoken reply's wav file in the store, written the first time; fetched by its login as a clip is."""
-        path = saving.write_speech(speech, self.clips_folder)
-        self._grant(speech.id, owner)
+        if isinstance(audio, Speech):
+            path = saving.write_speech(audio, self.clips_folder)
+        else:
+            path = saving.write_clip(audio, self.clips_folder)
+        self._grant(audio.id, owner)
         return path
 
     def _grant(self, audio_id: str, owner: str) -> None:

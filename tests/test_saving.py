@@ -11,7 +11,9 @@ from chat import Clip, Conversation, StoreError, load, save
 from chat.conversation import ToolUse
 from chat.audio import SAMPLE_RATE
 from chat.clip import EDITED
+from chat.families import get_family
 from chat.saving import FORMAT_VERSION
+from chat.speech import Speech
 from tests.conftest import tone
 
 
@@ -126,3 +128,43 @@ def test_a_version_2_file_without_thinking_still_loads(tmp_path):
         del message["reasoning"]
     path.write_text(json.dumps(data))
     assert load(tmp_path).messages == c.messages and load(tmp_path).messages[1].reasoning == ""
+
+
+def spoken(seconds: float = 0.5, rate: int = 24000) -> Speech:
+    """A reply's speech: a tone at the voices' 24 kHz."""
+    t = np.arange(int(seconds * rate)) / rate
+    return Speech((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate, "Ethan")
+
+
+def spoken_conversation() -> Conversation:
+    c = Conversation()
+    c.add_user("q", [clip(1)])
+    reply = c.add_assistant("An answer.")
+    c.revise_reply(reply, speech=spoken())
+    return c
+
+
+def test_a_spoken_reply_is_saved_at_its_own_rate_and_comes_back_playable(tmp_path):
+    c = spoken_conversation()
+    loaded = load(save(c, tmp_path))
+    assert_identical(loaded, c)
+    speech = loaded.messages[1].speech
+    assert (speech.sample_rate, speech.voice, speech.id) == (24000, "Ethan", c.messages[1].speech.id)
+    np.testing.assert_array_equal(speech.samples, c.messages[1].speech.samples)
+    assert json.loads((tmp_path / "conversation.json").read_text())["messages"][1]["speech"]["sample_rate"] == 24000
+
+
+def test_a_lost_spoken_reply_keeps_the_reply_without_its_speech(tmp_path):
+    c = spoken_conversation()
+    save(c, tmp_path)
+    (tmp_path / "clips" / f"{c.messages[1].speech.id}.wav").unlink()
+    with pytest.raises(StoreError, match="missing"):  # a saved folder says its save is incomplete
+        load(tmp_path)
+
+
+def test_a_spoken_reply_is_never_sent_to_the_model():
+    c = spoken_conversation()
+    c.add_user("And again?")
+    prompt = get_family("qwen2-audio").renderer.render(c, 8192, lambda p: 0)
+    assert [part.clip.id for part in prompt.audio_parts] == [c.clips()[0].id]  # the question's clip only
+    assert "An answer." in prompt.text

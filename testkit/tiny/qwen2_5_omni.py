@@ -87,6 +87,8 @@ TALKER = {"vocab_size": 160, "embedding_size": TEXT["hidden_size"], "hidden_size
           "video_token_index": THINKER["video_token_index"], "audio_start_token_id": ID["<|audio_bos|>"],
           "audio_end_token_id": ID["<|audio_eos|>"], "vision_start_token_id": ID["<|vision_bos|>"],
           "vision_end_token_id": ID["<|vision_eos|>"], "position_id_per_seconds": 25, "seconds_per_chunk": 2}
+# talker outputs that are neither a code the DiT embeds (0..num_embeds) nor the end: never chosen by the tiny talker
+NOT_SPOKEN = [i for i in range(CODEBOOK + 2, TALKER["vocab_size"]) if i != TALKER["tts_codec_end_token_id"]]
 MEL_BINS_OUT = 80  # the vocoder's mel (the real 80)
 DIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 16, "ff_mult": 2,
        "emb_dim": 16, "num_embeds": CODEBOOK + 1, "mel_dim": MEL_BINS_OUT, "enc_emb_dim": 16, "enc_dim": 16,
@@ -141,6 +143,8 @@ def build_tiny_qwen2_5_omni(folder: Path, chat_template: str | None = None) -> P
     """Write the tiny checkpoint folder and return it; deterministic, well under a second."""
     model = Qwen2_5OmniForConditionalGeneration(tiny_config()).eval()
     omni.fill(model, model.thinker, [ID["<|im_end|>"], ID["<|endoftext|>"]])
+    with torch.no_grad():  # the talker speaks codes the vocoder has (the real one's are trained to) or ends
+        model.talker.codec_head.weight[NOT_SPOKEN] = 0.0
     folder = omni.save(folder, model, tiny_tokenizer(chat_template))
     torch.save(speakers(), folder / "spk_dict.pt")
     return folder

@@ -102,6 +102,7 @@ class Qwen2_5Omni(Family):
     # rounding errors change the chosen token). Listing lm_head matters: a skip list replaces bitsandbytes' own.
     unquantized_modules = ("model.audio_tower", "model.visual", "lm_head")
     served_by_vllm = True
+    talker = "chat.families.qwen2_5_omni.talker.Qwen2_5OmniTalker"
     renderer_class = Qwen2_5OmniRenderer
 
     def recognizes(self, config: dict) -> bool:

@@ -14,6 +14,7 @@ from chat.clip import EDITED
 from chat.families import get_family
 from chat.saving import FORMAT_VERSION
 from chat.speech import Speech
+from chat.store import Store, from_zip, to_zip
 from tests.conftest import tone
 
 
@@ -154,12 +155,26 @@ def test_a_spoken_reply_is_saved_at_its_own_rate_and_comes_back_playable(tmp_pat
     assert json.loads((tmp_path / "conversation.json").read_text())["messages"][1]["speech"]["sample_rate"] == 24000
 
 
-def test_a_lost_spoken_reply_keeps_the_reply_without_its_speech(tmp_path):
+def test_a_saved_folder_without_a_spoken_replys_file_is_incomplete(tmp_path):
     c = spoken_conversation()
     save(c, tmp_path)
     (tmp_path / "clips" / f"{c.messages[1].speech.id}.wav").unlink()
-    with pytest.raises(StoreError, match="missing"):  # a saved folder says its save is incomplete
+    with pytest.raises(StoreError, match="missing"):
         load(tmp_path)
+
+
+def test_in_the_store_a_lost_spoken_reply_keeps_the_reply_without_its_speech(tmp_path):
+    store, c = Store(tmp_path), spoken_conversation()
+    store.save("s", c)
+    (store.clips_folder / f"{c.messages[1].speech.id}.wav").unlink()
+    loaded = store.load("s")
+    assert loaded.messages[1].text == "An answer." and loaded.messages[1].speech is None
+
+
+def test_a_spoken_reply_goes_with_an_exported_conversation(tmp_path):
+    c = spoken_conversation()
+    loaded = from_zip(to_zip(c, tmp_path / "c.zip"))
+    np.testing.assert_array_equal(loaded.messages[1].speech.samples, c.messages[1].speech.samples)
 
 
 def test_a_spoken_reply_is_never_sent_to_the_model():

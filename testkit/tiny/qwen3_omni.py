@@ -23,6 +23,7 @@ from pathlib import Path
 from transformers import Qwen2Tokenizer, Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
 from testkit.tiny import omni
+from testkit.tiny.common import Weights
 
 ADDED_TOKENS = [  # (token, special), from id 151643 on in the real vocab
     ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
@@ -90,9 +91,12 @@ TALKER = {"text_config": TALKER_TEXT, "code_predictor_config": CODE_PREDICTOR, "
           "position_id_per_seconds": 13, "seconds_per_chunk": 2,
           "spatial_merge_size": 2}  # undeclared in Qwen3OmniMoeTalkerConfig, read by the talker; the real file has it
 CODE2WAV = {"codebook_size": CODEBOOK, "num_quantizers": N_CODE_GROUPS, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "sliding_window": 72,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "sliding_window": 8,
             "max_position_embeddings": 8000, "decoder_dim": 32,
             "upsample_rates": [8, 5, 4, 3], "upsampling_ratios": [2, 2]}  # the real 1920 samples (24 kHz) per code
+# the real window is 72 codes (5.8 s) over 8 layers; 8 codes (0.64 s) over 2 here, so a 3-s reply crosses it
+TALKER_STD = 0.15  # codes that change with the voice and the text
+CODE2WAV_STD = 0.1  # audio that moves with the codes (std about 0.05, peaks about 0.3), neither flat nor clipped
 TOP = {"im_start_token_id": ID["<|im_start|>"], "im_end_token_id": ID["<|im_end|>"],
        "tts_pad_token_id": ID["<tts_pad>"], "tts_bos_token_id": ID["<tts_text_bos>"],
        "tts_eos_token_id": ID["<tts_text_eod>"], **ROLE_IDS}
@@ -112,6 +116,9 @@ def build_tiny_qwen3_omni(folder: Path, chat_template: str | None = None) -> Pat
     """Write the tiny checkpoint folder and return it; deterministic, well under a second."""
     model = Qwen3OmniMoeForConditionalGeneration(tiny_config()).eval()
     omni.fill(model, model.thinker, [ID["<|im_end|>"], ID["<|endoftext|>"]])
+    speech = Weights(omni.SEED + 2)  # spread: at std 0.02 (omni.fill's) every voice and text gave the same codes
+    speech.fill(model.talker, std=TALKER_STD)
+    speech.fill(model.code2wav, std=CODE2WAV_STD)
     return omni.save(folder, model, tiny_tokenizer(chat_template))
 
 

@@ -197,6 +197,7 @@ class Qwen3Omni(Family):
     # tower (never run here), and lm_head (see the Qwen2-Audio family). The experts: chat/families/qwen3_omni/.
     unquantized_modules = ("model.audio_tower", "model.visual", "lm_head")
     served_by_vllm = True
+    talker = "chat.families.qwen3_omni.talker.Qwen3OmniTalker"
     renderer_class = Qwen3OmniRenderer
 
     def recognizes(self, config: dict) -> bool:

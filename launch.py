@@ -14,6 +14,7 @@ from chat.backend import QUANTIZATIONS
 from chat.loading import DEFAULT_MODEL, load_backend
 from chat.store import DATA_DIR_ENV, Store
 from chat.timestamps import DEFAULT_WORD_MODEL
+from chat.speech import Voices
 
 LOG_FILE = "audio-chat.log"  # in the data folder: loads, refusals, failures and every reply's figures
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -75,6 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--word-model", default=DEFAULT_WORD_MODEL,
                        help=f"Whisper hub id or folder that finds word times for editing by words "
                             f"(default: {DEFAULT_WORD_MODEL}; loaded on first use)")
+    voice = parser.add_argument_group("spoken replies")
+    voice.add_argument("--voice", metavar="NAME",
+                       help="speak replies aloud from the start, in this voice (the page's switch and the terminal's "
+                            "/voice change it): an Omni family run here speaks with its own talker (Qwen2.5-Omni: "
+                            "Chelsie, Ethan), every other family through the text-to-speech model")
+    voice.add_argument("--tts-model",
+                       help="hub id or folder of the text-to-speech model that reads replies aloud for families "
+                            "without a talker (default: Kokoro-82M from the hub; loaded when a voice is first used)")
     parser.add_argument("--cli", action="store_true", help="chat in this terminal instead of the browser")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_upload_mb < 1:
@@ -145,18 +154,37 @@ def main(argv: list[str] | None = None) -> int:
     log.info("loaded %s as %s (%s) in %.1f s", backend.name, backend.family.title, backend.quantization,
              time.monotonic() - start)
     try:
+        voices = voices_for(backend, args.tts_model)
+        if args.voice is not None:
+            voices.get(args.voice)  # a voice that is not there is refused now; its model loads before the first reply
+    except ChatError as e:
+        log.error("could not start: %s", e)
+        print(f"error: {e}", file=sys.stderr)
+        backend.close()
+        return 1
+    try:
         if args.cli:
             from app.cli import run_cli
-            from app.recorder import SoundDeviceRecorder
+            from app.recorder import SoundDeviceRecorder, SoundDeviceSpeaker
 
             return run_cli(backend, recorder=SoundDeviceRecorder(), tools=args.tools, word_model=args.word_model,
-                           store=store)
+                           store=store, voices=voices, voice=args.voice, speaker=SoundDeviceSpeaker())
         path = Path(args.checkpoint_path)
         shown = f"{path.parent.name}/{path.name}" if path.is_file() else path.name  # a yaml: its folder says more
         model = f"Model: **{shown}** ({backend.family.title}), {where}."
-        return serve(args, backend, store, model)
+        return serve(args, backend, store, model, voices)
     finally:
         backend.close()
+
+
+def voices_for(backend, tts_model: str | None) -> Voices:
+    """The voices replies can be spoken in: the backend's own talker's, else the text-to-speech model's (chat.tts,
+    imported only for a backend without a talker: its language tools take seconds to import)."""
+    if backend.voices:
+        return Voices(backend.voices, (), load_reader=lambda: None)
+    from chat.tts import CURATED_VOICES, KokoroSpeech
+
+    return Voices((), CURATED_VOICES, lambda: KokoroSpeech(tts_model) if tts_model else KokoroSpeech())
 
 
 def log_to(path: Path, console_level: int) -> None:
@@ -174,7 +202,7 @@ def log_to(path: Path, console_level: int) -> None:
             logger.addHandler(handler)
 
 
-def serve(args: argparse.Namespace, backend, store: Store, description: str) -> int:
+def serve(args: argparse.Namespace, backend, store: Store, description: str, voices) -> int:
     """Serve the page and the API (or the API alone) until interrupted; exit code 1 when --share could not make its
     link, or the API alone was asked for where it must stay off."""
     from app.api import ApiOptions, OpenAIApi
@@ -194,7 +222,7 @@ def serve(args: argparse.Namespace, backend, store: Store, description: str) -> 
     from app.web import CSS, THEME, build_demo, freeze_startup_objects, launch
 
     demo = build_demo(backend, store, description=description, concurrency=args.concurrency, tools=args.tools,
-                      word_model=args.word_model)
+                      word_model=args.word_model, voices=voices, voice=args.voice)
     launch(
         demo, store, api, server_name=args.server_name, server_port=args.server_port, share=args.share,
         inbrowser=args.inbrowser, auth=args.logins or None, max_file_size=f"{args.max_upload_mb}mb", theme=THEME,

@@ -29,7 +29,7 @@ from app.cli_text import (
     summary,
     tool_result,
 )
-from app.recorder import Recorder, play
+from app.recorder import Recorder, Speaker, play
 from chat import saving
 from chat.audio import SAMPLE_RATE
 from chat.backend import Backend
@@ -37,6 +37,7 @@ from chat.clip import Clip
 from chat.conversation import STOPPED, USER, Conversation
 from chat.errors import ChatError, ClipError, StoreError
 from chat.settings import SETTING_NAMES, GenerationSettings, with_setting
+from chat.speech import SpeechChunk, Voices
 from chat.store import Store
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for
@@ -81,11 +82,14 @@ class Terminal:
     show_figures: bool = False  # print each reply's figures after it (on a terminal, not into a pipe)
     colour: bool = False  # whether stdout shows ANSI styles (a terminal that has not asked for none)
     thinking: bool = False  # whether the reply's thinking is being printed now
+    voices: Voices | None = None  # those replies can be spoken in; None: text only
+    voice: str | None = None  # the voice replies are spoken in now; None: off
+    speaker: Speaker | None = None  # plays spoken replies
 
     def __post_init__(self) -> None:
         self.commands: dict[str, Callable[[str], None]] = {
             "/add": self.add, "/rec": self.record, "/send": self.send, "/clips": self.list_clips,
-            "/play": self.play, "/export": self.export, "/save": self.save, "/load": self.load,
+            "/play": self.play, "/voice": self.set_voice, "/export": self.export, "/save": self.save, "/load": self.load,
             "/undo": self.undo, "/clear": self.clear, "/system": self.system, "/set": self.set, "/help": self.help,
             "/quit": self.quit,
             "/list": self.list_conversations, "/open": self.open_conversation, "/new": self.new_conversation,
@@ -140,7 +144,8 @@ class Terminal:
         with self.conversation.unchanged_on_error():
             if text:
                 self.conversation.add_user(text)
-            turn = Turn(self.backend, self.conversation, self.settings, tools=self.tools)
+            voice = self.voices.get(self.voice) if self.voice is not None else None  # loads its model the first time
+            turn = Turn(self.backend, self.conversation, self.settings, tools=self.tools, voice=voice)
         self.stream(turn)
 
     def stream(self, turn: Turn) -> None:
@@ -153,6 +158,7 @@ class Terminal:
         except KeyboardInterrupt:
             try:  # a second Ctrl-C, even one right after the cancel, leaves
                 turn.cancel()
+                self.silence()
                 self.show(events)  # what was generated before the model noticed
             except KeyboardInterrupt:
                 self.say("[left before the reply had stopped]")
@@ -168,6 +174,21 @@ class Terminal:
             self.say(f"[{turn.response.history_note}]")
         if self.show_figures and message is not None and message.figures is not None:
             self.say(f"[{message.figures.summary()}]")
+        if message is not None and message.speech is not None:
+            self.finish_speaking()
+
+    def finish_speaking(self) -> None:
+        """Wait while the spoken reply plays to its end; Ctrl-C silences it."""
+        try:
+            self.speaker.wait()
+        except KeyboardInterrupt:
+            self.silence()
+            self.say("[silenced]")
+
+    def silence(self) -> None:
+        """Stop the spoken reply at once."""
+        if self.speaker is not None:
+            self.speaker.stop()
 
     def show(self, events: queue.Queue) -> None:
         """Print the worker's events until it ends; raise the error the turn ended with, if any."""
@@ -184,6 +205,8 @@ class Terminal:
                 self.thinking = False
             if isinstance(event, TextChunk):
                 self.write(event.text)
+            elif isinstance(event, SpeechChunk):
+                self.speaker.play(event.samples, event.sample_rate)
             elif isinstance(event, ToolCallStarted):
                 self.end_line()
                 self.write(f"{TOOL_MARK} {call_text(event)}")
@@ -239,6 +262,20 @@ class Terminal:
             self.player(clip)
         except KeyboardInterrupt:
             self.say("[stopped]")
+
+    def set_voice(self, args: str) -> None:
+        """Speak replies in a voice (`/voice Ethan`, `/voice on`), stop speaking them (`/voice off`), or show the
+        voice and the voices there are."""
+        if self.voices is None or self.speaker is None:
+            raise ChatError("Spoken replies are off in this session: it has no voices or no speakers.")
+        if args == "off":
+            self.voice = None
+        elif args:
+            name = self.voices.default if args == "on" else args
+            self.voices.get(name)  # an unknown name is refused here; the voice's model loads now, not mid-reply
+            self.voice = name
+        state = f"replies are spoken in {self.voice}" if self.voice else "replies are not spoken"
+        self.say(f"Voice: {state}. Voices: {', '.join(self.voices.names)}.")
 
     def export(self, args: str) -> None:
         """Write Audio N to an audio file."""
@@ -386,6 +423,9 @@ def run_cli(
     word_model: str = DEFAULT_WORD_MODEL,
     conversation: Conversation | None = None,
     player: Callable[[Clip], None] = play,
+    voices: Voices | None = None,
+    voice: str | None = None,
+    speaker: Speaker | None = None,
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     store: Store | None = None,
@@ -395,7 +435,8 @@ def run_cli(
     tools offers the speech-editing tools (None: as the model family does by default) to a backend that
     supports them, finding words with word_model (a Whisper hub id or folder). recorder None turns
     recording off; conversation continues a given one; store keeps every change and serves /list and
-    /open (None: nothing is kept); player, stdin and stdout are for tests.
+    /open (None: nothing is kept); voices are those replies can be spoken in through speaker, voice the one on
+    at the start (None: off); player, stdin and stdout are for tests.
     """
     conversation = Conversation() if conversation is None else conversation
     if system_prompt:
@@ -404,5 +445,7 @@ def run_cli(
     stdout = stdout or sys.stdout
     terminal = Terminal(backend, settings or backend.default_settings, conversation, toolbox, recorder, player,
                         stdin or sys.stdin, stdout, store=store, show_figures=stdout.isatty(),
-                        colour=shows_colour(stdout))
+                        colour=shows_colour(stdout), voices=voices, speaker=speaker)
+    if voice is not None:
+        terminal.set_voice(voice)
     return terminal.run()

@@ -25,6 +25,8 @@ Enter once more to send it as a spoken question, or type a question about it.
   /send                send your turn as it is (e.g. clips without text)
   /clips               list the clips: Audio N, name, length, source, note
   /play N              play Audio N (Ctrl-C stops)
+  /voice [NAME|on|off] speak replies aloud as they are written (Ctrl-C stops), in voice NAME; without an
+                       argument, show the voice and the voices there are
   /export N FILE       write Audio N to a {", ".join(EXPORT_SUFFIXES)} file
   /save FOLDER         save the conversation and its clips
   /load FOLDER         open a saved conversation (replaces this one)

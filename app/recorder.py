@@ -1,5 +1,7 @@
-"""Push-to-talk recording from the microphone and clip playback, through sounddevice (PortAudio)."""
+"""Push-to-talk recording from the microphone, clip playback and spoken replies, through sounddevice (PortAudio)."""
 
+import collections
+import threading
 from typing import Protocol
 
 import numpy as np
@@ -11,6 +13,7 @@ from chat.errors import ClipError
 MARGIN_S = 5  # record a little past the limit so Clip.from_array names it, rather than cutting silently
 DTYPE = "int16"  # what microphones deliver; also the format of the fake ALSA device the tests use
 PORTAUDIO_HINT = "Install PortAudio (Debian/Ubuntu: `apt-get install libportaudio2`)"
+WAIT_POLL_S = 0.1  # the longest a Ctrl-C waits to be raised while waiting for a spoken reply to end
 NO_MIC_HINT = "Connect a microphone or allow access to it, then try again; or attach a file with /add PATH."
 
 
@@ -80,6 +83,88 @@ def play(clip: Clip) -> None:
         sd.play(clip.samples, SAMPLE_RATE, blocking=True)
     except sd.PortAudioError as e:
         raise ClipError(f"No speakers could be opened ({e}). Export the clip with /export and play the file.") from e
+
+
+class Speaker(Protocol):
+    """Plays a spoken reply chunk by chunk as it is made."""
+
+    def play(self, samples: np.ndarray, sample_rate: int) -> None:
+        """Play (n_samples,) float32 audio after what is already playing; returns at once."""
+
+    def wait(self) -> None:
+        """Return once everything given has played; Ctrl-C (KeyboardInterrupt) interrupts the wait."""
+
+    def stop(self) -> None:
+        """Fall silent at once, dropping what was still to play."""
+
+
+class SoundDeviceSpeaker:
+    """Plays chunks on an output device (the system default unless named) through one stream that PortAudio pulls
+    from in its callback thread, so chunks play back to back however they arrive."""
+
+    def __init__(self, device: int | str | None = None) -> None:
+        self.device = device
+        self._stream = None
+        self._sample_rate = 0
+        self._queued: collections.deque[np.ndarray] = collections.deque()
+        self._lock = threading.Lock()
+        self._played = threading.Event()  # set while nothing is queued
+        self._played.set()
+
+    def play(self, samples: np.ndarray, sample_rate: int) -> None:
+        """Queue the chunk, opening the device at its rate (a new rate reopens it)."""
+        if self._stream is None or sample_rate != self._sample_rate:
+            self._open(sample_rate)
+        with self._lock:
+            self._queued.append(np.asarray(samples, dtype=np.float32))
+            self._played.clear()
+
+    def wait(self) -> None:
+        """Wait in short waits, so a Ctrl-C is raised at once."""
+        while not self._played.wait(WAIT_POLL_S):
+            pass
+
+    def stop(self) -> None:
+        """Drop what is queued: the device plays silence from its next block on."""
+        with self._lock:
+            self._queued.clear()
+            self._played.set()
+
+    def close(self) -> None:
+        """Release the device."""
+        self.stop()
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def _open(self, sample_rate: int) -> None:
+        sd = _sounddevice()
+        self.close()
+        try:
+            self._stream = sd.OutputStream(device=self.device, samplerate=sample_rate, channels=1, dtype="float32",
+                                           callback=self._fill)
+            self._stream.start()
+        except (sd.PortAudioError, ValueError) as e:
+            self._stream = None
+            raise ClipError(f"No speakers could be opened ({e}). Turn the voice off with /voice off.") from e
+        self._sample_rate = sample_rate
+
+    def _fill(self, outdata: np.ndarray, n_frames: int, time, status) -> None:
+        """PortAudio callback: the next n_frames queued samples, silence where there are none."""
+        filled = 0
+        with self._lock:
+            while filled < n_frames and self._queued:
+                chunk = self._queued[0]
+                n = min(n_frames - filled, len(chunk))
+                outdata[filled:filled + n, 0] = chunk[:n]
+                filled += n
+                if n == len(chunk):
+                    self._queued.popleft()
+                else:
+                    self._queued[0] = chunk[n:]
+            if not self._queued:
+                self._played.set()
+        outdata[filled:, 0] = 0
 
 
 def _input_rate(sd, device: int | str | None) -> int:

@@ -9,11 +9,13 @@ from app.cli_text import EMPTY_REPLY, call_text, duration, ended_without_text
 from chat.clip import Clip
 from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, Conversation, Message
 from chat.families import Family
+from chat.speech import Speech
 from chat.turn import ToolCallStarted
 
-ClipPath = Callable[[Clip], Path]  # where a clip's audio file is (chat.store.Store.clip_path)
+ClipPath = Callable[[Clip | Speech], Path]  # where a clip's (or spoken reply's) audio file is (Store.clip_path)
 TOOL_MARK = "🛠"  # before a tool step's title
 THINKING_TITLE = "Thinking"  # the collapsible block of a reply's thinking
+SPOKEN_MARK = "🔊"  # before a spoken reply's caption
 MISSING = "missing: its audio file is gone from the data folder, so the model no longer hears it"
 
 
@@ -82,7 +84,8 @@ def render_message(message: Message, first_number: int, clip_path: ClipPath, fam
             text += f"\n\n**The reply failed:** {message.note}"
         if message.figures is not None and text:
             text += f"\n\n<sub>{message.figures.summary()}</sub>"  # small, under the reply
-        return thought + ([gr.ChatMessage(text.strip(), role="assistant")] if text else [])  # empty: only calls
+        spoken = [spoken_reply(message.speech, clip_path)] if message.speech is not None else []
+        return thought + ([gr.ChatMessage(text.strip(), role="assistant")] if text else []) + spoken
     return [gr.ChatMessage(players + ([message.text] if message.text else []), role="user")]
 
 
@@ -104,6 +107,12 @@ def thinking_block(reasoning: str, done: bool) -> gr.ChatMessage:
     answer is what is in sight. gradio folds a block whose status turns "done" unless a person has opened it."""
     return gr.ChatMessage(reasoning, role="assistant",
                           metadata={"title": THINKING_TITLE, "status": "done" if done else "pending"})
+
+
+def spoken_reply(speech: Speech, clip_path: ClipPath) -> gr.ChatMessage:
+    """A reply's speech under it: playable and downloadable, captioned with its voice and length."""
+    caption = f"{SPOKEN_MARK} Spoken reply · {speech.voice} · {duration(speech.duration_s)}"
+    return gr.ChatMessage([{"path": str(clip_path(speech))}, caption], role="assistant")
 
 
 def _player(clip: Clip, number: int, clip_path: ClipPath, family: Family) -> list[dict | str]:

@@ -9,6 +9,7 @@ holds the conversation and the reply being written. API clients call /open_sessi
 import datetime
 import functools
 import gc
+import io
 import logging
 import os
 import re
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
+import soundfile
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -34,6 +37,7 @@ from chat.conversation import ASSISTANT, DEFAULT_SYSTEM_PROMPT, STOPPED, Convers
 from chat.errors import BackendError, ChatError, ClipError, SettingsError, StoreError
 from chat.settings import SETTING_NAMES, GenerationSettings, settings_from
 from chat.store import Store, from_zip
+from chat.speech import SpeechChunk, Voices
 from chat.timestamps import DEFAULT_WORD_MODEL
 from chat.tools import ToolBox, toolbox_for, tools_note
 from chat.turn import ReasoningChunk, TextChunk, ToolCallStarted, Turn, in_batches
@@ -62,7 +66,10 @@ CSS = """
 .keeps-content > [data-testid="status-tracker"]:has(> .error) { display: none; }
 #header h1 { margin-bottom: 0; }
 #header p { margin-top: 4px; color: var(--body-text-color-subdued); }
+#voice-row { align-items: center; }
 """
+# Stop (or a new question) silences the spoken reply at once: what the player has buffered would otherwise play on
+SILENCE_JS = "() => { document.querySelectorAll('#speech-out audio').forEach(a => a.pause()); }"
 FILE_ROUTE = "/file="  # gradio's route for files: /gradio_api/file=<absolute path>
 FILE_NOT_ALLOWED = "File not allowed: {path}."  # gradio's 403 detail for a file it does not serve, word for word
 SAVE_EVERY_S = 1.0  # how often a reply being written is saved, so a crash loses at most this much of it
@@ -119,15 +126,16 @@ def shown(error: ChatError, step: str) -> gr.Error:
 
 
 def with_settings(fn: Callable) -> Callable:
-    """fn, a handler that takes a GenerationSettings as `settings`, as an event function that gradio hands every
-    input by name (inputs_kwargs): the side panel's values are read as the terminal's /set reads them."""
+    """fn, a handler that takes a GenerationSettings as `settings` and the voice as `voice`, as an event function that
+    gradio hands every input by name (inputs_kwargs): the side panel's values are read as the terminal's /set reads
+    them, and the voice switch and choice become the voice (None while the switch is off)."""
 
-    def event(session: Session | None, **values):
+    def event(session: Session | None, speak: bool = False, voice: str | None = None, **values):
         try:
             settings = settings_from({name: values.pop(name) for name in SETTING_NAMES})
         except SettingsError as e:
             raise shown(e, fn.__name__) from e
-        return fn(session, **values, settings=settings)
+        return fn(session, **values, settings=settings, voice=voice if speak else None)
 
     return event
 
@@ -143,9 +151,10 @@ class ChatPage:
     """The event handlers: each changes the session's conversation through the core, saves it, and renders it."""
 
     def __init__(self, backend: Backend, store: Store, tools: ToolBox | None,
-                 chatbot: gr.Chatbot | None = None) -> None:
-        """chatbot is the page's: each session's chat is then processed for it message by message (ChatView)."""
-        self.backend, self.store, self.tools, self.chatbot = backend, store, tools, chatbot
+                 chatbot: gr.Chatbot | None = None, voices: Voices | None = None) -> None:
+        """chatbot is the page's: each session's chat is then processed for it message by message (ChatView);
+        voices are those replies can be spoken in (None: text only)."""
+        self.backend, self.store, self.tools, self.chatbot, self.voices = backend, store, tools, chatbot, voices
 
     def open_session(self, session_id: str | None, request: gr.Request | None = None):
         """Reconnect a browser to its stored conversation; a missing or malformed id starts a new session.
@@ -167,8 +176,10 @@ class ChatPage:
         return session_id, session, *self._opened(session)
 
     @handler
-    def add_message(self, session: Session, message: dict | None, system_prompt: str, settings: GenerationSettings):
-        """Add the text and attached files to the open user turn and ask for a reply, which /respond streams."""
+    def add_message(self, session: Session, message: dict | None, system_prompt: str, settings: GenerationSettings,
+                    voice: str | None = None):
+        """Add the text and attached files to the open user turn and ask for a reply, which /respond streams (spoken
+        in voice, one of the page's voices, if given)."""
         text, files = (message or {}).get("text", "").strip(), (message or {}).get("files") or []
         clips, refused = [], {}  # refused: path -> why
         for path in files:  # decoded before anything changes: a file that fails leaves the conversation as it was
@@ -183,15 +194,17 @@ class ChatPage:
             if text or clips:  # else it is a send of the clips already waiting: a spoken question
                 conversation.add_user(text, clips)
 
-        return self._ask(session, system_prompt, settings, add)
+        return self._ask(session, system_prompt, settings, add, voice)
 
     @handler
-    def regenerate(self, session: Session, system_prompt: str, settings: GenerationSettings):
+    def regenerate(self, session: Session, system_prompt: str, settings: GenerationSettings,
+                   voice: str | None = None):
         """Replace the last reply with a new one, which /respond_again streams."""
-        return self._ask(session, system_prompt, settings, Conversation.drop_reply)
+        return self._ask(session, system_prompt, settings, Conversation.drop_reply, voice)
 
-    def respond(self, session: Session | None) -> Iterator[list]:
-        """Stream the reply asked for, the whole chat at every update (each message processed once: ChatView)."""
+    def respond(self, session: Session | None) -> Iterator[tuple]:
+        """Stream the reply asked for: the whole chat at every update (each message processed once: ChatView), and
+        the audio a spoken reply made since the last update, for the page's player to play on."""
         reply = session.reply if session is not None else None
         if reply is None:  # stopped while it waited in the queue
             return
@@ -201,7 +214,10 @@ class ChatPage:
             self._save_as_interrupted(session, turn, streaming, thinking)
             saved_at = time.monotonic()
             for batch in batches:
+                audio = [event for event in batch if isinstance(event, SpeechChunk)]
                 for event in batch:
+                    if isinstance(event, SpeechChunk):
+                        continue
                     if isinstance(event, TextChunk):
                         streaming += event.text
                     elif isinstance(event, ReasoningChunk):
@@ -214,8 +230,9 @@ class ChatPage:
                     self._save_as_interrupted(session, turn, streaming, thinking)
                     saved_at = time.monotonic()
                 unrecorded = turn.response.message is None  # else the reply so far is on the conversation
-                yield self._render(session, streaming if unrecorded else "", running, thinking if unrecorded else "")
-            yield self._render(session)  # the worker has ended: everything is on the conversation
+                yield (self._render(session, streaming if unrecorded else "", running, thinking if unrecorded else ""),
+                       wav_bytes(audio) if audio else None)
+            yield self._render(session), None  # the worker has ended: everything is on the conversation
         except ChatError:
             pass  # the reply is on the conversation as failed, with the error as its note; finish() shows it
         finally:
@@ -323,15 +340,19 @@ class ChatPage:
         return {"text": selected.value.get("text", ""), "files": files}
 
     def _ask(self, session: Session, system_prompt: str, settings: GenerationSettings,
-             change: Callable[[Conversation], object]):
-        """Change the conversation and start a Turn, or leave the conversation exactly as it was."""
+             change: Callable[[Conversation], object], voice: str | None = None):
+        """Change the conversation and start a Turn (spoken in voice, if given), or leave the conversation exactly
+        as it was."""
+        if voice is not None and self.voices is None:
+            raise SettingsError("This page cannot speak replies.")
+        spoken = self.voices.get(voice) if voice is not None else None  # loads the voice's model the first time
         self._stop(session)
         conversation = session.conversation
         with conversation.unchanged_on_error():
             conversation.system_prompt = system_prompt.strip() or DEFAULT_SYSTEM_PROMPT
             change(conversation)
             # the prompt is rendered here: a turn too long for the context fails before any model work
-            turn = Turn(self.backend, conversation, settings, tools=self.tools)
+            turn = Turn(self.backend, conversation, settings, tools=self.tools, voice=spoken)
             self.store.save(session.id, conversation, session.user)  # a full disk refuses the step here
         session.reply = Reply(turn)
         return self._render(session), *self._inputs(session, busy=True)
@@ -439,6 +460,14 @@ def _login(scope: Scope) -> str | None:
     return app.tokens.get(token)
 
 
+def wav_bytes(chunks: list[SpeechChunk]) -> bytes:
+    """Audio chunks as one 16-bit wav, what the page's streaming player takes."""
+    buffer = io.BytesIO()
+    samples = np.concatenate([chunk.samples for chunk in chunks])
+    soundfile.write(buffer, samples, chunks[0].sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
 def launch(demo: gr.Blocks, store: Store, api: OpenAIApi | None = None, **options) -> None:
     """demo.launch(**options) with the clip files of store served only to the logins shown them, and api (the
     OpenAI-compatible API) at /v1 on the same server."""
@@ -458,11 +487,12 @@ def freeze_startup_objects() -> None:
 
 def build_demo(
     backend: Backend, store: Store, *, description: str = "", concurrency: int = 1, tools: bool | None = None,
-    word_model: str = DEFAULT_WORD_MODEL,
+    word_model: str = DEFAULT_WORD_MODEL, voices: Voices | None = None, voice: str | None = None,
 ) -> gr.Blocks:
     """The chat page. description says which model serves it; concurrency is how many replies run at once;
     tools offers the speech-editing tools (None: as the model family does by default) to a backend that
-    supports them, finding words with word_model."""
+    supports them, finding words with word_model; voices are those replies can be spoken in, voice the one switched
+    on as the page opens (None: off)."""
     defaults = backend.default_settings
     # served as they are, wherever the data folder is (gradio refuses other files outside the working directory and
     # the temp folder), with no copy into gradio's cache per update; a download's folder name is random, unguessable
@@ -507,7 +537,13 @@ def build_demo(
             placeholder="**Record a clip or attach audio files**, then ask about them — or just ask out loud.",
             buttons=["copy_all"], elem_id="chatbot", elem_classes="keeps-content",
         )
-        page = ChatPage(backend, store, toolbox_for(backend, tools, word_model), chatbot)
+        page = ChatPage(backend, store, toolbox_for(backend, tools, word_model), chatbot, voices)
+        with gr.Row(equal_height=True, elem_id="voice-row", visible=voices is not None):
+            speak = gr.Checkbox(voice is not None, label="Speak replies", elem_id="speak", scale=1)
+            voice_choice = gr.Dropdown(list(voices.names) if voices else [], value=voice or (voices and voices.default),
+                                       label="Voice", elem_id="voice", scale=1)
+            speech_out = gr.Audio(streaming=True, autoplay=True, interactive=False, label="Spoken reply",
+                                  elem_id="speech-out", scale=3)
         with gr.Row(equal_height=True):
             recorder = gr.Audio(sources=["microphone"], type="filepath", format=None, label="Record a clip", scale=1,
                                 elem_id="recorder", elem_classes="keeps-content")
@@ -524,21 +560,25 @@ def build_demo(
         quick = {"show_progress": "hidden", "concurrency_limit": None}
         opened = [chatbot, system_prompt, *inputs, history]
         demo.load(page.open_session, [session_id], [session_id, state, *opened], api_name="open_session", **quick)
-        reply = {"fn": page.respond, "inputs": [state], "outputs": [chatbot], "concurrency_limit": concurrency,
+        reply = {"fn": page.respond, "inputs": [state], "outputs": [chatbot, speech_out],
+                 "concurrency_limit": concurrency,
                  "concurrency_id": "reply", "show_progress": "minimal"}
         unlock = {"fn": page.finish, "inputs": [state], "outputs": [chatbot, *inputs, history],
                   "api_visibility": "private", "queue": False}
+        spoken = {"speak": speak, "voice": voice_choice}
         sent = chat_input.submit(with_settings(page.add_message), [state], [chatbot, *inputs], api_name="add_message",
-                                 inputs_kwargs={"message": chat_input, "system_prompt": system_prompt, **settings},
-                                 **quick)
+                                 inputs_kwargs={"message": chat_input, "system_prompt": system_prompt, **settings,
+                                                **spoken}, **quick)
+        sent.success(None, js=SILENCE_JS)  # a new question silences the reply still being read out
         send_reply = sent.success(**reply, api_name="respond")
         send_reply.then(**unlock)
         retried = chatbot.retry(with_settings(page.regenerate), [state], [chatbot, *inputs], api_name="regenerate",
-                                inputs_kwargs={"system_prompt": system_prompt, **settings}, **quick)
+                                inputs_kwargs={"system_prompt": system_prompt, **settings, **spoken}, **quick)
         retry_reply = retried.success(**reply, api_name="respond_again")
         retry_reply.then(**unlock)
         replies = [send_reply, retry_reply]
         chat_input.stop(page.stop, [state], [chatbot, *inputs], cancels=replies, api_name="stop", **quick)
+        chat_input.stop(None, js=SILENCE_JS)
         undone = chatbot.undo(page.undo, [state, chat_input], [chatbot, chat_input], cancels=replies, api_name="undo",
                               **quick)
         chatbot.clear(page.clear, [state], [chatbot, *inputs], cancels=replies, api_name="clear", **quick)

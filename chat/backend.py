@@ -204,5 +204,5 @@ class Response:
         stats, backend = self.stats, self.backend
         return Figures(backend.name, backend.family.title, backend.quantization, self.settings, stats.n_prompt_tokens,
                        stats.n_reused_prompt_tokens, stats.n_tokens, stats.time_to_first_token_s, stats.tokens_per_s,
-                       stats.peak_gpu_memory_mb)
+                       stats.peak_gpu_memory_mb, stats.time_to_first_audio_s)
 

@@ -39,13 +39,17 @@ class Figures:
     time_to_first_token_s: float | None
     tokens_per_s: float | None
     peak_gpu_memory_mb: float | None  # None where there is no GPU
+    time_to_first_audio_s: float | None = None  # a reply its backend spoke: when its first audio was made
 
     def summary(self) -> str:
-        """`Qwen2-Audio · 4bit · 812 prompt tokens (640 cached) · first token 0.21 s · 38.2 tokens/s · 5.2 GB GPU`."""
+        """`Qwen2-Audio · 4bit · 812 prompt tokens (640 cached) · first token 0.21 s · 38.2 tokens/s · 5.2 GB GPU`,
+        with `first audio 0.45 s` after the first token where the backend spoke the reply."""
         parts = [self.family, self.quantization, f"{self.prompt_tokens} prompt tokens"
                  + (f" ({self.reused_tokens} cached)" if self.reused_tokens else ""), f"{self.new_tokens} new"]
         if self.time_to_first_token_s is not None:
             parts.append(f"first token {self.time_to_first_token_s:.2f} s")
+        if self.time_to_first_audio_s is not None:
+            parts.append(f"first audio {self.time_to_first_audio_s:.2f} s")
         if self.tokens_per_s is not None:
             parts.append(f"{self.tokens_per_s:.1f} tokens/s")
         if self.peak_gpu_memory_mb is not None:

@@ -178,11 +178,12 @@ def _figures(data: object, where: str) -> Figures | None:
         return None
     data = _field(data, dict, f"{where}'s figures")
     values = {name: _field(data.get(name), kind, f"{where}'s {name}") for name, kind in FIGURE_TYPES.items()}
+    first_audio = _field(data.get("time_to_first_audio_s"), (int, float, type(None)), f"{where}'s first audio")
     try:
         settings = GenerationSettings(**_field(data.get("settings"), dict, f"{where}'s settings"))
     except (TypeError, SettingsError) as e:
         raise StoreError(f"The saved conversation is damaged: {where}'s settings are not valid ({e}).") from e
-    return Figures(settings=settings, **values)
+    return Figures(settings=settings, time_to_first_audio_s=first_audio, **values)
 
 
 def _field(value: object, kind: type | tuple, what: str):

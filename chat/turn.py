@@ -3,7 +3,7 @@
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from chat.backend import Backend, Response
 from chat.clip import Clip
@@ -151,6 +151,7 @@ class Turn:
 
         def speech(chunks: Iterator[SpeechChunk]) -> Iterator[SpeechChunk]:
             for chunk in chunks:
+                self.response.stats.first_audio()
                 spoken.append(chunk)
                 yield chunk
 
@@ -206,9 +207,11 @@ class Turn:
                 uses = tuple(ToolUse(call.name, call.arguments) for call in calls if call.name)
                 self.response.message = self.conversation.describe_reply(self.response.message, "".join(shown), uses,
                                                                          reader.reasoning)
-                if spoken:
+                if spoken:  # read aloud, the first audio may come after the text, and so after its figures
+                    message = self.response.message
+                    figures = replace(message.figures, time_to_first_audio_s=self.response.stats.time_to_first_audio_s)
                     self.response.message = self.conversation.revise_reply(
-                        self.response.message, speech=Speech.joined(spoken, self.voice.name))
+                        message, speech=Speech.joined(spoken, self.voice.name), figures=figures)
         return calls
 
     def _run(self, call: ToolCall, allowed: bool, stopped: bool = False) -> Iterator[Event]:

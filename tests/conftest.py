@@ -17,6 +17,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from chat.audio import SAMPLE_RATE  # noqa: E402
 from chat.clip import Clip  # noqa: E402
 from chat.local import LocalBackend  # noqa: E402
+from testkit.tiny.kokoro import build_english_tagger, build_kokoro  # noqa: E402
 from testkit.tiny.qwen2_audio import build_tiny_qwen2_audio  # noqa: E402
 from testkit.tiny.qwen_audio_chat import build_tiny_qwen_audio_chat  # noqa: E402
 from testkit.tiny.salmonn import build_tiny_salmonn  # noqa: E402
@@ -104,6 +105,14 @@ def tiny_qwen_audio_chat(tmp_path_factory) -> Path:
 def tiny_salmonn(tmp_path_factory) -> Path:
     """Tiny random-weight SALMONN parts in their original formats; the path of the decode yaml naming them."""
     return build_tiny_salmonn(tmp_path_factory.mktemp("tiny-salmonn"))
+
+
+@pytest.fixture(scope="session")
+def tiny_kokoro(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Kokoro checkpoint folder and the tiny spaCy tagger its English G2P reads (KokoroSpeech(kokoro,
+    tagger=tagger))."""
+    folder = tmp_path_factory.mktemp("tiny-kokoro")
+    return build_kokoro(folder / "kokoro"), build_english_tagger(folder / "tagger")
 
 
 @pytest.fixture(scope="session")

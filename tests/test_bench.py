@@ -8,7 +8,7 @@ from transformers import (
     Gemma4Config, Gemma4ForConditionalGeneration, Qwen2_5OmniConfig, Qwen2_5OmniThinkerForConditionalGeneration,
 )
 
-from bench import api_turns, first_token, gpu, ingest, streaming, turn_prep
+from bench import api_turns, first_token, gpu, ingest, speech, streaming, turn_prep
 from chat.local import LocalBackend
 from testkit.tiny import gemma4, omni, qwen2_5_omni
 
@@ -67,6 +67,17 @@ def test_streaming_quick(capsys):
     assert row[:3] == ["50", "0", str(streaming.QUICK["n_chunks"])]
     assert all(is_number(cell) for cell in row[3:])
     assert "worst median added per chunk" in output
+
+
+def test_speech_quick(capsys):
+    speech.main(["--quick"])  # each route speaks through LocalBackend and a Turn with its voice
+    output = capsys.readouterr().out
+    rows = table(output)
+    assert output.startswith("$ .venv/bin/python -m bench.speech --quick")
+    assert [row[0] for row in rows] == list(speech.ROUTES)
+    assert all(is_number(cell) for row in rows for cell in row[3:] if cell != "-")
+    assert all(float(row[5]) >= float(row[4]) and float(row[7]) > 0 for row in rows)  # audio after the first token
+    assert all(0 < float(row[9]) <= 1 for row in rows)  # first audio as a share of the time to the last
 
 
 @pytest.mark.parametrize("family", ["qwen2-audio", "qwen-audio-chat", "qwen2.5-omni-7b", "qwen3-omni", "gemma4-e2b",

@@ -5,6 +5,7 @@ is as long as the test asks), and a scripted OpenAI-compatible server behind a l
 Screenshots of the finished conversations are saved to test-artifacts/.
 """
 
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -16,7 +17,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from app.web import CSS, THEME, build_demo, launch
+from chat.loading import load_backend
+from chat.speech import Voices
 from chat.store import DB_FILE, Store
+from chat.tts import CURATED_VOICES, KokoroSpeech
 from testkit.tiny.gemma4 import build_tiny_gemma4
 from testkit.tiny.qwen2_5_omni import build_tiny_qwen2_5_omni
 from testkit.tiny.qwen3_omni import build_tiny_qwen3_omni
@@ -31,10 +36,12 @@ ARTIFACTS = ROOT / "test-artifacts"
 START_TIMEOUT_S = 180.0
 # Generous on purpose: a busy 2-core CI machine runs the app, the model and chromium at once.
 REPLY_TIMEOUT_MS = 60_000
+SPOKEN_TIMEOUT_MS = 180_000  # a spoken reply ends with its speech, made on the same busy CPU
 LOGIN = ("ann", "wonderland")
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required",
 ]
 # Collects every text the last reply shows, in order, as the page changes: replies stream in too fast to poll.
 WATCH_REPLY = """() => {
@@ -382,3 +389,124 @@ def test_thinking_streams_in_a_block_that_folds_away_and_stays_after_a_reload(br
             page.wait_for_timeout(1000)  # the block's opening slide, before the screenshot
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=ARTIFACTS / "thinking.png", full_page=True)
+
+
+# For the reply asked for last (window.speech.asked, set as it is sent): arrived[k] once a segment of the spoken
+# reply's audio stream reached the page's player (a stream of its own: its run is not one seen before it was
+# asked), and grew[k] once the reply's text grew after that: its speech was playing while its text was still being
+# written. (Whether headless chromium then plays an HLS stream on time depends on its media stack under load, so
+# what the tests play is the stored speech, below.)
+WATCH_SPEECH = r"""() => {
+    const speech = window.speech = {asked: -1, arrived: [], grew: [], runs: new Set(), old: new Set()};
+    let lastText = '';
+    new PerformanceObserver(list => {
+        for (const entry of list.getEntries()) {
+            const match = entry.name.match(/\/stream\/[^/]+\/([^/]+)\/[^/]+\/(?!playlist)/);
+            if (!match) continue;
+            speech.runs.add(match[1]);
+            if (!speech.old.has(match[1])) speech.arrived[speech.asked] = true;
+        }
+    }).observe({type: 'resource'});
+    new MutationObserver(() => {
+        const bots = document.querySelectorAll('#chatbot [data-testid="bot"]');
+        const last = bots.length ? bots[bots.length - 1] : null;
+        if (last && !last.querySelector('sub') && last.innerText !== lastText) {
+            lastText = last.innerText;
+            if (speech.arrived[speech.asked]) speech.grew[speech.asked] = true;
+        }
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+ASKED = "k => { window.speech.asked = k; window.speech.old = new Set(window.speech.runs); }"
+PLAY_A_WHILE = """async (audio) => {
+    audio.muted = true;
+    await audio.play();
+    await new Promise(resolve => setTimeout(resolve, 1500));
+    return audio.currentTime;
+}"""
+SPOKEN = "🔊 Spoken reply"
+
+
+TALKER_CODES = 300  # the tiny talker never picks its end code: 6 s of speech a reply, not generate's 82 s
+FIRST_SENTENCE = "Here is what I hear. "
+# after the first sentence, the scripted reply's text trickles in: heard while it is still being written
+TRICKLE = list("It is a voice asking about the weather, and it sounds calm. ")
+TRICKLE_DELAY_S = 0.3
+
+
+@pytest.fixture(scope="module", params=["talker", "text-to-speech"])
+def spoken_app(request, tmp_path_factory, tiny_kokoro):
+    """(voice, url, scripted server or None) of a page served here whose replies are spoken from the start: the tiny
+    Qwen2.5-Omni speaking with its own talker (a copy that only max_new_tokens stops, so its text streams for long),
+    or a served model's replies (a scripted OpenAI-compatible server) read aloud by the tiny Kokoro."""
+    folder = tmp_path_factory.mktemp(f"spoken-{request.param}")
+    with contextlib.ExitStack() as stack:
+        if request.param == "talker":
+            checkpoint = endless_copy(build_tiny_qwen2_5_omni(folder / "built"), folder / "model")
+            backend, server = load_backend(str(checkpoint), cpu_only=True), None
+            backend.talker().max_new_codes = TALKER_CODES
+            voices = Voices(backend.voices, (), lambda: None)
+        else:
+            server = stack.enter_context(OpenAIServer())
+            backend = load_backend(server.model, api_base=server.url)
+            kokoro, tagger = tiny_kokoro
+            voices = Voices((), CURATED_VOICES, lambda: KokoroSpeech(str(kokoro), tagger=str(tagger)))
+        stack.callback(backend.close)
+        store = Store(folder / "data")
+        demo = build_demo(backend, store, voices=voices, voice=voices.default)
+        url = f"http://127.0.0.1:{free_port()}"
+        launch(demo, store, None, server_name="127.0.0.1", server_port=int(url.rsplit(":", 1)[1]),
+               prevent_thread_lock=True, quiet=True, css=CSS, theme=THEME)
+        stack.callback(demo.close)
+        yield voices.default, url, server
+
+
+def ask_and_hear(page: Page, text: str, n_replies: int, files: list[Path] = (),
+                 server: OpenAIServer | None = None) -> None:
+    """Send, and check that the reply was heard while its text was still being written."""
+    if server is not None:
+        server.enqueue([FIRST_SENTENCE, *TRICKLE], delay_s=TRICKLE_DELAY_S)
+    page.evaluate(ASKED, n_replies - 1)
+    send(page, text, files)
+    expect(page.locator("#chatbot sub")).to_have_count(n_replies, timeout=SPOKEN_TIMEOUT_MS)  # the reply's figures
+    speech = page.evaluate("() => ({arrived: window.speech.arrived, grew: window.speech.grew})")
+    assert speech["grew"][n_replies - 1:n_replies] == [True], speech
+
+
+def test_a_spoken_reply_plays_while_it_is_written_stops_with_stop_and_stays_after_a_reload(
+        spoken_app, browser, speech_wav, audio_files):
+    voice, url, server = spoken_app
+    page = new_page(browser)
+    page.goto(url)
+    expect(page.locator("#speak input")).to_be_checked()
+    set_settings(page, max_new_tokens="1500")  # the tiny model writes for 15 s or more: heard long before its end
+    page.evaluate(WATCH_SPEECH)
+    ask_and_hear(page, "Describe the sound.", 1, [speech_wav], server)
+    ask_and_hear(page, "And how does Audio 2 differ?", 2, [audio_files["flac"]], server)
+    chat = page.locator("#chatbot")
+    expect(chat.get_by_text(SPOKEN)).to_have_count(2)
+    expect(chat).to_contain_text(f"{SPOKEN} · {voice} ·")
+    expect(chat).to_contain_text("first audio")  # in each reply's figures
+
+    set_settings(page, max_new_tokens="3000")  # a reply that goes on for a minute, to Stop while it speaks
+    if server is not None:
+        server.enqueue([FIRST_SENTENCE, *TRICKLE * 3], delay_s=1.0)
+    page.evaluate(ASKED, 2)
+    send(page, "Tell me more.")
+    page.wait_for_function("() => window.speech.arrived[2]", timeout=SPOKEN_TIMEOUT_MS)
+    page.locator("#chat-input button.stop-button").dispatch_event("click")
+    player = page.locator("#speech-out audio").last
+    expect(player).to_have_js_property("paused", True, timeout=2_000)  # at once, not when the buffer runs out
+    silenced_at = player.evaluate("audio => audio.currentTime")
+    page.wait_for_timeout(1000)
+    assert player.evaluate("audio => audio.currentTime") == silenced_at
+    expect(page.locator("#chatbot sub")).to_have_count(3)
+    expect(chat).to_contain_text("Stopped by the user.")  # the stopped reply is kept, with what was spoken of it
+
+    page.reload()
+    expect(chat.get_by_text(SPOKEN)).to_have_count(3, timeout=REPLY_TIMEOUT_MS)
+    players = chat.locator("audio")
+    expect(players).to_have_count(5)  # the two clips, and the three spoken replies from the store
+    for player in players.all():
+        assert player.evaluate(PLAY_A_WHILE) > 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"spoken-{voice.lower().replace('_', '-')}.png", full_page=True)

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +24,20 @@ import launch
 from app.cli import EXIT_INTERRUPTED, RECORDING_PROMPT, run_cli
 from app.cli_text import BANNER, help_text, model_line, tool_result
 from app.recorder import SoundDeviceRecorder
-from chat import BackendError, Clip, ClipError, Conversation, GenerationSettings, saving
+from chat import BackendError, Clip, ClipError, Conversation, GenerationSettings, load_backend, saving
 from chat.audio import MAX_CLIP_S, SAMPLE_RATE
 from chat.backend import Backend
 from chat.clip import EDITED, UPLOADED
 from chat.conversation import ASSISTANT, DONE, FAILED, STOPPED, TOOL, USER
 from chat.families import DEFAULT_FAMILY
+from chat.local import LocalBackend
+from chat.speech import Voices
 from chat.store import Store
+from chat.tts import CURATED_VOICES, KokoroSpeech
 from testkit.recorder import ArrayRecorder
 from testkit.scripted import ScriptedBackend
-from tests.conftest import tone, write_audio
+from testkit.tiny.qwen2_5_omni import build_tiny_qwen2_5_omni
+from tests.conftest import one_intra_op_thread, tone, write_audio
 
 CTRL_C = KeyboardInterrupt  # an input line that is a Ctrl-C at the prompt
 REPO = Path(__file__).resolve().parents[1]
@@ -553,3 +558,155 @@ def test_several_calls_in_one_reply_are_shown_one_step_each_in_order():
                                 "[tool] reverse(audio=1) → Audio 3 (1.0 s)",
                                 "[tool] reverse(audio=2) → Audio 4 (1.0 s)", "Audio 3 and Audio 4.", "> /quit")
     assert [m.role for m in conversation.messages] == [USER, ASSISTANT, TOOL, TOOL, ASSISTANT]
+
+
+# Spoken replies: the tiny Qwen2.5-Omni speaks with its own talker; the tiny Qwen2-Audio is read aloud by the tiny
+# Kokoro. A Loudspeaker stands in for the sound card.
+
+TALKER_CODES = 84  # the tiny talker never ends by itself: 84 codes are three chunks (36, then 24 a chunk)
+LONG_REPLY_TOKENS = 300  # a reply the thinker writes for longer than the talker takes to its first chunk
+SPOKEN_SHORT = ["/set temperature 0", "/set max_new_tokens 8"]
+
+
+@dataclass
+class Loudspeaker:
+    """A Speaker that keeps each chunk it is given with how much of the screen was printed by then; its wait() can
+    be a Ctrl-C, as when a person cuts short a reply that is still heard after its text."""
+
+    screen: io.StringIO
+    ctrl_c_in_wait: bool = False
+    played: list[tuple[np.ndarray, int, int]] = field(default_factory=list)  # (samples, rate, screen length)
+    n_stops: int = 0
+    n_played_at_stop: int | None = None  # how many chunks had been played when it was last silenced
+
+    def play(self, samples: np.ndarray, sample_rate: int) -> None:
+        self.played.append((samples, sample_rate, len(self.screen.getvalue())))
+
+    def wait(self) -> None:
+        if self.ctrl_c_in_wait:
+            self.ctrl_c_in_wait = False
+            raise KeyboardInterrupt
+
+    def stop(self) -> None:
+        self.n_stops += 1
+        self.n_played_at_stop = len(self.played)
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory) -> Iterator[tuple[LocalBackend, Voices]]:
+    """The tiny Qwen2.5-Omni on the CPU with its talker, and its voices."""
+    folder = build_tiny_qwen2_5_omni(tmp_path_factory.mktemp("tiny-qwen2.5-omni"))
+    with one_intra_op_thread():
+        backend = load_backend(str(folder), cpu_only=True)
+        backend.talker().max_new_codes = TALKER_CODES
+        yield backend, launch.voices_for(backend, None)
+    backend.close()
+
+
+def spoken_session(lines: list, backend: Backend, voices: Voices | None, speaker: Loudspeaker | None, **options):
+    """session() with voices and a speaker that prints to the speaker's screen, the model at one thread."""
+    with one_intra_op_thread():
+        return session(lines, backend, stdout=speaker.screen if speaker else None, voices=voices, speaker=speaker,
+                       **options)
+
+
+def test_a_spoken_reply_is_heard_chunk_by_chunk_while_its_text_streams(omni, tmp_path):
+    backend, voices = omni
+    files = [write_audio(tmp_path / f"clip{k}.wav", tone(1.6 + k, 300.0 + 200 * k)) for k in (1, 2)]
+    speaker = Loudspeaker(io.StringIO())
+    lines = [f"/add {files[0]}", "/set temperature 0", f"/set max_new_tokens {LONG_REPLY_TOKENS}", "What is Audio 1?",
+             f"/add {files[1]}", "And Audio 2?", "/quit"]
+    code, transcript, conversation = spoken_session(lines, backend, voices, speaker, voice="Chelsie")
+    assert code == 0 and "Voice: replies are spoken in Chelsie. Voices: Chelsie, Ethan." in transcript
+    replies = [m for m in conversation.messages if m.role == ASSISTANT]
+    assert [m.status for m in replies] == [DONE, DONE] and replies[1].figures.reused_tokens > 0
+    ends = [transcript.index(m.text) + len(m.text) for m in replies]  # where each reply's text ended on the screen
+    chunks = [[p for p in speaker.played if start < p[2] <= end] for start, end in zip([0, ends[0]], ends)]
+    for reply, heard, end in zip(replies, chunks, ends):
+        assert len(heard) > 1 and heard[0][2] < end  # the first chunk was heard while the text still came
+        assert reply.speech.voice == "Chelsie" and reply.speech.sample_rate == heard[0][1] == 24_000
+        np.testing.assert_array_equal(reply.speech.samples, np.concatenate([samples for samples, *_ in heard]))
+    assert len(speaker.played) == sum(map(len, chunks))
+
+
+def test_voice_shows_switches_and_turns_off_the_spoken_replies(omni):
+    backend, voices = omni
+    speaker = Loudspeaker(io.StringIO())
+    lines = [*SPOKEN_SHORT, "/voice", "/voice Ethan", "/voice nosuch", "Hi", "/voice off", "Again", "/quit"]
+    _, transcript, conversation = spoken_session(lines, backend, voices, speaker)
+    said = [line for line in transcript.splitlines() if line.startswith(("Voice:", "error:"))]
+    assert said == ["Voice: replies are not spoken. Voices: Chelsie, Ethan.",
+                    "Voice: replies are spoken in Ethan. Voices: Chelsie, Ethan.",
+                    "error: There is no voice 'nosuch'; choose one of: Chelsie, Ethan.",
+                    "Voice: replies are not spoken. Voices: Chelsie, Ethan."]
+    spoken, silent = (m for m in conversation.messages if m.role == ASSISTANT)
+    assert spoken.speech.voice == "Ethan" and silent.speech is None
+    assert sum(len(samples) for samples, *_ in speaker.played) == len(spoken.speech.samples)  # none for "Again"
+
+
+@pytest.mark.parametrize("voices, speaker", [(None, Loudspeaker(io.StringIO())), ("omni", None)])
+def test_voice_says_it_is_off_without_voices_or_speakers(omni, voices, speaker):
+    _, transcript, _ = session(["/voice", "/voice Ethan", "/quit"], ScriptedBackend(),
+                               voices=omni[1] if voices else None, speaker=speaker)
+    off = "error: Spoken replies are off in this session: it has no voices or no speakers."
+    assert transcript.splitlines()[2:] == ["> /voice", off, "> /voice Ethan", off, "> /quit"]
+
+
+def test_ctrl_c_while_the_reply_is_still_heard_silences_it_and_the_chat_goes_on(omni):
+    backend, voices = omni
+    speaker = Loudspeaker(io.StringIO(), ctrl_c_in_wait=True)
+    lines = [*SPOKEN_SHORT, "Hi", "Again", "/quit"]
+    code, transcript, conversation = spoken_session(lines, backend, voices, speaker, voice="Ethan")
+    first, second = (m for m in conversation.messages if m.role == ASSISTANT)
+    assert code == 0 and speaker.n_stops == 1
+    assert transcript.count("[silenced]") == 1
+    assert transcript.index(first.text) < transcript.index("[silenced]\n> Again")
+    assert (first.status, second.status) == (DONE, DONE) and second.speech is not None  # heard whole the next time
+
+
+class ReadingStoppedOnceWritten(Loudspeaker):
+    """A Loudspeaker that is a Ctrl-C at the first chunk after the reply's text is complete: what is still to be
+    read is cut short, as a person cuts it, and the test need not wait for the tiny Kokoro to read it all."""
+
+    def __init__(self, conversation: Conversation) -> None:
+        super().__init__(io.StringIO())
+        self.conversation = conversation
+
+    def play(self, samples: np.ndarray, sample_rate: int) -> None:
+        super().play(samples, sample_rate)
+        if self.n_stops == 0 and self.conversation.messages[-1].role == ASSISTANT:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def reader(tiny_qwen2_audio, tiny_kokoro, tmp_path_factory) -> Iterator[tuple[LocalBackend, Voices]]:
+    """The tiny Qwen2-Audio, able to write only spaces, full stops and "a" and never ending by itself: short sentences
+    the tiny Kokoro reads quickly, as many as max_new_tokens says. Its voices are the tiny Kokoro's."""
+    folder = shutil.copytree(tiny_qwen2_audio, tmp_path_factory.mktemp("reader") / "model")
+    n_tokens = json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
+    allowed = set(map(ord, " .a"))  # a byte token's id is its byte
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["suppress_tokens"] = [i for i in range(n_tokens) if i not in allowed]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    kokoro, tagger = tiny_kokoro
+    with one_intra_op_thread():
+        backend = load_backend(str(folder), cpu_only=True)
+        yield backend, Voices((), CURATED_VOICES, lambda: KokoroSpeech(str(kokoro), tagger=str(tagger)))
+    backend.close()
+
+
+def test_a_reply_read_aloud_is_heard_before_its_text_has_ended(reader):
+    backend, voices = reader
+    conversation = Conversation()
+    speaker = ReadingStoppedOnceWritten(conversation)
+    lines = [f"/set max_new_tokens {LONG_REPLY_TOKENS}", "/set temperature 1", "/set top_p 1", "/set seed 1",
+             "Tell me a story.", "/quit"]
+    code, transcript, _ = spoken_session(lines, backend, voices, speaker, voice="af_heart", conversation=conversation)
+    reply = conversation.messages[-1]
+    assert code == 0 and reply.status == DONE and reply.figures.new_tokens == LONG_REPLY_TOKENS
+    assert reply.text.count(". ") > 3  # sentences, read one by one
+    first_heard = speaker.played[0][2]
+    assert first_heard < transcript.index(reply.text) + len(reply.text)
+    assert speaker.n_stops == 1 and "[silenced]" not in transcript  # cut short while the reply still came
+    assert speaker.n_played_at_stop == len(speaker.played)  # nothing more was heard after the Ctrl-C
+    assert reply.speech.voice == "af_heart" and len(reply.speech.samples) == sum(len(s) for s, *_ in speaker.played)

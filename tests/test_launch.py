@@ -17,6 +17,8 @@ import pytest
 import launch
 from chat.store import Store
 from testkit.scripted import ScriptedBackend
+from testkit.tiny.qwen2_5_omni import build_tiny_qwen2_5_omni
+from tests.conftest import one_intra_op_thread
 from tests.openai_server import OpenAIServer
 from tests.test_web import free_port
 
@@ -25,7 +27,7 @@ FLAGS = [
     "-c", "--checkpoint-path", "--cpu-only", "--quantization", "--api-base", "--api-key", "--server-name",
     "--server-port", "--inbrowser", "--share", "--share-without-login", "--auth", "--auth-file", "--concurrency",
     "--max-upload-mb", "--data-dir", "--tools", "--no-tools", "--word-model", "--cli", "--server-api-key",
-    "--server-api-key-file", "--api-only",
+    "--server-api-key-file", "--api-only", "--voice", "--tts-model",
 ]
 
 
@@ -90,13 +92,21 @@ def test_a_share_link_that_cannot_be_made_is_an_error_not_a_silent_local_page(tm
 
     monkeypatch.setattr(gradio.networking, "setup_tunnel", no_tunnel)
     args = launch.parse_args(["--share", "--auth", "ann:pw", "--server-port", str(free_port())])
-    assert launch.serve(args, ScriptedBackend(), Store(tmp_path), "") == 1
+    assert launch.serve(args, ScriptedBackend(), Store(tmp_path), "", voices=None) == 1
     assert "error: the public share link could not be made" in capsys.readouterr().err
 
 
 def test_a_model_that_cannot_be_loaded_ends_with_its_message(tmp_path, capsys):
     assert launch.main(["-c", str(tmp_path / "missing"), "--cpu-only", "--data-dir", str(tmp_path / "data")]) == 1
     assert f"error: There is no model folder {tmp_path / 'missing'}" in capsys.readouterr().err
+
+
+def test_a_voice_the_model_lacks_ends_with_the_voices_it_has(tmp_path, capsys):
+    folder = build_tiny_qwen2_5_omni(tmp_path / "omni")
+    argv = ["-c", str(folder), "--cpu-only", "--cli", "--voice", "nosuch", "--data-dir", str(tmp_path / "data")]
+    with one_intra_op_thread():
+        assert launch.main(argv) == 1
+    assert "error: There is no voice 'nosuch'; choose one of: Chelsie, Ethan." in capsys.readouterr().err
 
 
 def test_cli_hands_over_to_the_terminal_client():

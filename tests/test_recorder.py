@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.recorder import SoundDeviceRecorder
+from app.recorder import SoundDeviceRecorder, SoundDeviceSpeaker
 from testkit.recorder import ArrayRecorder
 from chat import ClipError
 from chat.audio import SAMPLE_RATE
@@ -90,3 +90,56 @@ def test_records_speech_from_the_default_alsa_device_and_plays_it_back(tmp_path,
 def from_first_sound(samples: np.ndarray) -> np.ndarray:
     """Samples from the first non-zero one on (devices pad the start with silence)."""
     return samples[np.flatnonzero(samples)[0]:]
+
+
+SPEAK_RATE = 24_000  # every voice's rate: the fake device writes float32 at it, as given (nothing resampled)
+# Writes played.raw as the fake device takes it, which is not real time: it takes each block as soon as it is
+# filled. close() drops what is still queued, so a chunk that is in the file whole was played before wait() returned.
+SPEAK = """\
+import sys
+import numpy as np
+from app.recorder import SoundDeviceSpeaker
+
+chunks = [np.load(path) for path in sys.argv[2:]]
+speaker = SoundDeviceSpeaker()
+if sys.argv[1] == "stop":
+    speaker.play(chunks[0], 24000)
+    speaker.stop()
+else:
+    for chunk in chunks:
+        speaker.play(chunk, 24000)
+speaker.wait()
+speaker.close()
+"""
+
+
+def speak(tmp_path: Path, mode: str, chunks: list[np.ndarray]) -> np.ndarray:
+    """Run SPEAK with the fake device as ALSA's default; returns the samples it was sent."""
+    (tmp_path / ".asoundrc").write_text(ASOUNDRC.format(played=tmp_path / "played.raw", speech="/dev/null"))
+    paths = [tmp_path / f"chunk{k}.npy" for k in range(len(chunks))]
+    for path, chunk in zip(paths, chunks):
+        np.save(path, chunk)
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", SPEAK, mode, *map(str, paths)], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return np.fromfile(tmp_path / "played.raw", dtype="<f4")
+
+
+def test_chunks_play_back_to_back_in_order_and_whole_before_wait_returns(tmp_path):
+    chunks = [np.linspace(0.1 * k, 0.1 * k + 0.05, SPEAK_RATE // 2, dtype=np.float32) for k in (1, 2, 3)]
+    played = from_first_sound(speak(tmp_path, "play", chunks))
+    expected = np.concatenate(chunks)
+    np.testing.assert_array_equal(played[: len(expected)], expected)  # no gap, no resampling, nothing lost
+    assert not played[len(expected):].any()  # then the device's silence
+
+
+def test_stop_drops_what_was_queued(tmp_path):
+    queued = np.full(SPEAK_RATE * 60, 0.5, dtype=np.float32)  # a minute, stopped at once
+    played = speak(tmp_path, "stop", [queued])
+    assert np.count_nonzero(played) < len(queued) // 10
+
+
+def test_a_missing_output_device_is_a_clip_error_that_says_what_to_do():
+    with pytest.raises(ClipError, match=r"No speakers could be opened .*Turn the voice off with /voice off"):
+        SoundDeviceSpeaker(device="no such speakers").play(np.zeros(10, dtype=np.float32), SPEAK_RATE)

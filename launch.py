@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("loaded %s as %s (%s) in %.1f s", backend.name, backend.family.title, backend.quantization,
              time.monotonic() - start)
     try:
-        voices = voices_for(backend, args.tts_model)
-        if args.voice is not None:
+        voices = None if args.api_only else voices_for(backend, args.tts_model)  # the API speaks no replies
+        if voices is not None and args.voice is not None:
             voices.get(args.voice)  # a voice that is not there is refused now; its model loads before the first reply
     except ChatError as e:
         log.error("could not start: %s", e)

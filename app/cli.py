@@ -99,6 +99,8 @@ class Terminal:
         """Chat until the user leaves; returns the exit code."""
         self.say(model_line(self.backend))
         self.say(BANNER)
+        if self.voice is not None:
+            self.say(f"Replies are spoken in {self.voice}; /voice off stops that.")
         while True:
             try:
                 line = self.read(self.prompt())
@@ -177,6 +179,16 @@ class Terminal:
         if message is not None and message.speech is not None:
             self.finish_speaking()
 
+    def hear(self, chunk: SpeechChunk) -> None:
+        """Play a piece of the spoken reply; speakers that fail turn the voice off, and the text goes on."""
+        if self.voice is None:  # the speakers failed earlier in this reply
+            return
+        try:
+            self.speaker.play(chunk.samples, chunk.sample_rate)
+        except ClipError as e:
+            self.voice = None
+            self.say(f"error: {e} Replies are not spoken now; /voice on speaks them again.")
+
     def finish_speaking(self) -> None:
         """Wait while the spoken reply plays to its end; Ctrl-C silences it."""
         try:
@@ -206,7 +218,7 @@ class Terminal:
             if isinstance(event, TextChunk):
                 self.write(event.text)
             elif isinstance(event, SpeechChunk):
-                self.speaker.play(event.samples, event.sample_rate)
+                self.hear(event)
             elif isinstance(event, ToolCallStarted):
                 self.end_line()
                 self.write(f"{TOOL_MARK} {call_text(event)}")
@@ -447,5 +459,6 @@ def run_cli(
                         stdin or sys.stdin, stdout, store=store, show_figures=stdout.isatty(),
                         colour=shows_colour(stdout), voices=voices, speaker=speaker)
     if voice is not None:
-        terminal.set_voice(voice)
+        voices.get(voice)  # refused here if it is not one of them; its model loads before the first reply
+        terminal.voice = voice
     return terminal.run()

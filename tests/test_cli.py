@@ -617,7 +617,7 @@ def test_a_spoken_reply_is_heard_chunk_by_chunk_while_its_text_streams(omni, tmp
     lines = [f"/add {files[0]}", "/set temperature 0", f"/set max_new_tokens {LONG_REPLY_TOKENS}", "What is Audio 1?",
              f"/add {files[1]}", "And Audio 2?", "/quit"]
     code, transcript, conversation = spoken_session(lines, backend, voices, speaker, voice="Chelsie")
-    assert code == 0 and "Voice: replies are spoken in Chelsie. Voices: Chelsie, Ethan." in transcript
+    assert code == 0 and "Replies are spoken in Chelsie; /voice off stops that." in transcript
     replies = [m for m in conversation.messages if m.role == ASSISTANT]
     assert [m.status for m in replies] == [DONE, DONE] and replies[1].figures.reused_tokens > 0
     ends = [transcript.index(m.text) + len(m.text) for m in replies]  # where each reply's text ended on the screen
@@ -710,3 +710,21 @@ def test_a_reply_read_aloud_is_heard_before_its_text_has_ended(reader):
     assert speaker.n_stops == 1 and "[silenced]" not in transcript  # cut short while the reply still came
     assert speaker.n_played_at_stop == len(speaker.played)  # nothing more was heard after the Ctrl-C
     assert reply.speech.voice == "af_heart" and len(reply.speech.samples) == sum(len(s) for s, *_ in speaker.played)
+
+
+class BrokenSpeakers(Loudspeaker):
+    """Speakers that cannot be opened, as when the sound device is gone."""
+
+    def play(self, samples, sample_rate) -> None:
+        raise ClipError("No speakers could be opened (no output device). Turn the voice off with /voice off.")
+
+
+def test_speakers_that_fail_turn_the_voice_off_and_the_reply_goes_on(omni):
+    backend, voices = omni
+    speaker = BrokenSpeakers(io.StringIO())
+    code, transcript, conversation = spoken_session(["/set max_new_tokens 40", "Hello?", "/voice", "/quit"], backend,
+                                                    voices, speaker, voice="Chelsie")
+    assert code == 0 and transcript.count("No speakers could be opened") == 1
+    assert "Replies are not spoken now; /voice on speaks them again." in transcript
+    assert "Voice: replies are not spoken." in transcript
+    assert conversation.messages[-1].status == DONE  # the text was written to its end

@@ -181,10 +181,13 @@ def voices_for(backend, tts_model: str | None) -> Voices:
     """The voices replies can be spoken in: the backend's own talker's, else the text-to-speech model's (chat.tts,
     imported only for a backend without a talker: its language tools take seconds to import)."""
     if backend.voices:
-        return Voices(backend.voices, (), load_reader=lambda: None)
+        def load_talker() -> None:
+            backend.talker()
+
+        return Voices(backend.voices, load_talker)
     from chat.tts import CURATED_VOICES, KokoroSpeech
 
-    return Voices((), CURATED_VOICES, lambda: KokoroSpeech(tts_model) if tts_model else KokoroSpeech())
+    return Voices(CURATED_VOICES, lambda: KokoroSpeech(tts_model) if tts_model else KokoroSpeech())
 
 
 def log_to(path: Path, console_level: int) -> None:

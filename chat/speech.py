@@ -199,14 +199,14 @@ class ReadAloud:
 
 
 class Voices:
-    """The voices an app offers for its backend: the backend's own talker's where it has one (an Omni family run
-    here), else a text-to-speech model's, loaded the first time one of them speaks (its weights may download)."""
+    """The voices an app offers for its backend, the default first: the backend's own talker's where it has one (an
+    Omni family run here), else a text-to-speech model's. What speaks them is loaded the first time one is used (a
+    talker's weights, or the text-to-speech model's, which may download), not in the middle of the first reply."""
 
-    def __init__(self, backend_voices: tuple[str, ...], reader_voices: tuple[str, ...],
-                 load_reader: Callable[[], TextToSpeech]) -> None:
-        self.names = backend_voices or reader_voices  # the default first
-        self._talks = bool(backend_voices)
-        self._load_reader, self._reader = load_reader, None
+    def __init__(self, names: tuple[str, ...], load: Callable[[], TextToSpeech | None]) -> None:
+        """load: loads what speaks; returns the text-to-speech model, or None where the backend's talker speaks."""
+        self.names = names
+        self._load, self._loaded, self._reader = load, False, None
         self._lock = threading.Lock()
 
     @property
@@ -215,12 +215,10 @@ class Voices:
         return self.names[0]
 
     def get(self, name: str) -> Voice:
-        """A voice by name (a person's choice), its model loaded; SettingsError names the voices there are."""
+        """A voice by name (a person's choice), what speaks it loaded; SettingsError names the voices there are."""
         if name not in self.names:
             raise SettingsError(f"There is no voice {name!r}; choose one of: {', '.join(self.names)}.")
-        if self._talks:
-            return Voice(name)
         with self._lock:
-            if self._reader is None:
-                self._reader = self._load_reader()
+            if not self._loaded:
+                self._reader, self._loaded = self._load(), True
         return Voice(name, self._reader)

@@ -19,6 +19,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from app.web import CSS, THEME, build_demo, launch
 from chat.loading import load_backend
+from launch import voices_for
 from chat.speech import Voices
 from chat.store import DB_FILE, Store
 from chat.tts import CURATED_VOICES, KokoroSpeech
@@ -444,12 +445,12 @@ def spoken_app(request, tmp_path_factory, tiny_kokoro):
             checkpoint = endless_copy(build_tiny_qwen2_5_omni(folder / "built"), folder / "model")
             backend, server = load_backend(str(checkpoint), cpu_only=True), None
             backend.talker().max_new_codes = TALKER_CODES
-            voices = Voices(backend.voices, (), lambda: None)
+            voices = voices_for(backend, tts_model=None)  # as launch.py makes them
         else:
             server = stack.enter_context(OpenAIServer())
             backend = load_backend(server.model, api_base=server.url)
             kokoro, tagger = tiny_kokoro
-            voices = Voices((), CURATED_VOICES, lambda: KokoroSpeech(str(kokoro), tagger=str(tagger)))
+            voices = Voices(CURATED_VOICES, lambda: KokoroSpeech(str(kokoro), tagger=str(tagger)))
         stack.callback(backend.close)
         store = Store(folder / "data")
         demo = build_demo(backend, store, voices=voices, voice=voices.default)

@@ -691,7 +691,7 @@ def reader(tiny_qwen2_audio, tiny_kokoro, tmp_path_factory) -> Iterator[tuple[Lo
     kokoro, tagger = tiny_kokoro
     with one_intra_op_thread():
         backend = load_backend(str(folder), cpu_only=True)
-        yield backend, Voices((), CURATED_VOICES, lambda: KokoroSpeech(str(kokoro), tagger=str(tagger)))
+        yield backend, Voices(CURATED_VOICES, lambda: KokoroSpeech(str(kokoro), tagger=str(tagger)))
     backend.close()
 
 

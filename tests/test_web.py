@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -72,6 +73,16 @@ def free_port() -> int:
 FIGURES = re.compile(r"\n\n<sub>(.*)</sub>$")  # a reply's figures, under its text
 
 
+def chats(updates: Iterator[tuple]) -> Iterator[list]:
+    """The chat of each of respond()'s updates, without the audio each carries for the page's spoken-reply player;
+    closing it closes respond(), as gradio does on Stop."""
+    try:
+        for chat, _audio in updates:
+            yield chat
+    finally:
+        updates.close()
+
+
 def bot_texts(chat: list) -> list[str]:
     """The text of each assistant message of a rendered chat (gr.ChatMessage list or API dicts), figures left out."""
     texts = []
@@ -108,7 +119,7 @@ def scripted(tmp_path):
 def send(page: ChatPage, session, text: str = "", files=(), settings: GenerationSettings = SETTINGS[1]) -> list:
     """What the page does on Enter: add the message, then stream the reply; returns every render."""
     page.add_message(session, {"text": text, "files": [str(f) for f in files]}, SETTINGS[0], settings)
-    return list(page.respond(session))
+    return list(chats(page.respond(session)))
 
 
 def test_a_reply_streams_as_the_whole_chat_and_is_saved(scripted):
@@ -136,7 +147,7 @@ def test_a_reply_whose_saving_fails_does_not_leave_the_page_waiting_for_it(scrip
 
     monkeypatch.setattr(page.store, "save", full_disk)
     with pytest.raises(StoreError):
-        list(page.respond(session))
+        list(chats(page.respond(session)))
     monkeypatch.undo()
     started = time.monotonic()
     page.clear(session)  # stops the reply first: it has ended, so at once
@@ -156,7 +167,7 @@ def test_text_faster_than_the_update_rate_is_batched_into_the_next_update(script
     backend, page, session = scripted
     backend.enqueue([f"w{i} " for i in range(50)])  # all at once, as a fast GPU fills the streamer
     page.add_message(session, {"text": "hi", "files": []}, *SETTINGS)
-    stream = page.respond(session)
+    stream = chats(page.respond(session))
     first = bot_texts(next(stream))
     time.sleep(1.0)  # a slow update: the rest of the reply arrives meanwhile
     assert first[0].startswith("w0") and bot_texts(next(stream)) == [" ".join(f"w{i}" for i in range(50))]
@@ -204,7 +215,7 @@ def test_a_file_that_is_not_audio_is_refused_and_changes_nothing(scripted, speec
     # the text and the good file stay in the box, the refused one is taken out: the next send works
     assert box.value["text"] == "What is this?" and box.interactive
     assert [file["orig_name"] for file in box.value["files"]] == ["tone.flac"]
-    assert list(page.respond(session)) == []  # nothing was asked
+    assert list(chats(page.respond(session))) == []  # nothing was asked
 
 
 @pytest.mark.parametrize(
@@ -229,10 +240,10 @@ def test_the_side_panel_values_reach_the_reply_as_one_generation_settings(script
     backend, page, session = scripted
     with_settings(page.add_message)(session, message={"text": "hello", "files": []}, system_prompt="",
                                     **{**PANEL, "seed": " Random "})
-    list(page.respond(session))
+    list(chats(page.respond(session)))
     assert session.conversation.messages[-1].figures.settings == GenerationSettings(seed=None)
     with_settings(page.regenerate)(session, system_prompt="", **{**PANEL, "top_k": 40, "seed": "7"})
-    list(page.respond(session))
+    list(chats(page.respond(session)))
     assert page.store.load(session.id).messages[-1].figures.settings == GenerationSettings(top_k=40, seed=7)
 
 
@@ -253,7 +264,7 @@ def test_stop_keeps_the_partial_reply_marked_as_stopped(tmp_path):
     _, session, *_ = page.open_session(None)
     page.add_message(session, {"text": "Talk.", "files": []}, *SETTINGS)
     renders = []
-    streaming = threading.Thread(target=lambda: renders.extend(page.respond(session)))
+    streaming = threading.Thread(target=lambda: renders.extend(chats(page.respond(session))))
     streaming.start()
     while len(renders) < 3:
         time.sleep(0.01)
@@ -271,7 +282,7 @@ def test_stop_waits_for_the_reply_to_end_and_no_longer_than_stop_wait_s(scripted
     backend, page, session = scripted
     backend.interval_s = 0.25
     page.add_message(session, {"text": "Talk.", "files": []}, *SETTINGS)
-    stream = page.respond(session)
+    stream = chats(page.respond(session))
     next(stream)  # streaming: a stop now waits for respond() to record the reply
     monkeypatch.setattr("app.web.STOP_WAIT_S", 0.3)
     started = time.monotonic()
@@ -296,7 +307,7 @@ def test_a_stream_closed_by_gradio_records_the_partial_reply_at_once(scripted):
     backend.interval_s = 0.25
     backend.enqueue(["one ", "two ", "three ", "four"])
     page.add_message(session, {"text": "Count.", "files": []}, *SETTINGS)
-    stream = page.respond(session)
+    stream = chats(page.respond(session))
     next(stream), next(stream)
     stream.close()  # what a cancelled event does to the generator
     assert session.conversation.messages[-1].status == "stopped" and session.turn is None
@@ -309,7 +320,7 @@ def test_regenerate_undo_and_clear(scripted):
     backend.enqueue(["Second answer."])
     send(page, session, "Question one")
     page.regenerate(session, *SETTINGS)
-    assert bot_texts(list(page.respond(session))[-1]) == ["Second answer."]
+    assert bot_texts(list(chats(page.respond(session)))[-1]) == ["Second answer."]
     chat, box = page.undo(session, {"text": "typed meanwhile", "files": []})
     assert chat == [] and box == {"text": "Question one\ntyped meanwhile", "files": []}
     with pytest.raises(gr.Error, match="Nothing to undo"):
@@ -322,7 +333,7 @@ def test_regenerate_undo_and_clear(scripted):
 def test_the_system_prompt_is_sent_and_kept_with_the_conversation(scripted):
     backend, page, session = scripted
     page.add_message(session, {"text": "hi", "files": []}, "Answer in French.", settings=SETTINGS[1])
-    list(page.respond(session))
+    list(chats(page.respond(session)))
     assert backend.prompts[-1].text.startswith("<|im_start|>system\nAnswer in French.<|im_end|>")
     assert page.open_session(session.id)[3] == "Answer in French."
 
@@ -372,7 +383,7 @@ def test_a_tool_call_shows_as_a_step_and_its_clip_as_the_next_audio(tmp_path, sp
     _, session, *_ = page.open_session(None)
     page.add_message(session, {"text": "Remove 0.2 to 0.5 s from Audio 1.", "files": [str(speech_wav)]}, *SETTINGS)
     renders = []
-    for shown in page.respond(session):
+    for shown in chats(page.respond(session)):
         renders.append(shown)
         if any(m.metadata.get("status") == "pending" for m in shown):
             shown_pending.set()
@@ -452,7 +463,8 @@ def test_an_api_client_chats_with_streamed_replies_about_numbered_clips(served, 
     chat, *_ = client.predict({"text": "What is in Audio 2?", "files": files}, "", **SAMPLED,
                               api_name="/add_message")
     assert "**Audio 2** · tone.wav · 2.0 s" in all_text(chat)
-    partials = [bot_texts(update)[-1] for update in client.submit(api_name="/respond") if bot_texts(update)]
+    updates = [chat for chat, _audio in client.submit(api_name="/respond")]  # the chat, and audio when spoken
+    partials = [bot_texts(chat)[-1] for chat in updates if bot_texts(chat)]
     assert len(set(partials)) >= 3 and all(partials[-1].startswith(p) for p in partials)
     saved = store.load(session_id)
     assert [m.role for m in saved.messages] == ["user", "assistant"]
@@ -644,7 +656,7 @@ def test_a_reply_is_saved_as_it_streams_and_reads_as_interrupted_if_the_app_dies
     backend.interval_s = 0.25
     backend.enqueue([f"w{i} " for i in range(12)])  # 3 s
     page.add_message(session, {"text": "Talk.", "files": []}, *SETTINGS)
-    stream = page.respond(session)
+    stream = chats(page.respond(session))
     next(stream)
     after_crash = page.store.load(session.id)  # what a restart would find right after the reply began
     assert after_crash.messages[-1].role == "assistant" and after_crash.messages[-1].note == INTERRUPTED_NOTE
@@ -758,11 +770,11 @@ def test_each_update_sends_what_gradio_would_and_processes_only_what_changed(tmp
     _, session, *_ = page.open_session(session.id)  # Audio 3's file is gone: shown as missing
     running = ToolCallStarted("reverse", {"audio": 2})
     state = SessionState(demo)
-    sent = asyncio.run(demo.postprocess_data(respond, session.view.show(session.conversation, "So far", running),
-                                             state))
+    chat = session.view.show(session.conversation, "So far", running)
+    sent = asyncio.run(demo.postprocess_data(respond, (chat, None), state))  # no audio: a reply not spoken
     shown = render(session.conversation, functools.partial(store.clip_path, owner=""), backend.family, "So far",
                    running)
-    assert sent == asyncio.run(gr.Blocks.postprocess_data(demo, respond, shown, state))  # gradio's own processing
+    assert sent == asyncio.run(gr.Blocks.postprocess_data(demo, respond, (shown, None), state))  # gradio's own
     assert len(sent[0]) == 8 and sum(1 for message in sent[0] for part in message["content"] if "file" in part) == 2
 
     processed = []
@@ -811,7 +823,7 @@ def test_a_reply_stopped_while_thinking_shows_what_was_thought(tmp_path):
     page = ChatPage(backend, Store(tmp_path), None)
     _, session, *_ = page.open_session(None)
     page.add_message(session, {"text": "Think.", "files": []}, *SETTINGS)
-    stream = page.respond(session)
+    stream = chats(page.respond(session))
     next(stream)
     next(stream)
     stream.close()  # as gradio closes it on Stop
@@ -840,7 +852,7 @@ def test_several_calls_in_one_reply_show_as_steps_in_order(tmp_path, speech_wav)
     _, session, *_ = page.open_session(None)
     page.add_message(session, {"text": "Cut twice.", "files": [str(speech_wav)]}, *SETTINGS)
     renders = []
-    for chat in page.respond(session):
+    for chat in chats(page.respond(session)):
         renders.append(chat)
         with page_caught_up:
             shown_running += [m.metadata["title"] for m in chat if m.metadata.get("status") == "pending"]

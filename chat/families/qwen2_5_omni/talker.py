@@ -97,6 +97,7 @@ class Qwen2_5OmniTalker(Talker):
         talker = self.talker
         self.end_codes = [talker.codec_pad_token, talker.codec_eos_token]  # generate's [8292, 8294] in the real one
         self.max_new_codes = MAX_NEW_CODES
+        self._speaking = threading.Lock()
         embed = thinker.model.get_input_embeddings()
         text_ids = [talker.text_eos_token, talker.text_pad_token, *(s["bos_token"] for s in self.speakers.values())]
         with torch.no_grad():
@@ -124,7 +125,9 @@ class Qwen2_5OmniTalker(Talker):
             raise SettingsError(f"{FAMILY.title} has no voice {voice!r}; its voices: {', '.join(self.voices)}.")
         decoder = _Decoder(self, self.speakers[voice], cancel)
         try:
-            with torch.no_grad():
+            # one reply speaks at a time (another waits its turn): transformers' talker keeps its rope deltas on
+            # the module, and this one its cache on the instance
+            with self._speaking, torch.no_grad():
                 for code in self.codes(thinker, voice, cancel, greedy):
                     yield from decoder.add(code)
                 if not cancel.is_set():

@@ -57,7 +57,7 @@ class KeyValueCache:
     cache: Cache
     position_encoding: object  # what the keys' positions were encoded with (LocalModel.position_encoding)
     # the talker's layers of the thinker's hidden states of those tokens, layer → (n_cached, hidden_size), if the
-    # reply was spoken: a spoken next turn reuses the cache only with them, as its talker reads the whole prompt's
+    # reply was spoken: a spoken next turn reuses the cache only with them, as its talker reads all the prompt's
     hidden: dict[int, torch.Tensor] | None = None
 
 
@@ -181,7 +181,7 @@ class LocalBackend(Backend):
         if last_reply is not None and last_reply.position_encoding != position_encoding:
             last_reply = None
         if talker is not None and last_reply is not None and last_reply.hidden is None:
-            last_reply = None  # the talker reads the hidden states of the whole prompt, which a silent reply kept not
+            last_reply = None  # the talker reads the whole prompt's hidden states, which a silent reply did not keep
         try:
             inputs = self._inputs(prompt, token_ids, last_reply)
         except Exception as e:

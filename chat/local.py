@@ -56,8 +56,8 @@ class KeyValueCache:
     part_keys: list[tuple[str, int]]  # AudioPart.key of each run of audio tokens, in order
     cache: Cache
     position_encoding: object  # what the keys' positions were encoded with (LocalModel.position_encoding)
-    # the talker's layers of the thinker's hidden states of those tokens, layer → (n_cached, hidden_size), if the
-    # reply was spoken: a spoken next turn reuses the cache only with them, as its talker reads all the prompt's
+    # the thinker's hidden states of those tokens at the talker's layers, layer → (n_cached, hidden_size), if the
+    # reply was spoken: a spoken next turn reuses the cache only with them, since its talker reads them all
     hidden: dict[int, torch.Tensor] | None = None
 
 

@@ -199,8 +199,8 @@ def one_reply(client: Client, log: ArrivalLog, app: App, n_chunks: int, period_s
     send(client, "How does it sound?")
     log.arrivals.clear()
     at_socket, at_client = [], []
-    for index, output in enumerate(client.submit(api_name="/respond")):
-        n_new = len(CHUNK.findall(reply_text(output))) - len(at_socket)
+    for index, (chat, _audio) in enumerate(client.submit(api_name="/respond")):  # audio only for a spoken reply
+        n_new = len(CHUNK.findall(reply_text(chat))) - len(at_socket)
         at_socket += [log.arrivals[index]] * n_new  # chunks that arrived together share a time
         at_client += [time.monotonic()] * n_new
     assert len(at_socket) == n_chunks, f"the client saw {len(at_socket)} of {n_chunks} chunks"

@@ -230,9 +230,10 @@ class ChatPage:
                     self._save_as_interrupted(session, turn, streaming, thinking)
                     saved_at = time.monotonic()
                 unrecorded = turn.response.message is None  # else the reply so far is on the conversation
+                # no audio: a skipped update, which opens no stream (a page would poll an empty one for nothing)
                 yield (self._render(session, streaming if unrecorded else "", running, thinking if unrecorded else ""),
-                       wav_bytes(audio) if audio else None)
-            yield self._render(session), None  # the worker has ended: everything is on the conversation
+                       wav_bytes(audio) if audio else gr.skip())
+            yield self._render(session), gr.skip()  # the worker has ended: everything is on the conversation
         except ChatError:
             pass  # the reply is on the conversation as failed, with the error as its note; finish() shows it
         finally:

@@ -68,8 +68,21 @@ CSS = """
 #header p { margin-top: 4px; color: var(--body-text-color-subdued); }
 #voice-row { align-items: center; }
 """
-# Stop (or a new question) silences the spoken reply at once: what the player has buffered would otherwise play on
-SILENCE_JS = "() => { document.querySelectorAll('#speech-out audio').forEach(a => a.pause()); }"
+# Stop silences the spoken reply at once, and keeps it silent: what the player has buffered would otherwise play on,
+# and audio still on its way when the reply stops would start it again. A new question silences the reply before it.
+SILENCE_JS = """() => {
+    window.speechSilenced = true;
+    document.querySelectorAll('#speech-out audio').forEach(audio => {
+        audio.pause();
+        if (audio.dataset.silencer) return;
+        audio.dataset.silencer = '1';
+        audio.addEventListener('play', () => { if (window.speechSilenced) audio.pause(); });
+    });
+}"""
+NEW_QUESTION_JS = """() => {
+    document.querySelectorAll('#speech-out audio').forEach(audio => audio.pause());
+    window.speechSilenced = false;
+}"""
 FILE_ROUTE = "/file="  # gradio's route for files: /gradio_api/file=<absolute path>
 FILE_NOT_ALLOWED = "File not allowed: {path}."  # gradio's 403 detail for a file it does not serve, word for word
 SAVE_EVERY_S = 1.0  # how often a reply being written is saved, so a crash loses at most this much of it
@@ -570,11 +583,12 @@ def build_demo(
         sent = chat_input.submit(with_settings(page.add_message), [state], [chatbot, *inputs], api_name="add_message",
                                  inputs_kwargs={"message": chat_input, "system_prompt": system_prompt, **settings,
                                                 **spoken}, **quick)
-        sent.success(None, js=SILENCE_JS)  # a new question silences the reply still being read out
+        sent.success(None, js=NEW_QUESTION_JS)  # a new question silences the reply still being read out
         send_reply = sent.success(**reply, api_name="respond")
         send_reply.then(**unlock)
         retried = chatbot.retry(with_settings(page.regenerate), [state], [chatbot, *inputs], api_name="regenerate",
                                 inputs_kwargs={"system_prompt": system_prompt, **settings, **spoken}, **quick)
+        retried.success(None, js=NEW_QUESTION_JS)  # a regenerated reply speaks, even after a Stop
         retry_reply = retried.success(**reply, api_name="respond_again")
         retry_reply.then(**unlock)
         replies = [send_reply, retry_reply]

@@ -15,8 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from chat.audio import SAMPLE_RATE  # noqa: E402
+from chat.backend import Response  # noqa: E402
 from chat.clip import Clip  # noqa: E402
 from chat.local import LocalBackend  # noqa: E402
+from chat.speech import SpeechChunk  # noqa: E402
 from testkit.tiny.kokoro import build_english_tagger, build_kokoro  # noqa: E402
 from testkit.tiny.qwen2_audio import build_tiny_qwen2_audio  # noqa: E402
 from testkit.tiny.qwen_audio_chat import build_tiny_qwen_audio_chat  # noqa: E402
@@ -43,6 +45,13 @@ def tone(seconds: float, frequency_hz: float = 440.0, sample_rate: int = SAMPLE_
     """A float32 sine wave."""
     t = np.arange(int(round(seconds * sample_rate))) / sample_rate
     return (amplitude * np.sin(2 * np.pi * frequency_hz * t)).astype(np.float32)
+
+
+def spoken(response: Response) -> tuple[str, np.ndarray]:
+    """A spoken Response's text and its audio, the chunks joined in the order they came."""
+    chunks = list(response)
+    audio = [chunk.samples for chunk in chunks if isinstance(chunk, SpeechChunk)]
+    return "".join(chunk for chunk in chunks if isinstance(chunk, str)), np.concatenate(audio)
 
 
 def noise(seconds: float, seed: int = 0) -> np.ndarray:

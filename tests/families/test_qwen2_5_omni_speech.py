@@ -24,9 +24,9 @@ from chat.families.base import LoadOptions
 from chat.families.qwen2_5_omni.talker import Qwen2_5OmniTalker, _Decoder
 from chat.local import LocalBackend
 from chat.prompts import Prompt
-from chat.speech import SpeechChunk, ThinkerStep, ThinkerStream
+from chat.speech import ThinkerStep, ThinkerStream
 from testkit.tiny.qwen2_5_omni import build_tiny_qwen2_5_omni
-from tests.conftest import one_intra_op_thread, tone
+from tests.conftest import one_intra_op_thread, spoken, tone
 
 FAMILY = get_family("qwen2.5-omni")
 N_REPLY_TOKENS = 48  # the thinker's reply (its last token is never forwarded: 47 steps)
@@ -214,13 +214,6 @@ def test_vocoding_in_pieces_equals_vocoding_at_once(omni):
 
 
 GREEDY = GenerationSettings(temperature=0, max_new_tokens=N_REPLY_TOKENS, repetition_penalty=1.0)
-
-
-def spoken(response: Response) -> tuple[str, np.ndarray]:
-    """A spoken Response's text and its audio, the chunks joined in the order they came."""
-    chunks = list(response)
-    audio = [chunk.samples for chunk in chunks if isinstance(chunk, SpeechChunk)]
-    return "".join(chunk for chunk in chunks if isinstance(chunk, str)), np.concatenate(audio)
 
 
 def test_the_backend_speaks_as_it_writes_and_the_audio_equals_generates(omni, reference):

@@ -22,9 +22,9 @@ from chat.families import get_family
 from chat.families.base import LoadOptions
 from chat.families.qwen3_omni.talker import FIRST_CHUNK_CODES, MAX_NEW_TOKENS, Qwen3OmniTalker
 from chat.local import LocalBackend
-from chat.speech import SpeechChunk, ThinkerStep, ThinkerStream
+from chat.speech import ThinkerStep, ThinkerStream
 from testkit.tiny.qwen3_omni import build_tiny_qwen3_omni
-from tests.conftest import one_intra_op_thread, tone
+from tests.conftest import one_intra_op_thread, spoken, tone
 
 FAMILY = get_family("qwen3-omni")
 GREEDY = GenerationSettings(temperature=0, max_new_tokens=8, repetition_penalty=1.0)  # as test_qwen3_omni's
@@ -195,13 +195,6 @@ def test_each_voice_speaks_as_transformers_does_and_an_unknown_voice_is_named(om
     assert not np.allclose(heard["Ethan"], heard["Chelsie"])
     with pytest.raises(SettingsError, match="Ethan, Aiden, Chelsie"):
         talker.speak(stream_of(reference), "Nobody", threading.Event())
-
-
-def spoken(response: Response) -> tuple[str, np.ndarray]:
-    """A spoken Response's text and its audio, the chunks joined in the order they came."""
-    chunks = list(response)
-    audio = [chunk.samples for chunk in chunks if isinstance(chunk, SpeechChunk)]
-    return "".join(chunk for chunk in chunks if isinstance(chunk, str)), np.concatenate(audio)
 
 
 def test_the_backend_speaks_as_it_writes_and_the_audio_is_transformers_own(omni, reference):
